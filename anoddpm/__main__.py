@@ -1,0 +1,5 @@
+import sys
+
+from anoddpm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,188 @@
+"""The `anoddpm` command line: one verb per step of the flow.
+
+Each verb imports its heavy modules only when it runs, so `anoddpm inspect` and `anoddpm info`
+on an ONNX file work on a line PC that has only deploy/requirements.txt (no torch).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from anoddpm import __version__
+from anoddpm.config import NOISE_KINDS, PRESETS, RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, Config, load_config_file
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, metavar="ROOT",
+                   help="MVTec-style root, a category folder, or a folder of good images")
+    p.add_argument("--category", metavar="NAME",
+                   help="category folder under ROOT (omit when ROOT is itself a category or image folder)")
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+
+
+def _add_detect_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("detection (defaults come from the bundle)")
+    g.add_argument("--depth", type=int, help="partial-diffusion depth lambda, in steps of T")
+    g.add_argument("--steps", type=int, help="K deterministic strided reverse steps (fast path)")
+    g.add_argument("--samples", type=int, help="reconstructions averaged per image")
+    g.add_argument("--sampler", choices=SAMPLERS, help="ddim = fast path, ancestral = the paper's path")
+    g.add_argument("--detect-noise", choices=NOISE_KINDS, help="noise kind used at detection")
+    g.add_argument("--residual", choices=RESIDUALS, help="how the residual becomes an anomaly map")
+    g.add_argument("--score", choices=SCORE_REDUCTIONS, help="image score from the map: max or top-k mean")
+    g.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+
+
+def detect_overrides(args: argparse.Namespace) -> dict:
+    """DetectConfig fields given on the command line (None = keep the bundle's value)."""
+    return {
+        "depth": getattr(args, "depth", None),
+        "steps": getattr(args, "steps", None),
+        "samples": getattr(args, "samples", None),
+        "sampler": getattr(args, "sampler", None),
+        "noise": getattr(args, "detect_noise", None),
+        "residual": getattr(args, "residual", None),
+        "score": getattr(args, "score", None),
+    }
+
+
+def resolve_train_config(args: argparse.Namespace) -> Config:
+    """Defaults <- config file <- flags; validated."""
+    cfg = load_config_file(args.config) if args.config else Config()
+    cfg = cfg.override("data", image_size=args.image_size, channels=args.channels, augment=args.augment)
+    cfg = cfg.override("model", preset=args.preset)
+    cfg = cfg.override("diffusion", noise=args.noise)
+    cfg = cfg.override("train", batch_size=args.train_batch_size, lr=args.lr, max_steps=args.max_steps,
+                       max_minutes=args.max_minutes, seed=args.seed)
+    return cfg.validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser; every verb's flags are a contract other tools rely on."""
+    parser = argparse.ArgumentParser(
+        prog="anoddpm",
+        description="Visual anomaly detection with partial diffusion and simplex noise (AnoDDPM). "
+        "Flow: synth/train -> calibrate -> evaluate/score -> export -> inspect.",
+    )
+    parser.add_argument("--version", action="version", version=f"anoddpm {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("synth", help="write a synthetic MVTec-layout defect dataset",
+                       description="Write procedural textures with exact defect masks in the MVTec layout.")
+    p.add_argument("--out", required=True, metavar="ROOT", help="dataset root to write")
+    p.add_argument("--category", default="synthetic", help="category folder name (default synthetic)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--n-train", type=int, default=60, help="train/good images (default 60)")
+    p.add_argument("--n-test-good", type=int, default=20, help="test/good images (default 20)")
+    p.add_argument("--n-test-defect", type=int, default=30, help="defective test images (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    p.set_defaults(handler="anoddpm.synth:synth_command")
+
+    p = sub.add_parser("train", help="train the denoiser on good images",
+                       description="Train the eps-UNet on good images; writes RUN_DIR/model.pt "
+                       "(config, EMA weights, threshold, data fingerprint). Works under torchrun for DDP.")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (checkpoints, log, model.pt)")
+    p.add_argument("--image-size", type=int, help="model input side in pixels (default 128)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="1 = grey, 3 = RGB (default 1)")
+    p.add_argument("--preset", choices=PRESETS, help="UNet size (default small)")
+    p.add_argument("--noise", choices=NOISE_KINDS, help="training noise (default simplex)")
+    p.add_argument("--augment", choices=("none", "texture"), help="training augmentation (default none)")
+    p.add_argument("--batch-size", dest="train_batch_size", type=int, help="images per step (default 8)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4)")
+    p.add_argument("--max-steps", type=int, help="total optimizer steps of the run (default 10000)")
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget; stops cleanly and saves")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
+    p.add_argument("--seed", type=int, help="seed for weights, data order and noise (default 0)")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON config; flags override it")
+    _add_device_arg(p)
+    p.set_defaults(handler="anoddpm.train:train_command")
+
+    p = sub.add_parser("calibrate", help="calibrate the threshold and write it into the bundle",
+                       description="Score held-back good images (and labelled defects if given) and store "
+                       "the threshold in the bundle.")
+    p.add_argument("--model", required=True, metavar="MODEL_PT", help="bundle to calibrate (updated in place)")
+    p.add_argument("--data", metavar="ROOT", help="dataset root (default: the training data in the bundle)")
+    p.add_argument("--category", metavar="NAME")
+    p.add_argument("--quantile", type=float, help="quantile of good scores used as threshold (default 0.99)")
+    _add_detect_args(p)
+    _add_device_arg(p)
+    p.set_defaults(handler="anoddpm.evaluate:calibrate_command")
+
+    p = sub.add_parser("evaluate", help="metrics and an HTML report on a labelled test set",
+                       description="Score test/<type> images, compare with ground_truth masks, write "
+                       "metrics.json, per_image.csv, plots and index.html into REPORT_DIR.")
+    p.add_argument("--model", required=True, metavar="MODEL_PT")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, metavar="REPORT_DIR")
+    _add_detect_args(p)
+    _add_device_arg(p)
+    p.set_defaults(handler="anoddpm.evaluate:evaluate_command")
+
+    p = sub.add_parser("score", help="score image files and folders into scores.csv",
+                       description="Score files and folders; bad files are reported and skipped. "
+                       "Under torchrun the inputs are sharded across ranks and merged.")
+    p.add_argument("--model", required=True, metavar="MODEL_PT")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH", help="image files and/or folders")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--save-maps", action="store_true", help="also write anomaly-map PNGs")
+    _add_detect_args(p)
+    _add_device_arg(p)
+    p.set_defaults(handler="anoddpm.score:score_command")
+
+    p = sub.add_parser("export", help="export the inspection path to one ONNX file",
+                       description="Bundle -> model.onnx: preprocessed image batch -> reconstruction -> "
+                       "anomaly_map, pred_score; threshold and config in the metadata.")
+    p.add_argument("--model", required=True, metavar="MODEL_PT")
+    p.add_argument("--out", required=True, metavar="ONNX")
+    p.add_argument("--steps", type=int, help="K fast-path steps baked into the graph (default: bundle's)")
+    p.add_argument("--with-reconstruction", action="store_true", help="also output the reconstruction")
+    p.set_defaults(handler="deploy.export:export_command")
+
+    p = sub.add_parser("inspect", help="production-line inspection with an ONNX model (no torch needed)",
+                       description="Inspect files/folders once, or watch a hot folder; appends one JSON line "
+                       "per image to DIR/inspections.jsonl.")
+    p.add_argument("--model", required=True, metavar="ONNX")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", metavar="PATH", help="image files and/or folders")
+    src.add_argument("--watch", metavar="DIR", help="hot folder to watch until Ctrl-C/SIGTERM")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--sort", action="store_true", help="move inspected files into DIR/ok and DIR/ng")
+    p.add_argument("--save-maps", action="store_true", help="also write anomaly-map PNGs")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between folder scans (watch)")
+    p.add_argument("--providers", nargs="+", help="onnxruntime providers to try, in order (default: best)")
+    p.set_defaults(handler="deploy.inspect:inspect_command")
+
+    p = sub.add_parser("info", help="print what a bundle or ONNX file contains",
+                       description="Config, threshold, versions and training-data fingerprint of a file.")
+    p.add_argument("path", metavar="PATH", help="model.pt bundle or .onnx file")
+    p.set_defaults(handler="anoddpm.info:info_command")
+    return parser
+
+
+def _load_handler(spec: str) -> Callable[[argparse.Namespace], int | None]:
+    import importlib
+
+    module_name, func_name = spec.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `anoddpm` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    handler = _load_handler(args.handler)
+    try:
+        return int(handler(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"anoddpm {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"anoddpm {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Configuration: frozen dataclasses saved inside every checkpoint, bundle and ONNX file.
+
+The CLI maps flags onto these fields; a YAML/JSON config file gives the same fields in the
+same nesting (``{"data": {...}, "model": {...}, ...}``). Nobody re-types training flags to use
+a trained model: the resolved ``Config`` travels with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+RESIZE_POLICIES = ("resize", "crop", "pad")
+AUGMENTATIONS = ("none", "texture")
+PRESETS = ("tiny", "small", "base", "paper")
+NOISE_KINDS = ("simplex", "gaussian")
+BETA_SCHEDULES = ("linear", "cosine")
+LOSSES = ("l2", "l1")
+SAMPLERS = ("ddim", "ancestral")
+RESIDUALS = ("l2", "l1", "ssim")
+SCORE_REDUCTIONS = ("max", "topk")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How images are read and turned into tensors (float [0, 1], NCHW)."""
+
+    image_size: int = 128  # side of the square model input, pixels
+    channels: int = 1  # 1 = grey, 3 = RGB
+    resize_policy: str = "resize"  # resize | crop (short side, centre crop) | pad (long side, pad)
+    augment: str = "none"  # none | texture (flips + rot90, for textures)
+    val_fraction: float = 0.1  # share of train/good held back for threshold calibration
+    min_val_images: int = 4
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The eps-predicting UNet; fields left at None are filled from ``preset``."""
+
+    preset: str = "small"
+    base_channels: int | None = None
+    channel_mults: tuple[int, ...] | None = None
+    num_res_blocks: int | None = None
+    attention_resolutions: tuple[int, ...] | None = None  # feature-map sides with attention
+    num_heads: int = 4
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Forward process and the noise used in it."""
+
+    timesteps: int = 1000  # T
+    beta_schedule: str = "linear"
+    noise: str = "simplex"  # noise kind used for training
+    octaves: int = 6
+    persistence: float = 0.8
+    frequency: float = 64.0  # simplex wavelength in pixels at the first octave (AnoDDPM meaning)
+    standardise: bool = True  # simplex fields rescaled to zero mean, unit variance
+    t_max_fraction: float = 0.8  # training draws t from [0, t_max_fraction * T)
+    loss: str = "l2"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation budget and bookkeeping."""
+
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    max_steps: int = 10_000
+    max_minutes: float | None = None
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 200
+    sample_every: int = 500
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Partial-diffusion reconstruction and scoring at inspection time."""
+
+    depth: int = 250  # partial-diffusion depth = the paper's lambda, in steps of T
+    steps: int = 10  # K deterministic strided steps from depth to 0 (fast path)
+    sampler: str = "ddim"  # ddim = fast deterministic path; ancestral = the paper's path
+    samples: int = 1  # reconstructions averaged per image
+    noise: str = "simplex"  # noise kind used to noise the image at detection
+    residual: str = "l2"
+    smoothing_sigma: float = 4.0  # Gaussian blur of the anomaly map, pixels; 0 = off
+    score: str = "max"  # max | topk (mean of the top-k pixels)
+    topk: int = 100
+    threshold_quantile: float = 0.99  # default threshold: this quantile of held-back good scores
+    seed: int = 0  # fixes the detection noise, so the same image gives the same score
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a trained model needs; saved whole in the bundle."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of builtins (tuples become lists), JSON-serialisable."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        """Build from a nested dict; unknown keys raise ValueError naming them."""
+        return _build(cls, data, "config")
+
+    def override(self, section: str, **values: Any) -> "Config":
+        """Copy with fields of one section replaced; None values are ignored."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        current = getattr(self, section)
+        return replace(self, **{section: _build(type(current), {**_as_dict(current), **values}, section)})
+
+    def validate(self) -> "Config":
+        """Raise ValueError naming the first field whose value is not allowed; return self."""
+        checks = [
+            ("data.resize_policy", self.data.resize_policy, RESIZE_POLICIES),
+            ("data.augment", self.data.augment, AUGMENTATIONS),
+            ("model.preset", self.model.preset, PRESETS),
+            ("diffusion.noise", self.diffusion.noise, NOISE_KINDS),
+            ("diffusion.beta_schedule", self.diffusion.beta_schedule, BETA_SCHEDULES),
+            ("diffusion.loss", self.diffusion.loss, LOSSES),
+            ("detect.sampler", self.detect.sampler, SAMPLERS),
+            ("detect.noise", self.detect.noise, NOISE_KINDS),
+            ("detect.residual", self.detect.residual, RESIDUALS),
+            ("detect.score", self.detect.score, SCORE_REDUCTIONS),
+        ]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+        if self.data.channels not in (1, 3):
+            raise ValueError(f"data.channels={self.data.channels} is not allowed; choose 1 or 3")
+        if self.data.image_size < 16 or self.data.image_size % 8:
+            raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of 8, at least 16")
+        if not 0 < self.detect.depth <= self.diffusion.timesteps:
+            raise ValueError(f"detect.depth={self.detect.depth} must be in 1..{self.diffusion.timesteps}")
+        if not 1 <= self.detect.steps <= self.detect.depth:
+            raise ValueError(f"detect.steps={self.detect.steps} must be in 1..detect.depth ({self.detect.depth})")
+        if self.detect.samples < 1:
+            raise ValueError(f"detect.samples={self.detect.samples} must be at least 1")
+        if not 0.0 < self.diffusion.t_max_fraction <= 1.0:
+            raise ValueError(f"diffusion.t_max_fraction={self.diffusion.t_max_fraction} must be in (0, 1]")
+        return self
+
+
+def load_config_file(path: str | Path) -> Config:
+    """Read a YAML (.yaml/.yml) or JSON config file into a Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return Config.from_dict(data)
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}; allowed: {', '.join(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if name in known else None
+        if dataclasses.is_dataclass(default):
+            value = _build(type(default), value or {}, f"{where}.{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,1 @@
+"""Evaluation: anomaly maps, scores, thresholds, metrics, plots and reports."""

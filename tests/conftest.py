@@ -1,0 +1,1 @@
+"""Shared fixtures: tiny configs and generated data, so tests need nothing outside the repo."""
