@@ -100,6 +100,17 @@ class DetectConfig:
 
 
 @dataclass(frozen=True)
+class HeadConfig:
+    """Optional learned scoring head trained on synthetic anomalies after the denoiser."""
+
+    enabled: bool = False
+    budget_fraction: float = 0.5  # share of the training budget (steps and minutes) given to the head
+    base_channels: int = 16
+    batch_size: int = 8
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a trained model needs; saved whole in the bundle."""
 
@@ -108,6 +119,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of builtins (tuples become lists), JSON-serialisable."""
