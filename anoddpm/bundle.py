@@ -1,0 +1,118 @@
+"""The model bundle `model.pt`: everything needed to use a trained model, nothing executable.
+
+The file is a `torch.save`d dict of tensors and builtins only (format_version, versions, the
+resolved config, EMA weights, preprocessing, noise parameters, data fingerprint, threshold), so
+it loads with `torch.load(weights_only=True)`: a crafted pickle cannot run code on load.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from anoddpm import BUNDLE_FORMAT_VERSION, __version__
+from anoddpm.atomic import atomic_torch_save
+from anoddpm.config import Config
+
+
+@dataclass
+class Bundle:
+    """A loaded model.pt: config, EMA weights, data fingerprint, threshold (None = uncalibrated)."""
+
+    cfg: Config
+    state_dict: dict[str, torch.Tensor]
+    fingerprint: dict[str, Any]
+    threshold: dict[str, Any] | None
+    versions: dict[str, Any]
+    path: Path
+
+
+def _plain(obj: Any) -> Any:
+    """Recursively turn numpy scalars, paths and tuples into builtins that weights_only accepts."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / 0-d torch scalars
+        return obj.item()
+    raise ValueError(f"bundle field of type {type(obj).__name__} is not a builtin; cannot store {obj!r}")
+
+
+def bundle_payload(cfg: Config, state_dict: Mapping[str, torch.Tensor], fingerprint: Mapping[str, Any],
+                   threshold: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The exact dict written to model.pt (tensors moved to CPU)."""
+    d = cfg.diffusion
+    return {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "anoddpm_version": __version__,
+        "torch_version": str(torch.__version__),
+        "config": cfg.to_dict(),
+        "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()},
+        "preprocessing": {"image_size": cfg.data.image_size, "channels": cfg.data.channels,
+                          "resize_policy": cfg.data.resize_policy},
+        "noise": {"kind": d.noise, "octaves": d.octaves, "persistence": d.persistence,
+                  "frequency": d.frequency, "standardise": d.standardise},
+        "fingerprint": _plain(dict(fingerprint)),
+        "threshold": None if threshold is None else _plain(dict(threshold)),
+    }
+
+
+def save_bundle(path: str | Path, *, cfg: Config, state_dict: Mapping[str, torch.Tensor],
+                fingerprint: Mapping[str, Any], threshold: Mapping[str, Any] | None = None) -> Path:
+    """Write model.pt atomically; `state_dict` is the EMA weights of `build_unet(cfg)`."""
+    return atomic_torch_save(bundle_payload(cfg, state_dict, fingerprint, threshold), path)
+
+
+def _read_raw(path: Path, map_location: Any) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"model bundle not found: {path}")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise ValueError(f"{path} was refused: it holds Python objects other than tensors and builtins "
+                             "(not an anoddpm bundle, or a crafted file); nothing in it was executed") from err
+        raise ValueError(f"{path} is not a readable anoddpm bundle (truncated or corrupted?): {err}") from err
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable anoddpm bundle (truncated or corrupted?): {err}") from err
+    if not isinstance(raw, dict) or "format_version" not in raw:
+        raise ValueError(f"{path} is not an anoddpm bundle: no format_version field")
+    version = raw["format_version"]
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path} has an invalid bundle format_version {version!r}")
+    if version > BUNDLE_FORMAT_VERSION:
+        raise ValueError(f"{path} has bundle format_version {version}, newer than this anoddpm "
+                         f"{__version__} reads (up to {BUNDLE_FORMAT_VERSION}); upgrade anoddpm")
+    missing = [k for k in ("config", "state_dict", "fingerprint", "threshold") if k not in raw]
+    if missing:
+        raise ValueError(f"{path} is not a complete anoddpm bundle: missing {', '.join(missing)}")
+    return raw
+
+
+def load_bundle(path: str | Path, map_location: Any = "cpu") -> Bundle:
+    """Read model.pt safely (weights_only); ValueError naming the file if it is not a usable bundle."""
+    path = Path(path)
+    raw = _read_raw(path, map_location)
+    try:
+        cfg = Config.from_dict(raw["config"]).validate()
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path} holds an invalid config: {err}") from err
+    versions = {"format_version": raw["format_version"], "anoddpm": raw.get("anoddpm_version"),
+                "torch": raw.get("torch_version")}
+    return Bundle(cfg=cfg, state_dict=raw["state_dict"], fingerprint=raw["fingerprint"],
+                  threshold=raw["threshold"], versions=versions, path=path)
+
+
+def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None) -> Path:
+    """Replace the threshold stored in model.pt (atomic rewrite, everything else kept)."""
+    path = Path(path)
+    raw = _read_raw(path, "cpu")
+    raw["threshold"] = None if threshold is None else _plain(dict(threshold))
+    return atomic_torch_save(raw, path)
