@@ -1,0 +1,197 @@
+"""Image reading and the single ``preprocess()`` shared by training, scoring, export and runtime.
+
+numpy + Pillow only (no torch): the ONNX line runtime imports this module.
+
+Conventions:
+* Images are float32 ``[H, W, C]`` in [0, 1] after ``read_image`` and float32 ``[C, S, S]`` in
+  [0, 1] after ``preprocess``. 8-bit data is divided by 255, 16-bit (``I;16``/``I``) by 65535;
+  float TIFFs (``F``) are clipped to [0, 1].
+* EXIF orientation is applied. Palette, ``1``, ``LA``, ``RGBA``, ``CMYK``, ``YCbCr`` are converted;
+  alpha is dropped (not composited). Grey -> RGB replicates the channel; RGB -> grey uses the
+  ITU-R 601 luminance (0.299 R + 0.587 G + 0.114 B), computed in float.
+* Resampling: Pillow ``BILINEAR`` on float32 (mode ``F``) planes, one channel at a time. Pillow
+  widens the filter support when shrinking, so downscaling averages like an area filter.
+* Resize policies (``S`` = ``image_size``):
+  ``resize`` squashes to S x S; ``crop`` scales the short side to S and centre-crops;
+  ``pad`` scales the long side to S and pads the short side with **edge replication**
+  (``numpy.pad(mode="edge")``: reflect is undefined for pads longer than the image, and a
+  constant border would look like a defect to the model). Masks get the same geometry with
+  nearest-neighbour resampling and the same edge padding.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = 50_000_000  # decompression-bomb guard; a 7k x 7k image is allowed
+RESIZE_POLICIES = ("resize", "crop", "pad")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    if not path.exists():
+        raise FileNotFoundError(f"image not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ValueError(f"{path} has {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels}")
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path} is too large to decode safely: {err}") from err
+    except UnidentifiedImageError as err:
+        raise ValueError(f"{path} is not a readable image") from err
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"{path} is corrupt or truncated: {err}") from err
+
+
+def _to_float(img: Image.Image) -> np.ndarray:
+    """PIL image of any mode -> float32 [H, W, C] in [0, 1], C in {1, 3}."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return (np.asarray(img, dtype=np.float32) / 65535.0).clip(0.0, 1.0)[..., None]
+    if mode == "F":
+        return np.asarray(img, dtype=np.float32).clip(0.0, 1.0)[..., None]
+    if mode in ("1", "L", "LA", "La"):
+        img = img.convert("L")
+    elif mode != "RGB":
+        # P (with or without transparency), RGBA, CMYK, YCbCr, LAB, HSV, RGBX ...: alpha dropped
+        img = img.convert("RGBA" if mode == "P" else "RGB").convert("RGB")
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def read_image(path: str | Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file -> float32 [H, W, channels] in [0, 1] (EXIF-rotated, mode-converted)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels={channels} is not allowed; choose 1 or 3")
+    path = Path(path)
+    with _open(path, max_pixels) as img:
+        arr = _to_float(img)
+    if arr.shape[2] == channels:
+        return np.ascontiguousarray(arr)
+    if channels == 3:
+        return np.repeat(arr, 3, axis=2)
+    return (arr @ _LUMA)[..., None].astype(np.float32)
+
+
+def _geometry(h: int, w: int, size: int, policy: str) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """(resized (h, w), (top, bottom, left, right)): positive = pad, negative = crop."""
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize_policy={policy!r} is not allowed; choose one of {', '.join(RESIZE_POLICIES)}")
+    if size < 1:
+        raise ValueError(f"image_size={size} must be positive")
+    if policy == "resize":
+        return (size, size), (0, 0, 0, 0)
+    scale = size / (min(h, w) if policy == "crop" else max(h, w))
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if policy == "crop":
+        nh, nw = max(nh, size), max(nw, size)
+    dh, dw = size - nh, size - nw  # >= 0 for pad, <= 0 for crop
+    top, left = (dh // 2, dw // 2) if policy == "pad" else (-((-dh) // 2), -((-dw) // 2))
+    return (nh, nw), (top, dh - top, left, dw - left)
+
+
+def _apply(arr: np.ndarray, size: int, policy: str, resample: Image.Resampling) -> np.ndarray:
+    """[H, W, C] -> [S, S, C] with one geometry for images and masks."""
+    h, w = arr.shape[:2]
+    (nh, nw), (top, bottom, left, right) = _geometry(h, w, size, policy)
+    if (nh, nw) != (h, w):
+        planes = [np.asarray(Image.fromarray(np.ascontiguousarray(arr[..., c])).resize((nw, nh), resample))
+                  for c in range(arr.shape[2])]
+        arr = np.stack(planes, axis=-1)
+    if policy == "pad":
+        arr = np.pad(arr, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    elif policy == "crop":
+        arr = arr[-top:-top + size, -left:-left + size]
+    assert arr.shape[:2] == (size, size), arr.shape
+    return arr
+
+
+def preprocess(image: np.ndarray, image_size: int, resize_policy: str) -> np.ndarray:
+    """float [H, W, C] in [0, 1] -> float32 [C, S, S] in [0, 1] (S = image_size), bilinear."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise ValueError(f"image must be [H, W] or [H, W, C], got shape {image.shape}")
+    out = _apply(image.astype(np.float32, copy=False), image_size, resize_policy, Image.Resampling.BILINEAR)
+    return np.ascontiguousarray(out.transpose(2, 0, 1).clip(0.0, 1.0), dtype=np.float32)
+
+
+def load_image(path: str | Path, channels: int, image_size: int, resize_policy: str,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """read_image + preprocess: a file -> float32 [channels, S, S] in [0, 1]."""
+    return preprocess(read_image(path, channels, max_pixels), image_size, resize_policy)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a defect mask -> bool [H, W] (True where the grey value is > 127)."""
+    return read_image(path, channels=1)[..., 0] > 127.5 / 255.0
+
+
+def preprocess_mask(mask: np.ndarray, image_size: int, resize_policy: str) -> np.ndarray:
+    """bool [H, W] -> bool [S, S] with nearest resampling and the same geometry as preprocess()."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be [H, W], got shape {mask.shape}")
+    out = _apply(mask.astype(np.uint8)[..., None] * 255, image_size, resize_policy, Image.Resampling.NEAREST)
+    return out[..., 0] > 127
+
+
+def list_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files and folders (recursive) -> (sorted unique image paths, [(path, reason skipped)]).
+
+    Hidden files (name starting with '.') inside folders are ignored silently.
+    """
+    images: set[Path] = set()
+    skipped: list[tuple[Path, str]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if not f.is_file() or any(part.startswith(".") for part in f.relative_to(p).parts):
+                    continue
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    images.add(f)
+                else:
+                    skipped.append((f, f"suffix {f.suffix or '(none)'} is not one of {', '.join(IMAGE_SUFFIXES)}"))
+        elif p.is_file():
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                images.add(p)
+            else:
+                skipped.append((p, f"suffix {p.suffix or '(none)'} is not one of {', '.join(IMAGE_SUFFIXES)}"))
+        else:
+            skipped.append((p, "not found"))
+    return sorted(images), skipped
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """[H, W] or [C, H, W] float in [0, 1] (or bool) -> uint8 [H, W] or [H, W, C] (channels last)."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.float32)
+    if arr.ndim == 3:
+        arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"expected [H, W] or [C, H, W], got shape {arr.shape}")
+    return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def save_png(path: str | Path, arr: np.ndarray) -> None:
+    """Write [H, W] or [C, H, W] (C = 1 or 3) float [0, 1] / bool, or uint8 [H, W(, C)], as 8-bit PNG."""
+    arr = np.asarray(arr)
+    data = arr if arr.dtype == np.uint8 else to_uint8(arr)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(data).save(path, format="PNG")
