@@ -1,0 +1,223 @@
+"""Anomaly-detection metrics on plain numpy arrays (scikit-learn for ROC/PR, scipy for regions).
+
+Conventions (shared with threshold.py and report.py):
+
+* ``scores`` [N] float image scores (higher = more anomalous), ``labels`` [N] in {0, 1}
+  (1 = defect), ``maps`` [N, H, W] float anomaly maps, ``masks`` [N, H, W] bool ground truth
+  (all False for good images).
+* Label rule: ``pred = score > threshold`` for images and ``pred = map > threshold`` for pixels.
+* A metric that is undefined on the given data is ``None``, never NaN: AUROC needs both
+  classes; AP and F1-max need at least one positive; pixel metrics need ``maps``/``masks``;
+  AUPRO also needs at least one non-defect pixel.
+* Pixel AUROC and pixel F1-max use at most ``max_pixels`` pixels, drawn uniformly without
+  replacement with a fixed seed, so the result is deterministic (exact below the limit).
+  AUPRO, Dice and IoU always use every pixel.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+MAX_PIXELS = 5_000_000
+METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "dice", "iou")
+_SUBSAMPLE_SEED = 0
+
+
+def _as_scores_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores and labels must have the same length, got {scores.size} and {labels.size}")
+    if scores.size == 0:
+        raise ValueError("scores is empty: need at least one image")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contains NaN or inf")
+    if not np.all((labels == 0) | (labels == 1)):
+        raise ValueError("labels must contain only 0 (good) and 1 (defect)")
+    return scores, labels.astype(np.int64)
+
+
+def _as_maps_masks(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    maps = np.asarray(maps)
+    masks = np.asarray(masks).astype(bool)
+    if maps.ndim != 3 or maps.shape != masks.shape:
+        raise ValueError(f"maps and masks must both be [N, H, W] of equal shape, got {maps.shape} and {masks.shape}")
+    if maps.size == 0:
+        raise ValueError("maps is empty: need at least one pixel")
+    if not np.all(np.isfinite(maps)):
+        raise ValueError("maps contains NaN or inf")
+    return maps, masks
+
+
+def _subsample(values: np.ndarray, targets: np.ndarray, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    values, targets = values.reshape(-1), targets.reshape(-1)
+    if values.size <= max_pixels:
+        return values, targets
+    rng = np.random.default_rng(_SUBSAMPLE_SEED)
+    idx = np.sort(rng.choice(values.size, size=max_pixels, replace=False))
+    return values[idx], targets[idx]
+
+
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    if labels.min() == labels.max():
+        return None
+    return float(roc_auc_score(labels, scores))
+
+
+def _f1_max(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    if labels.max() == 0:
+        return None
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    return float(f1.max())
+
+
+def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """ROC AUC of image scores [N] vs labels [N] in {0,1}; None when only one class is present."""
+    return _auroc(*_as_scores_labels(scores, labels))
+
+
+def image_ap(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Average precision of image scores [N]; None without defect images."""
+    scores, labels = _as_scores_labels(scores, labels)
+    return float(average_precision_score(labels, scores)) if labels.max() == 1 else None
+
+
+def image_f1_max(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Best F1 over all image thresholds, in [0, 1]; None without defect images."""
+    return _f1_max(*_as_scores_labels(scores, labels))
+
+
+def pixel_auroc(maps: np.ndarray, masks: np.ndarray, max_pixels: int = MAX_PIXELS) -> float | None:
+    """ROC AUC over pixels of maps [N,H,W] vs masks [N,H,W]; deterministic subsample above max_pixels."""
+    maps, masks = _as_maps_masks(maps, masks)
+    values, targets = _subsample(maps, masks, max_pixels)
+    return _auroc(values, targets.astype(np.int64))
+
+
+def pixel_f1_max(maps: np.ndarray, masks: np.ndarray, max_pixels: int = MAX_PIXELS) -> float | None:
+    """Best pixel F1 over all map thresholds; None without defect pixels."""
+    maps, masks = _as_maps_masks(maps, masks)
+    values, targets = _subsample(maps, masks, max_pixels)
+    return _f1_max(values, targets.astype(np.int64))
+
+
+def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected defect regions of masks [N,H,W] (8-connectivity, per image) -> (ids [N,H,W], count); 0 = none."""
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True  # connect within an image only, never across the batch axis
+    regions, count = ndimage.label(np.asarray(masks, dtype=bool), structure=structure)
+    return regions, int(count)
+
+
+def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-region-overlap curve -> (fpr, pro), both [K] non-decreasing from (0, 0) to (1, 1).
+
+    At each distinct map value t (pixel predicted defect when map >= t), fpr is the share of
+    non-defect pixels (over all images) above t and pro is the mean, over ground-truth regions,
+    of the share of each region's pixels above t. One sort instead of a pass per threshold.
+    """
+    maps, masks = _as_maps_masks(maps, masks)
+    regions, count = label_regions(masks)
+    n_background = int((~masks).sum())
+    if count == 0 or n_background == 0:
+        raise ValueError("the PRO curve needs at least one defect pixel and one non-defect pixel in masks")
+    values = maps.reshape(-1)
+    regions = regions.reshape(-1)
+    order = np.argsort(-values, kind="stable")
+    sorted_values = values[order]
+    sorted_regions = regions[order]
+    region_weight = np.zeros(count + 1)
+    region_weight[1:] = 1.0 / (count * np.bincount(regions, minlength=count + 1)[1:])
+    fpr = np.cumsum(sorted_regions == 0) / n_background
+    pro = np.cumsum(region_weight[sorted_regions])
+    # keep the last pixel of every run of equal values: a threshold cannot split ties
+    last_of_run = np.flatnonzero(np.r_[sorted_values[1:] != sorted_values[:-1], True])
+    return np.r_[0.0, fpr[last_of_run]], np.r_[0.0, np.minimum(pro[last_of_run], 1.0)]
+
+
+def area_under_curve(x: np.ndarray, y: np.ndarray, x_limit: float) -> float:
+    """Trapezoid area of y over x in [x[0], x_limit] for non-decreasing x, y interpolated at x_limit."""
+    k = int(np.searchsorted(x, x_limit, side="right"))
+    xs, ys = x[:k], y[:k]
+    if k < x.size and xs[-1] < x_limit:
+        y_at = ys[-1] + (y[k] - ys[-1]) * (x_limit - xs[-1]) / (x[k] - xs[-1])
+        xs, ys = np.r_[xs, x_limit], np.r_[ys, y_at]
+    return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2.0))
+
+
+def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float | None:
+    """Area under the PRO curve for FPR in [0, fpr_limit], divided by fpr_limit -> [0, 1]; None if undefined."""
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    maps, masks = _as_maps_masks(maps, masks)
+    if not masks.any() or masks.all():
+        return None
+    fpr, pro = pro_curve(maps, masks)
+    return area_under_curve(fpr, pro, fpr_limit) / fpr_limit
+
+
+def dice_iou(maps: np.ndarray, masks: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(Dice, IoU) of ``maps > threshold`` vs masks, pooled over all pixels of all images.
+
+    Both are 1.0 when prediction and ground truth are both empty (nothing to find, nothing found).
+    """
+    maps, masks = _as_maps_masks(maps, masks)
+    pred = maps > threshold
+    tp = int(np.count_nonzero(pred & masks))
+    fp = int(np.count_nonzero(pred & ~masks))
+    fn = int(np.count_nonzero(~pred & masks))
+    if tp + fp + fn == 0:
+        return 1.0, 1.0
+    return 2 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn)
+
+
+def per_type_auroc(scores: np.ndarray, labels: np.ndarray, defect_types: Sequence[str]) -> dict[str, float | None]:
+    """Image AUROC of each defect type against all good images -> {type: auroc}; good is not a key."""
+    scores, labels = _as_scores_labels(scores, labels)
+    types = np.asarray(list(defect_types), dtype=object)
+    if types.shape != scores.shape:
+        raise ValueError(f"defect_types must have one entry per score, got {types.size} for {scores.size}")
+    good = labels == 0
+    result: dict[str, float | None] = {}
+    for name in sorted({str(t) for t in types[labels == 1]}):
+        keep = good | ((types == name) & (labels == 1))
+        result[name] = _auroc(scores[keep], labels[keep])
+    return result
+
+
+def compute_metrics(scores: np.ndarray, labels: np.ndarray, maps: np.ndarray | None = None,
+                    masks: np.ndarray | None = None, image_threshold: float | None = None,
+                    pixel_threshold: float | None = None, max_pixels: int = MAX_PIXELS,
+                    fpr_limit: float = 0.3) -> dict[str, float | None]:
+    """All headline metrics -> dict with exactly ``METRIC_KEYS`` (float, or None when undefined).
+
+    scores [N], labels [N] in {0,1}; maps [N,H,W] float and masks [N,H,W] bool are optional
+    (pixel metrics are None without them). Dice/IoU use ``maps > pixel_threshold``; without a
+    pixel threshold they fall back to ``image_threshold`` (image scores are reductions of the
+    map, so both live in map units), and are None when neither is given.
+    """
+    scores, labels = _as_scores_labels(scores, labels)
+    result: dict[str, float | None] = {
+        "image_auroc": _auroc(scores, labels),
+        "image_ap": float(average_precision_score(labels, scores)) if labels.max() == 1 else None,
+        "pixel_auroc": None, "aupro": None,
+        "image_f1_max": _f1_max(scores, labels),
+        "pixel_f1_max": None, "dice": None, "iou": None,
+    }
+    if maps is None or masks is None:
+        return result
+    maps, masks = _as_maps_masks(maps, masks)
+    if maps.shape[0] != scores.size:
+        raise ValueError(f"maps has {maps.shape[0]} images but scores has {scores.size}")
+    result["pixel_auroc"] = pixel_auroc(maps, masks, max_pixels)
+    result["pixel_f1_max"] = pixel_f1_max(maps, masks, max_pixels)
+    result["aupro"] = aupro(maps, masks, fpr_limit)
+    threshold = pixel_threshold if pixel_threshold is not None else image_threshold
+    if threshold is not None:
+        result["dice"], result["iou"] = dice_iou(maps, masks, float(threshold))
+    return result
