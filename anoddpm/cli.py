@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="ROOT", help="dataset root (default: the training data in the bundle)")
     p.add_argument("--category", metavar="NAME")
     p.add_argument("--quantile", type=float, help="quantile of good scores used as threshold (default 0.99)")
+    p.add_argument("--method", choices=("quantile", "f1"), default="quantile",
+                   help="quantile of good scores (default), or F1-optimal on the labelled test/ set of --data")
     _add_detect_args(p)
     _add_device_arg(p)
     p.set_defaults(handler="anoddpm.evaluate:calibrate_command")
