@@ -1,0 +1,176 @@
+"""`anoddpm calibrate` and `anoddpm evaluate`: thresholds into the bundle, metrics into a report.
+
+Calibration scores the held-back good validation images (the same deterministic split as
+training: ``load_training_data`` with the bundle's config and seed) and stores the threshold
+dict in model.pt. ``--method quantile`` (default) takes a quantile of good scores (image) and of
+good-map pixels (pixel); ``--method f1`` also scores the labelled test set and picks the
+F1-optimal thresholds (this tunes on the test set: report metrics from another set).
+
+Evaluation scores the test set at the bundle's threshold. A bundle without a threshold, or one
+calibrated with other detection settings than the ones asked for, is calibrated on the fly on
+the validation split (the bundle is not changed) and the report says so.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anoddpm.cli import detect_overrides
+from anoddpm.scoring_loop import ScoredSet, score_images
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, torch.nn.Module, torch.device]:
+    """(bundle, detector in eval mode with the command-line detect overrides, device)."""
+    from anoddpm.bundle import load_bundle
+    from anoddpm.detector import Detector
+    from anoddpm.device import resolve_device
+
+    device = resolve_device(args.device)
+    bundle = load_bundle(args.model, map_location=device)
+    overrides = {k: v for k, v in detect_overrides(args).items() if v is not None}
+    return bundle, Detector.from_bundle(bundle, device, **overrides).eval(), device
+
+
+def detect_dict(detector: torch.nn.Module) -> dict[str, Any]:
+    """The DetectConfig the detector runs with, as a plain dict."""
+    return asdict(detector.cfg.detect)
+
+
+def _training_root(bundle: Any, data: str | None, category: str | None) -> tuple[Path, str | None]:
+    if data is not None:
+        return Path(data), category
+    root = bundle.fingerprint.get("root")
+    if not root:
+        raise ValueError(f"{bundle.path} records no training data root; pass --data ROOT [--category NAME]")
+    return Path(root), category if category is not None else bundle.fingerprint.get("category")
+
+
+def score_validation(bundle: Any, detector: torch.nn.Module, root: Path, category: str | None,
+                     device: torch.device, batch_size: int) -> ScoredSet:
+    """Score the held-back good images of the training split (same split as training)."""
+    from anoddpm.data import load_training_data
+
+    _, val_ds, _ = load_training_data(bundle.cfg, root, category, bundle.cfg.train.seed)
+    if len(val_ds) == 0:
+        raise ValueError(f"no held-back validation images under {root} (category {category}) to calibrate on")
+    return score_images(detector, val_ds, device, batch_size, desc="validation")
+
+
+def _test_arrays(cfg: Any, root: Path, category: str | None) -> dict[str, Any]:
+    """The labelled test set as arrays: images [N,C,S,S], masks [N,S,S] bool, labels [N], types, paths."""
+    from anoddpm.data import load_test_set
+
+    samples = load_test_set(cfg, root, category)
+    if len(samples) == 0:
+        raise ValueError(f"no test images under {root} (category {category})")
+    items = [samples[i] for i in range(len(samples))]
+    return {
+        "images": np.stack([np.asarray(s.image, dtype=np.float32) for s in items]),
+        "masks": np.stack([np.asarray(s.mask, dtype=bool) for s in items]),
+        "labels": np.array([int(s.label) for s in items], dtype=np.int64),
+        "defect_types": [str(s.defect_type) for s in items],
+        "paths": [str(s.path) for s in items],
+    }
+
+
+def calibrate_threshold(bundle: Any, detector: torch.nn.Module, device: torch.device, batch_size: int,
+                        root: Path, category: str | None, quantile: float, method: str) -> dict[str, Any]:
+    """Threshold dict (image, pixel, method, quantile, n_good, detect) from the validation split (+ test set for f1)."""
+    from eval.threshold import calibrate
+
+    val = score_validation(bundle, detector, root, category, device, batch_size)
+    kwargs: dict[str, Any] = {}
+    if method == "f1":
+        test = _test_arrays(bundle.cfg, root, category)
+        if test["labels"].min() == 1 or test["labels"].max() == 0:
+            raise ValueError(f"--method f1 needs good and defect test images under {root}; found only one kind")
+        scored = score_images(detector, test["images"], device, batch_size, desc="test set")
+        good, bad = test["labels"] == 0, test["labels"] == 1
+        val = ScoredSet(scores=np.r_[val.scores, scored.scores[good]],
+                        maps=np.concatenate([val.maps, scored.maps[good]]), reconstructions=None,
+                        seconds_per_image=val.seconds_per_image)
+        kwargs = {"defect_scores": scored.scores[bad], "defect_maps": scored.maps[bad],
+                  "defect_masks": test["masks"][bad]}
+    elif method != "quantile":
+        raise ValueError(f"--method {method!r} is not allowed; choose quantile or f1")
+    threshold = calibrate(val.scores, val.maps, quantile=quantile, **kwargs)
+    threshold["detect"] = detect_dict(detector)
+    return threshold
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    """`anoddpm calibrate`: compute the threshold and write it into --model; returns the exit code."""
+    from anoddpm.bundle import update_threshold
+
+    bundle, detector, device = _load(args)
+    root, category = _training_root(bundle, args.data, args.category)
+    quantile = args.quantile if args.quantile is not None else detector.cfg.detect.threshold_quantile
+    threshold = calibrate_threshold(bundle, detector, device, args.batch_size, root, category, quantile,
+                                    getattr(args, "method", "quantile"))
+    update_threshold(args.model, threshold)
+    pixel = threshold["pixel"]
+    print(f"calibrated {args.model}: image threshold {threshold['image']:.6g} ({threshold['method']}, "
+          f"{threshold['n_good']} good images), pixel threshold "
+          f"{'n/a' if pixel is None else f'{pixel:.6g}'}")
+    return 0
+
+
+def _same_detect(stored: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """True when a stored threshold was calibrated with the detection settings now in use."""
+    return stored is not None and all(stored.get(k) == v for k, v in current.items() if k != "threshold_quantile")
+
+
+def resolve_threshold(bundle: Any, detector: torch.nn.Module, device: torch.device, batch_size: int,
+                      root: Path, category: str | None) -> tuple[dict[str, Any], str]:
+    """(threshold dict, where it came from): the bundle's, or calibrated now on the validation split."""
+    current = detect_dict(detector)
+    if bundle.threshold is not None and _same_detect(bundle.threshold.get("detect"), current):
+        return dict(bundle.threshold), "bundle"
+    why = "has no threshold" if bundle.threshold is None else "was calibrated with other detection settings"
+    print(f"anoddpm evaluate: {bundle.path} {why}; calibrating on the validation split now "
+          "(the bundle is not changed; run `anoddpm calibrate` to store one)", file=sys.stderr)
+    threshold = calibrate_threshold(bundle, detector, device, batch_size, root, category,
+                                    current["threshold_quantile"], "quantile")
+    return threshold, "validation split (on the fly)"
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """`anoddpm evaluate`: score the test set, write metrics + report into --out; returns the exit code."""
+    from eval.metrics import compute_metrics
+    from eval.report import write_report
+
+    bundle, detector, device = _load(args)
+    root = Path(args.data)
+    test = _test_arrays(bundle.cfg, root, args.category)
+    scored = score_images(detector, test["images"], device, args.batch_size, keep_reconstructions=True,
+                          desc="evaluate")
+    threshold, source = resolve_threshold(bundle, detector, device, args.batch_size, root, args.category)
+    image_t, pixel_t = float(threshold["image"]), threshold.get("pixel")
+    metrics = compute_metrics(scored.scores, test["labels"], scored.maps, test["masks"],
+                              image_threshold=image_t, pixel_threshold=pixel_t)
+    written = write_report(
+        args.out, metrics=metrics, scores=scored.scores, labels=test["labels"],
+        defect_types=test["defect_types"], paths=test["paths"], threshold=image_t, pixel_threshold=pixel_t,
+        seconds_per_image=scored.seconds_per_image, inputs=test["images"],
+        reconstructions=scored.reconstructions, maps=scored.maps, masks=test["masks"],
+        extra={"model": str(args.model), "data": str(root), "category": args.category,
+               "detect": detect_dict(detector), "device": str(device), "calibration": threshold,
+               "threshold_source": source})
+    _print_summary(metrics, image_t, scored.seconds_per_image, len(test["paths"]), written["index.html"])
+    return 0
+
+
+def _print_summary(metrics: dict, threshold: float, seconds: float, n: int, index: Path) -> None:
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    print(f"{n} images: image AUROC {fmt(metrics['image_auroc'])}, pixel AUROC {fmt(metrics['pixel_auroc'])}, "
+          f"AUPRO {fmt(metrics['aupro'])}, image F1-max {fmt(metrics['image_f1_max'])}, "
+          f"threshold {threshold:.6g}, {seconds:.4f} s/image")
+    print(f"report: {Path(index).resolve()}")

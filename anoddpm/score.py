@@ -1,0 +1,223 @@
+"""`anoddpm score`: image files and folders -> DIR/scores.csv (+ errors.csv, optional map PNGs).
+
+* Rows are appended and flushed as soon as a batch is scored, so an interrupted run keeps them;
+  running again with the same ``--out`` skips every path already in scores.csv or errors.csv
+  (delete a row from errors.csv to retry that file). At the end the file is rewritten sorted by
+  path, one row per path.
+* Bad files (corrupt, empty, not an image, too many pixels) go to errors.csv and stderr and are
+  skipped; they never stop the run.
+* Under ``torchrun --nproc_per_node=N`` the sorted list of paths still to score is sharded
+  ``rank::world_size``; each rank appends to ``scores.part-<rank>.csv`` and rank 0 merges all
+  parts into scores.csv after a barrier.
+* ``--save-maps`` writes ``DIR/maps/<stem>.png`` (sub-folders mirror the inputs' common parent, so
+  equal stems in different folders do not collide): 8-bit grey of ``map / (2 * threshold)``
+  clipped to [0, 1], i.e. 128 is a pixel that alone would reach the image threshold (with
+  ``--score max``) and 255 is twice that. Without a calibrated threshold the scale is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anoddpm.atomic import atomic_write_text
+from anoddpm.cli import detect_overrides
+from anoddpm.imageio import list_images, load_image, save_png
+from anoddpm.scoring_loop import batched, forward_batch
+
+SCORE_FIELDS = ("path", "pred_score", "pred_label", "threshold", "seconds")
+ERROR_FIELDS = ("path", "error")
+
+
+def read_rows(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
+    """Complete rows of a CSV written by this module; a torn last line or foreign row is dropped."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows = list(csv.reader(text.splitlines()))
+    if not rows or tuple(rows[0]) != fields:
+        return []
+    return [dict(zip(fields, r)) for r in rows[1:] if len(r) == len(fields) and _valid(dict(zip(fields, r)))]
+
+
+def _valid(row: dict[str, str]) -> bool:
+    if "pred_score" not in row:
+        return bool(row["path"])
+    try:
+        float(row["pred_score"])
+    except ValueError:
+        return False
+    return bool(row["path"])
+
+
+class _CsvAppender:
+    """Append rows to a CSV (header when new, torn last line repaired), flushed and fsynced per call."""
+
+    def __init__(self, path: Path, fields: tuple[str, ...]):
+        self.path, self.fields = path, fields
+        text = _to_csv(read_rows(path, fields), fields)
+        if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
+            atomic_write_text(path, text)
+
+    def write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        with open(self.path, "a", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.fields, lineterminator="\n")
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _to_csv(rows: list[dict], fields: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _merge(out: Path, name: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
+    """scores.csv + every part file -> one sorted file, one row per path (first seen wins); parts removed."""
+    main, parts = out / f"{name}.csv", sorted(out.glob(f"{name}.part-*.csv"))
+    merged: dict[str, dict[str, str]] = {}
+    for path in [main, *parts]:
+        for row in read_rows(path, fields):
+            merged.setdefault(row["path"], row)
+    rows = [merged[k] for k in sorted(merged)]
+    atomic_write_text(main, _to_csv(rows, fields))
+    for path in parts:
+        path.unlink()
+    return rows
+
+
+def _done_paths(out: Path) -> set[str]:
+    done: set[str] = set()
+    for name, fields in (("scores", SCORE_FIELDS), ("errors", ERROR_FIELDS)):
+        for path in [out / f"{name}.csv", *out.glob(f"{name}.part-*.csv")]:
+            done.update(row["path"] for row in read_rows(path, fields))
+    return done
+
+
+def _dist_setup(device_name: str) -> tuple[int, int, torch.device | None]:
+    """(rank, world_size, device chosen for this rank); a process group only under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else None
+
+
+def _map_name(path: Path, root: Path) -> Path:
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        rel = Path(path.name)
+    return rel.with_suffix(".png")
+
+
+def _report_error(path: str, error: str) -> dict[str, str]:
+    print(f"anoddpm score: skipped {path}: {error}", file=sys.stderr)
+    return {"path": path, "error": error}
+
+
+def score_command(args: argparse.Namespace) -> int:
+    """Score --input files/folders with --model into --out (see module docstring); returns the exit code."""
+    from anoddpm.bundle import load_bundle
+    from anoddpm.detector import Detector
+    from anoddpm.device import resolve_device
+
+    rank, world, dist_device = _dist_setup(args.device)
+    try:
+        device = dist_device or resolve_device(args.device)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        bundle = load_bundle(args.model, map_location=device)
+        overrides = {k: v for k, v in detect_overrides(args).items() if v is not None}
+        detector = Detector.from_bundle(bundle, device, **overrides).eval()
+        threshold = None if bundle.threshold is None else float(bundle.threshold["image"])
+        if rank == 0 and threshold is None:
+            print("anoddpm score: the bundle has no threshold (run `anoddpm calibrate`); pred_label is left empty",
+                  file=sys.stderr)
+        scale = 2.0 * threshold if threshold else 1.0
+
+        images, skipped = list_images(args.input)
+        absolute = [p.absolute() for p in images]
+        root = Path(os.path.commonpath([p.parent for p in absolute])) if absolute else Path(".")
+        done = _done_paths(out)
+        todo = [p for p in absolute if str(p) not in done]
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank has read the done set before anyone writes
+        suffix = "" if world == 1 else f".part-{rank}"
+        scores_file = _CsvAppender(out / f"scores{suffix}.csv", SCORE_FIELDS)
+        errors_file = _CsvAppender(out / f"errors{suffix}.csv", ERROR_FIELDS)
+        if rank == 0:
+            errors_file.write([_report_error(str(p.absolute()), why) for p, why in skipped
+                               if str(p.absolute()) not in done])
+        _score_shard(detector, bundle.cfg, todo[rank::world], device, args, threshold, scale, root, out,
+                     scores_file, errors_file, show_progress=rank == 0)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            rows = _merge(out, "scores", SCORE_FIELDS)
+            errors = _merge(out, "errors", ERROR_FIELDS)
+            print(f"scored {len(rows)} images ({len(todo)} new), {len(errors)} errors -> {out / 'scores.csv'}")
+        if world > 1:
+            dist.barrier()
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def _load(path: Path, cfg) -> np.ndarray:
+    d = cfg.data
+    return load_image(path, d.channels, d.image_size, d.resize_policy)
+
+
+def _score_shard(detector, cfg, paths: list[Path], device: torch.device, args: argparse.Namespace,
+                 threshold: float | None, scale: float, root: Path, out: Path,
+                 scores_file: _CsvAppender, errors_file: _CsvAppender, show_progress: bool) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=len(paths), unit="img", desc="score", disable=not show_progress) as bar:
+        for chunk in batched(paths, args.batch_size):
+            good, arrays, errors = [], [], []
+            for path in chunk:
+                try:
+                    arrays.append(_load(path, cfg))
+                    good.append(path)
+                except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal
+                    errors.append(_report_error(str(path), str(err) or type(err).__name__))
+            errors_file.write(errors)
+            if good:
+                result = forward_batch(detector, np.stack(arrays), device)
+                per_image = result.seconds / len(good)
+                rows = []
+                for path, score, amap in zip(good, result.scores, result.maps):
+                    rows.append({"path": str(path), "pred_score": repr(float(score)),
+                                 "pred_label": "" if threshold is None else int(score > threshold),
+                                 "threshold": "" if threshold is None else repr(threshold),
+                                 "seconds": f"{per_image:.6f}"})
+                    if args.save_maps:
+                        save_png(out / "maps" / _map_name(path, root), np.clip(amap / scale, 0.0, 1.0))
+                scores_file.write(rows)
+            bar.update(len(chunk))
