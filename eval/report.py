@@ -1,0 +1,163 @@
+"""Evaluation report folder: metrics.json, per_image.csv, PNG plots and index.html.
+
+The caller passes plain numpy arrays and the dict from ``eval.metrics.compute_metrics``::
+
+    from eval.metrics import compute_metrics
+    from eval.report import write_report
+
+    metrics = compute_metrics(scores, labels, maps, masks, image_threshold=t, pixel_threshold=tp)
+    write_report(out_dir, metrics=metrics, scores=scores, labels=labels, defect_types=types,
+                 paths=paths, threshold=t, pixel_threshold=tp, seconds_per_image=sec,
+                 inputs=images, reconstructions=recons, maps=maps, masks=masks,
+                 extra={"category": "bottle", "calibration": bundle_threshold_dict})
+
+Arrays: scores [N] float, labels [N] in {0,1}, defect_types [N] str ("good" for good images),
+paths [N] str; optional inputs/reconstructions [N,C,H,W] in [0,1], maps [N,H,W], masks
+[N,H,W] bool (only the few grid rows are drawn). Files written into out_dir:
+
+* ``metrics.json``: the ``METRIC_KEYS`` (None when undefined), ``threshold``,
+  ``pixel_threshold``, ``seconds_per_image``, ``n_images``, ``n_defect``,
+  ``per_type_image_auroc`` {type: auroc}, plus every key of ``extra``.
+* ``per_image.csv``: path, defect_type, label, pred_score, pred_label (``score > threshold``),
+  then one column per entry of ``per_image`` (name -> [N] values).
+* ``roc.png``, ``pr.png`` (only with both classes), ``histogram.png``, ``grid.png`` (with
+  inputs and maps), and ``index.html`` linking them all.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.metrics import METRIC_KEYS, per_type_auroc
+from eval.plots import plot_grid, plot_histogram, plot_pr, plot_roc
+
+_TITLES = {
+    "image_auroc": "Image AUROC", "image_ap": "Image AP", "pixel_auroc": "Pixel AUROC",
+    "aupro": "AUPRO (FPR <= 0.3)", "image_f1_max": "Image F1-max", "pixel_f1_max": "Pixel F1-max",
+    "dice": "Dice @ pixel threshold", "iou": "IoU @ pixel threshold",
+}
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays -> JSON builtins; NaN/inf -> None."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def select_grid_rows(scores: np.ndarray, labels: np.ndarray, k: int = 8) -> list[int]:
+    """Indices to show: highest-scoring defects, lowest-scoring defects (misses), highest-scoring goods."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    defects = np.flatnonzero(labels == 1)
+    goods = np.flatnonzero(labels == 0)
+    defects_desc = defects[np.argsort(-scores[defects], kind="stable")]
+    goods_desc = goods[np.argsort(-scores[goods], kind="stable")]
+    n_top = math.ceil(k / 3)
+    candidates = [*defects_desc[:n_top], *defects_desc[::-1][:n_top], *goods_desc, *defects_desc]
+    chosen: list[int] = []
+    for index in candidates:
+        if int(index) not in chosen:
+            chosen.append(int(index))
+        if len(chosen) == k:
+            break
+    return chosen
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def _write_csv(path: Path, paths: Sequence[str], types: Sequence[str], labels: np.ndarray, scores: np.ndarray,
+               threshold: float, per_image: Mapping[str, Sequence[Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "defect_type", "label", "pred_score", "pred_label", *per_image])
+        for i in range(scores.size):
+            extra = [_plain(np.asarray(per_image[name])[i]) for name in per_image]
+            writer.writerow([str(paths[i]), str(types[i]), int(labels[i]), repr(float(scores[i])),
+                             int(scores[i] > threshold), *extra])
+
+
+def _write_html(path: Path, summary: dict, images: Sequence[str]) -> None:
+    metric_rows = "".join(f"<tr><td>{_TITLES[k]}</td><td>{_fmt(summary[k])}</td></tr>" for k in METRIC_KEYS)
+    info_keys = ("threshold", "pixel_threshold", "seconds_per_image", "n_images", "n_defect")
+    info_rows = "".join(f"<tr><td>{k}</td><td>{_fmt(summary[k])}</td></tr>" for k in info_keys)
+    type_rows = "".join(f"<tr><td>{html.escape(t)}</td><td>{_fmt(v)}</td></tr>"
+                        for t, v in summary["per_type_image_auroc"].items())
+    figures = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>'
+                      for name in images)
+    path.write_text(f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>anoddpm evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:0 1em 1em 0}}
+img{{max-width:100%}}</style></head><body>
+<h1>anoddpm evaluation</h1>
+<h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>{metric_rows}</table>
+<table>{info_rows}</table>
+<h2>Image AUROC per defect type (vs good)</h2><table><tr><th>defect type</th><th>AUROC</th></tr>{type_rows}</table>
+<h2>Plots</h2>{figures}
+<p>Files: <a href="metrics.json">metrics.json</a>, <a href="per_image.csv">per_image.csv</a></p>
+</body></html>
+""")
+
+
+def write_report(out_dir: str | Path, *, metrics: Mapping[str, float | None], scores: np.ndarray,
+                 labels: np.ndarray, defect_types: Sequence[str], paths: Sequence[str], threshold: float,
+                 pixel_threshold: float | None = None, seconds_per_image: float | None = None,
+                 extra: Mapping[str, Any] | None = None, per_image: Mapping[str, Sequence[Any]] | None = None,
+                 inputs: np.ndarray | None = None, reconstructions: np.ndarray | None = None,
+                 maps: np.ndarray | None = None, masks: np.ndarray | None = None,
+                 grid_rows: int = 8) -> dict[str, Path]:
+    """Write the report folder (see module docstring) -> {file name: path written}."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    n = scores.size
+    per_image = dict(per_image or {})
+    for name, values in {"labels": labels, "defect_types": defect_types, "paths": paths, **per_image}.items():
+        if len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries but scores has {n}")
+    missing = [k for k in METRIC_KEYS if k not in metrics]
+    if missing:
+        raise ValueError(f"metrics is missing {missing}; pass the dict from eval.metrics.compute_metrics")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: _plain(metrics[k]) for k in METRIC_KEYS}
+    summary.update(threshold=float(threshold), pixel_threshold=_plain(pixel_threshold),
+                   seconds_per_image=_plain(seconds_per_image), n_images=int(n), n_defect=int(labels.sum()),
+                   per_type_image_auroc=_plain(per_type_auroc(scores, labels, defect_types)))
+    summary.update(_plain(dict(extra or {})))
+    written = {"metrics.json": out / "metrics.json", "per_image.csv": out / "per_image.csv"}
+    written["metrics.json"].write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    _write_csv(written["per_image.csv"], paths, defect_types, labels, scores, float(threshold), per_image)
+    if np.unique(labels).size == 2:
+        written["roc.png"] = plot_roc(scores, labels, out / "roc.png", summary["image_auroc"])
+        written["pr.png"] = plot_pr(scores, labels, out / "pr.png", summary["image_ap"])
+    written["histogram.png"] = plot_histogram(scores, labels, float(threshold), out / "histogram.png")
+    if inputs is not None and maps is not None and grid_rows > 0:
+        rows = select_grid_rows(scores, labels, grid_rows)
+        titles = [f"{Path(str(paths[i])).name} {defect_types[i]} {scores[i]:.4g}" for i in rows]
+        written["grid.png"] = plot_grid(
+            np.asarray(inputs)[rows], None if reconstructions is None else np.asarray(reconstructions)[rows],
+            np.asarray(maps)[rows], None if masks is None else np.asarray(masks)[rows], out / "grid.png", titles)
+    images = [name for name in ("roc.png", "pr.png", "histogram.png", "grid.png") if name in written]
+    written["index.html"] = out / "index.html"
+    _write_html(written["index.html"], summary, images)
+    return written
