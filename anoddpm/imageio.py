@@ -57,6 +57,20 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ValueError(f"{path} is corrupt or truncated: {err}") from err
 
 
+def image_hw(path: str | Path) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, read from the header without decoding the pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            swapped = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that rotate by 90
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{path} is not a readable image: {err}") from err
+    return (w, h) if swapped else (h, w)
+
+
 def _to_float(img: Image.Image) -> np.ndarray:
     """PIL image of any mode -> float32 [H, W, C] in [0, 1], C in {1, 3}."""
     mode = img.mode

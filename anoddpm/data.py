@@ -1,0 +1,327 @@
+"""Dataset discovery (MVTec layout, plain image folder, NFBS brain MRI), torch Datasets, val split.
+
+Layouts accepted for ``--data ROOT [--category NAME]``:
+
+* **MVTec**: ``ROOT/NAME/train/good/*.png``, ``test/<type>/X.png`` and, for every type other than
+  ``good``, ``ground_truth/<type>/X_mask.png`` of the image's size. ROOT may also be the category.
+* **Plain folder** of good images (searched recursively): training only, no test set.
+* **NFBS** (``ROOT/<ID>/sub-<ID>_ses-NFB3_T1w_brain.nii.gz`` with ``..._T1w_brainmask.nii.gz``
+  beside it): training images are axial slices of the skull-stripped volume (RAS-canonical, anterior
+  up), intensities clipped to the 0.5/99.5 percentiles of in-brain voxels and scaled to [0, 1];
+  slices whose brain area is below ``MIN_SLICE_AREA`` of the volume's largest slice are skipped.
+  The validation split holds back whole subjects. Anomalous brains for evaluation live in
+  ``ROOT/anomalous/<ID>/<name>.nii.gz`` (skull-stripped T1w) with ``<name>_seg.nii.gz`` (lesion,
+  > 0) and optionally ``<name>_brainmask.nii.gz`` (else brain = voxels > 0); each kept slice is a
+  test sample, label 1 when it holds lesion voxels, else 0 (defect_type ``good``).
+
+All images go through ``imageio.preprocess`` (the one used at scoring, export and runtime).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from anoddpm.config import Config
+from anoddpm.imageio import IMAGE_SUFFIXES, image_hw, list_images, load_image, preprocess, preprocess_mask, read_mask
+
+MIN_SLICE_AREA = 0.3  # NFBS: keep axial slices with at least this share of the largest brain area
+NFBS_BRAIN = "_T1w_brain.nii.gz"
+NFBS_MASK = "_T1w_brainmask.nii.gz"
+
+
+@dataclass(frozen=True)
+class TestSample:
+    """One labelled test image; ``image`` float32 [C, S, S] in [0, 1] and ``mask`` bool [S, S] load on access."""
+
+    path: Path
+    defect_type: str  # "good" or the defect type
+    mask_path: Path | None
+    label: int  # 0 good, 1 defective
+    name: str  # unique, e.g. "crack/003"
+    _image: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    _mask: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    @property
+    def image(self) -> np.ndarray:
+        """float32 [C, S, S] in [0, 1]."""
+        return self._image()
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool [S, S]; all False for good samples."""
+        return self._mask()
+
+
+class ImageDataset(Dataset):
+    """In-memory preprocessed images -> float32 tensors [C, S, S] in [0, 1], optionally augmented."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], names: Sequence[str], augment: str = "none", seed: int = 0):
+        self.arrays, self.names = list(arrays), list(names)
+        self.transform = None
+        if augment == "texture":
+            import albumentations as A
+
+            self.transform = A.Compose([A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90()], seed=seed)
+        elif augment != "none":
+            raise ValueError(f"data.augment={augment!r} is not allowed; choose none or texture")
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        arr = self.arrays[index].astype(np.float32)
+        if self.transform is not None:
+            arr = self.transform(image=arr.transpose(1, 2, 0))["image"].transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def is_nfbs(root: Path) -> bool:
+    """True when ``root`` holds NFBS subject folders (``<ID>/sub-*_T1w_brain.nii.gz``)."""
+    return root.is_dir() and next(root.glob(f"*/sub-*{NFBS_BRAIN}"), None) is not None
+
+
+def _categories(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "train").is_dir())
+
+
+def resolve_category_root(root: str | Path, category: str | None) -> Path:
+    """ROOT/category, or ROOT itself when it is a category, an NFBS folder or a plain image folder."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"data root not found: {root}")
+    if not root.is_dir():
+        raise ValueError(f"data root {root} is not a folder")
+    if category:
+        if (root / category).is_dir():
+            return resolve_category_root(root / category, None)
+        if root.name == category and ((root / "train").is_dir() or is_nfbs(root)):
+            return root
+        available = _categories(root)
+        raise ValueError(f"unknown category {category!r} under {root}; available: "
+                         f"{', '.join(available) if available else '(none: ROOT holds no <category>/train)'}")
+    if (root / "train").is_dir() or is_nfbs(root):
+        return root
+    if (root / "test").is_dir() or (root / "ground_truth").is_dir():
+        raise ValueError(f"{root} has test/ or ground_truth/ but no train/good folder")
+    available = _categories(root)
+    if available:
+        raise ValueError(f"{root} holds several categories ({', '.join(available)}); pass --category")
+    if not list_images([root])[0]:
+        raise ValueError(f"{root} is neither an MVTec category (no train/), an NFBS folder, "
+                         f"nor a folder of images ({', '.join(IMAGE_SUFFIXES)})")
+    return root
+
+
+def _kind(cat_root: Path) -> str:
+    if is_nfbs(cat_root):
+        return "nfbs"
+    return "mvtec" if (cat_root / "train").is_dir() else "folder"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def check_test_layout(cat_root: Path) -> list[tuple[Path, str, Path | None]]:
+    """Validate test/ and ground_truth/ -> [(image, defect_type, mask or None)]; errors name both files."""
+    test = cat_root / "test"
+    if not test.is_dir():
+        return []
+    items = []
+    for type_dir in sorted(p for p in test.iterdir() if p.is_dir()):
+        for img in _images_in(type_dir):
+            if type_dir.name == "good":
+                items.append((img, "good", None))
+                continue
+            mask = cat_root / "ground_truth" / type_dir.name / f"{img.stem}_mask.png"
+            if not mask.is_file():
+                raise FileNotFoundError(f"mask {mask} for test image {img} not found")
+            if image_hw(mask) != image_hw(img):
+                raise ValueError(f"mask {mask} is {image_hw(mask)} (h, w) but its image {img} is {image_hw(img)}")
+            items.append((img, type_dir.name, mask))
+    return items
+
+
+def _train_files(cat_root: Path, kind: str) -> list[Path]:
+    if kind == "mvtec":
+        good = cat_root / "train" / "good"
+        files = _images_in(good) if good.is_dir() else []
+        if not files:
+            raise ValueError(f"{good} is missing or holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        check_test_layout(cat_root)
+        return files
+    if kind == "nfbs":
+        return sorted(cat_root.glob(f"*/sub-*{NFBS_BRAIN}"))
+    return list_images([cat_root])[0]
+
+
+def _n_val(n: int, cfg: Config) -> int:
+    if cfg.data.val_fraction <= 0 or n < 2:
+        return 0
+    return min(max(round(cfg.data.val_fraction * n), cfg.data.min_val_images), n // 2)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fingerprint(cat_root: Path, files: Sequence[Path]) -> str:
+    """sha256 over sorted (relative path, file sha256): stable across machines and copies."""
+    h = hashlib.sha256()
+    for rel, path in sorted((p.relative_to(cat_root).as_posix(), p) for p in files):
+        h.update(f"{rel}\t{_sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=2)
+def _load_volume(path: Path, brain_mask: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """NIfTI -> (normalised volume float32 [X, Y, Z] in [0, 1], brain bool [X, Y, Z]), RAS canonical."""
+    import nibabel as nib
+
+    vol = np.asarray(nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32))
+    if brain_mask is not None and brain_mask.is_file():
+        brain = np.asarray(nib.as_closest_canonical(nib.load(brain_mask)).dataobj) > 0
+        if brain.shape != vol.shape:
+            raise ValueError(f"brain mask {brain_mask} has shape {brain.shape} but volume {path} has {vol.shape}")
+    else:
+        brain = vol > 0
+    if vol.ndim != 3 or not brain.any():
+        raise ValueError(f"{path} must be a 3-D volume with brain voxels, got shape {vol.shape}")
+    lo, hi = np.percentile(vol[brain], [0.5, 99.5])
+    vol = np.where(brain, (np.clip(vol, lo, hi) - lo) / max(hi - lo, 1e-6), 0.0).astype(np.float32)
+    return vol, brain
+
+
+def _kept_slices(brain: np.ndarray) -> list[int]:
+    area = brain.sum(axis=(0, 1))
+    return [int(k) for k in np.flatnonzero(area >= MIN_SLICE_AREA * area.max())]
+
+
+def _axial(vol: np.ndarray, k: int) -> np.ndarray:
+    return np.ascontiguousarray(np.rot90(vol[:, :, k]))  # [Y, X], anterior up
+
+
+def _nfbs_slices(brain_file: Path, cfg: Config) -> list[np.ndarray]:
+    vol, brain = _load_volume(brain_file, brain_file.with_name(brain_file.name.replace(NFBS_BRAIN, NFBS_MASK)))
+    out = []
+    for k in _kept_slices(brain):
+        img = preprocess(_axial(vol, k), cfg.data.image_size, cfg.data.resize_policy)
+        out.append(np.repeat(img, cfg.data.channels, axis=0).astype(np.float16))  # float16: many slices
+    return out
+
+
+def load_training_data(cfg: Config, root: str | Path, category: str | None,
+                       seed: int) -> tuple[ImageDataset, ImageDataset, dict]:
+    """-> (train_ds, val_ds without augmentation, fingerprint); items float32 [C, S, S] in [0, 1].
+
+    The validation split holds back ``cfg.data.val_fraction`` of the good images (at least
+    ``cfg.data.min_val_images`` when there are twice as many; whole subjects for NFBS), chosen
+    by ``seed``, for threshold calibration.
+    """
+    cat_root = resolve_category_root(root, category)
+    kind = _kind(cat_root)
+    files = _train_files(cat_root, kind)
+    if not files:
+        raise ValueError(f"no training images found under {cat_root}")
+    order = np.random.default_rng(seed).permutation(len(files))
+    val_idx = set(order[:_n_val(len(files), cfg)].tolist())
+    rel = [f.relative_to(cat_root).as_posix() for f in files]
+    splits: dict[bool, tuple[list[np.ndarray], list[str]]] = {False: ([], []), True: ([], [])}
+    for i, (path, name) in enumerate(zip(files, rel)):
+        arrays, names = splits[i in val_idx]
+        if kind == "nfbs":
+            slices = _nfbs_slices(path, cfg)
+            arrays.extend(slices)
+            names.extend(f"{name}#{k}" for k in range(len(slices)))
+        else:
+            arrays.append(load_image(path, cfg.data.channels, cfg.data.image_size, cfg.data.resize_policy))
+            names.append(name)
+    hashed = list(files)
+    if kind == "nfbs":
+        hashed += [m for f in files if (m := f.with_name(f.name.replace(NFBS_BRAIN, NFBS_MASK))).is_file()]
+    train_ds = ImageDataset(*splits[False], augment=cfg.data.augment, seed=seed)
+    val_ds = ImageDataset(*splits[True])
+    fingerprint = {
+        "root": str(Path(root).resolve()),
+        "category": category or cat_root.name,
+        "kind": kind,
+        "n_train": len(train_ds),
+        "n_val": len(val_ds),
+        "n_files": len(files),
+        "val_files": sorted(rel[i] for i in val_idx),
+        "seed": seed,
+        "sha256": _fingerprint(cat_root, hashed),
+    }
+    return train_ds, val_ds, fingerprint
+
+
+def _mvtec_sample(img: Path, defect_type: str, mask: Path | None, cat_root: Path, cfg: Config) -> TestSample:
+    size, policy, channels = cfg.data.image_size, cfg.data.resize_policy, cfg.data.channels
+    if mask is None:
+        mask_fn = lambda: np.zeros((size, size), dtype=bool)  # noqa: E731
+    else:
+        mask_fn = lambda: preprocess_mask(read_mask(mask), size, policy)  # noqa: E731
+    return TestSample(path=img, defect_type=defect_type, mask_path=mask, label=int(mask is not None),
+                      name=f"{defect_type}/{img.stem}", _image=lambda: load_image(img, channels, size, policy),
+                      _mask=mask_fn)
+
+
+def _anomalous_volumes(cat_root: Path) -> list[tuple[Path, Path, Path]]:
+    """ROOT/anomalous/<ID>/<name>.nii.gz -> [(volume, lesion seg, brain mask (may not exist))]."""
+    out = []
+    for vol in sorted((cat_root / "anomalous").glob("*/*.nii.gz")):
+        stem = vol.name[: -len(".nii.gz")]
+        if stem.endswith(("_seg", "_brainmask")):
+            continue
+        seg = vol.with_name(f"{stem}_seg.nii.gz")
+        if not seg.is_file():
+            raise FileNotFoundError(f"lesion mask {seg} for anomalous volume {vol} not found")
+        out.append((vol, seg, vol.with_name(f"{stem}_brainmask.nii.gz")))
+    return out
+
+
+def _nfbs_test_set(cat_root: Path, cfg: Config) -> list[TestSample]:
+    import nibabel as nib
+
+    size, policy, channels = cfg.data.image_size, cfg.data.resize_policy, cfg.data.channels
+    samples = []
+    for vol_path, seg_path, mask_path in _anomalous_volumes(cat_root):
+        _, brain = _load_volume(vol_path, mask_path)
+        lesion = np.asarray(nib.as_closest_canonical(nib.load(seg_path)).dataobj) > 0
+        if lesion.shape != brain.shape:
+            raise ValueError(f"lesion mask {seg_path} has shape {lesion.shape} but volume {vol_path} has {brain.shape}")
+        for k in _kept_slices(brain):
+            seg_k = _axial(lesion, k)
+            label = int(seg_k.any())
+
+            def image_fn(v=vol_path, m=mask_path, k=k) -> np.ndarray:
+                img = preprocess(_axial(_load_volume(v, m)[0], k), size, policy)
+                return np.repeat(img, channels, axis=0)
+
+            samples.append(TestSample(
+                path=vol_path, defect_type="lesion" if label else "good", mask_path=seg_path if label else None,
+                label=label, name=f"{vol_path.parent.name}/{vol_path.name[:-len('.nii.gz')]}_z{k:03d}",
+                _image=image_fn, _mask=lambda s=seg_k: preprocess_mask(s, size, policy)))
+    return samples
+
+
+def load_test_set(cfg: Config, root: str | Path, category: str | None) -> list[TestSample]:
+    """Labelled test samples (lazy: pixels load on access); [] for a plain image folder."""
+    cat_root = resolve_category_root(root, category)
+    kind = _kind(cat_root)
+    if kind == "nfbs":
+        return _nfbs_test_set(cat_root, cfg)
+    if kind == "folder":
+        return []
+    return [_mvtec_sample(img, t, m, cat_root, cfg) for img, t, m in check_test_layout(cat_root)]
