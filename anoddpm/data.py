@@ -112,7 +112,7 @@ def resolve_category_root(root: str | Path, category: str | None) -> Path:
         raise ValueError(f"{root} has test/ or ground_truth/ but no train/good folder")
     available = _categories(root)
     if available:
-        raise ValueError(f"{root} holds several categories ({', '.join(available)}); pass --category")
+        raise ValueError(f"{root} holds categories ({', '.join(available)}); pass --category")
     if not list_images([root])[0]:
         raise ValueError(f"{root} is neither an MVTec category (no train/), an NFBS folder, "
                          f"nor a folder of images ({', '.join(IMAGE_SUFFIXES)})")
