@@ -1,0 +1,108 @@
+"""`anoddpm export`: bundle -> one ONNX graph of the inspection fast path, metadata inside.
+
+Graph: ``images`` float [B, C, S, S] in [0, 1] (dynamic B) -> Detector fast path (K deterministic
+steps; the detection noise is a constant drawn from the bundle's seed) -> ``anomaly_map``
+[B, 1, S, S] and ``pred_score`` [B] (+ ``reconstruction`` [B, C, S, S] on request). The config,
+threshold, preprocessing, data fingerprint and steps are stored as metadata_props, so the line
+runtime (deploy/runtime.py) needs nothing but the file.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import onnx
+import torch
+from torch import nn
+
+from anoddpm import __version__
+from anoddpm.atomic import atomic_write_bytes
+from anoddpm.config import Config
+from deploy.runtime import INPUT_NAME, ONNX_FORMAT_VERSION, OUTPUT_NAMES, parse_metadata
+
+OPSET = 17
+
+
+def onnx_metadata(cfg: Config, threshold: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> dict[str, str]:
+    """The metadata_props written into every exported model (all values strings, JSON where nested)."""
+    return {
+        "anoddpm_format_version": str(ONNX_FORMAT_VERSION),
+        "anoddpm_version": __version__,
+        "torch_version": str(torch.__version__),
+        "config": json.dumps(cfg.to_dict()),
+        "threshold": json.dumps(dict(threshold)),
+        "preprocessing": json.dumps({"image_size": cfg.data.image_size, "channels": cfg.data.channels,
+                                     "resize_policy": cfg.data.resize_policy}),
+        "fingerprint": json.dumps(dict(fingerprint)),
+        "steps": str(cfg.detect.steps),
+    }
+
+
+def export_module(module: nn.Module, out_path: str | Path, *, channels: int, image_size: int,
+                  metadata: Mapping[str, str], output_names: Sequence[str] = OUTPUT_NAMES) -> Path:
+    """Trace `module` ([B, C, S, S] -> outputs named `output_names`) to ONNX with metadata; atomic write."""
+    out_path = Path(out_path)
+    example = torch.rand(2, channels, image_size, image_size)
+    dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)}
+    buffer = io.BytesIO()
+    module = module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings and the legacy-exporter notice
+        torch.onnx.export(module, (example,), buffer, input_names=[INPUT_NAME], output_names=list(output_names),
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    model = onnx.load_from_string(buffer.getvalue())
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model, full_check=True)
+    parse_metadata({p.key: p.value for p in model.metadata_props}, out_path)
+    return atomic_write_bytes(out_path, model.SerializeToString())
+
+
+class _InspectionGraph(nn.Module):
+    """Detector forward with the outputs in the exported order."""
+
+    def __init__(self, detector: nn.Module, with_reconstruction: bool):
+        super().__init__()
+        self.detector = detector
+        self.with_reconstruction = with_reconstruction
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        anomaly_map, pred_score, reconstruction = self.detector(images)
+        if self.with_reconstruction:
+            return anomaly_map, pred_score, reconstruction
+        return anomaly_map, pred_score
+
+
+def export_onnx(bundle_path: str | Path, out_path: str | Path, steps: int | None = None,
+                with_reconstruction: bool = False) -> Path:
+    """Export the bundle's fast inspection path (K = `steps` or the bundle's) to `out_path`; returns it."""
+    from anoddpm.bundle import load_bundle
+    from anoddpm.detector import Detector
+
+    bundle = load_bundle(bundle_path)
+    if bundle.threshold is None or bundle.threshold.get("image") is None:
+        raise ValueError(f"{bundle.path} has no threshold; run `anoddpm calibrate --model {bundle.path}` first")
+    detector = Detector.from_bundle(bundle, torch.device("cpu"), steps=steps, sampler="ddim").eval()
+    cfg = detector.cfg
+    calibrated = bundle.threshold.get("detect")
+    if calibrated and any(calibrated.get(k) != v for k, v in cfg.to_dict()["detect"].items() if k in calibrated):
+        print(f"warning: the threshold of {bundle.path} was calibrated with detect settings {calibrated}, the "
+              f"export uses {cfg.to_dict()['detect']}; re-calibrate with the same --steps for exact labels",
+              file=sys.stderr)
+    names = (*OUTPUT_NAMES, "reconstruction") if with_reconstruction else OUTPUT_NAMES
+    return export_module(_InspectionGraph(detector, with_reconstruction), out_path, channels=cfg.data.channels,
+                         image_size=cfg.data.image_size,
+                         metadata=onnx_metadata(cfg, bundle.threshold, bundle.fingerprint), output_names=names)
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """`anoddpm export --model model.pt --out model.onnx [--steps K] [--with-reconstruction]`."""
+    path = export_onnx(args.model, args.out, steps=args.steps, with_reconstruction=args.with_reconstruction)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0

@@ -1,0 +1,156 @@
+"""The line runtime: an exported model.onnx -> per-image score, label, anomaly map and mask.
+
+numpy + onnxruntime + anoddpm.imageio only (no torch), so a line PC needs only
+deploy/requirements.txt. Images are read and resized by the same ``preprocess()`` as training;
+the threshold and the preprocessing travel inside the ONNX metadata.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from anoddpm.imageio import load_image, preprocess
+
+ONNX_FORMAT_VERSION = 1
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("anomaly_map", "pred_score")
+_JSON_KEYS = ("config", "threshold", "preprocessing", "fingerprint")
+_AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def parse_metadata(raw: dict[str, str], path: str | Path) -> dict[str, Any]:
+    """ONNX metadata_props (strings) -> dict with JSON fields decoded; ValueError naming `path`."""
+    version = raw.get("anoddpm_format_version")
+    if version is None:
+        raise ValueError(f"{path} is not an anoddpm ONNX model: no anoddpm_format_version in its metadata "
+                         "(export it with `anoddpm export`)")
+    if version != str(ONNX_FORMAT_VERSION):
+        raise ValueError(f"{path} has anoddpm_format_version {version!r}; this runtime reads only "
+                         f"{ONNX_FORMAT_VERSION} (re-export the model or upgrade anoddpm)")
+    meta: dict[str, Any] = dict(raw)
+    try:
+        for key in _JSON_KEYS:
+            meta[key] = json.loads(raw[key])
+        meta["steps"] = int(raw["steps"])
+    except KeyError as err:
+        raise ValueError(f"{path} metadata lacks the field {err.args[0]!r}") from err
+    except ValueError as err:
+        raise ValueError(f"{path} metadata is not valid: {err}") from err
+    threshold = meta["threshold"]
+    if not isinstance(threshold, dict) or not isinstance(threshold.get("image"), (int, float)):
+        raise ValueError(f"{path} metadata holds no image threshold; calibrate the bundle and re-export")
+    return meta
+
+
+def _session(path: Path, providers: Sequence[str] | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    available = ort.get_available_providers()
+    if providers:
+        unknown = [p for p in providers if p not in available]
+        if unknown:
+            raise ValueError(f"providers {', '.join(unknown)} are not available in this onnxruntime; "
+                             f"available: {', '.join(available)}")
+        wanted = list(providers)
+    else:
+        wanted = [p for p in _AUTO_PROVIDERS if p in available]
+    try:
+        if not providers and "CUDAExecutionProvider" in wanted:
+            # onnxruntime-gpu lists CUDA even where its libraries cannot load; it then logs an error
+            # and falls back. Quiet that: the fallback is normal on a CPU-only line PC.
+            ort.set_default_logger_severity(4)
+        session = ort.InferenceSession(str(path), options, providers=wanted)
+    except Exception as err:  # onnxruntime raises its own pybind exception types
+        raise ValueError(f"{path} is not a loadable ONNX model (truncated or corrupted?): {err}") from err
+    finally:
+        ort.set_default_logger_severity(2)
+    active = session.get_providers()
+    if providers and not set(providers) & set(active):
+        raise ValueError(f"none of the providers {', '.join(providers)} could be used for {path}; "
+                         f"onnxruntime fell back to {', '.join(active)}")
+    return session
+
+
+class Inspector:
+    """An exported model.onnx ready to inspect images; `.provider` is the provider really in use."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, batch_size: int = 8):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        self.batch_size = batch_size
+        self.session = _session(self.path, providers)
+        self.provider = self.session.get_providers()[0]
+        self.metadata = parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
+        prep = self.metadata["preprocessing"]
+        self.image_size = int(prep["image_size"])
+        self.channels = int(prep["channels"])
+        self.resize_policy = str(prep["resize_policy"])
+        threshold = self.metadata["threshold"]
+        self.image_threshold = float(threshold["image"])
+        # Without a calibrated pixel threshold the image one is used: with the max score a pixel
+        # is then marked exactly when the image is NG.
+        pixel = threshold.get("pixel")
+        self.pixel_threshold = float(pixel) if pixel is not None else self.image_threshold
+        outputs = {o.name for o in self.session.get_outputs()}
+        missing = [name for name in OUTPUT_NAMES if name not in outputs]
+        if missing:
+            raise ValueError(f"{self.path} lacks the output(s) {', '.join(missing)}")
+
+    def load(self, path: str | Path) -> np.ndarray:
+        """Read one image file -> float32 [C, S, S] in [0, 1], exactly as in training."""
+        return load_image(path, self.channels, self.image_size, self.resize_policy)
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """An in-memory image [H, W] / [H, W, C] (float [0, 1] or uint8) -> float32 [C, S, S]."""
+        image = np.asarray(image)
+        if image.dtype == np.uint8:
+            image = image.astype(np.float32) / 255.0
+        channels = 1 if image.ndim == 2 else image.shape[-1]
+        if image.ndim not in (2, 3) or channels != self.channels:
+            raise ValueError(f"image of shape {image.shape} does not fit this model: it needs [H, W, "
+                             f"{self.channels}]" + (" or [H, W]" if self.channels == 1 else ""))
+        return preprocess(image, self.image_size, self.resize_policy)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [B, C, S, S] in [0, 1] -> (anomaly_map [B, S, S], pred_score [B]), in `batch_size` chunks."""
+        expected = (self.channels, self.image_size, self.image_size)
+        if batch.ndim != 4 or batch.shape[1:] != expected:
+            raise ValueError(f"batch of shape {batch.shape} does not fit this model: it needs [B, {expected[0]}, "
+                             f"{expected[1]}, {expected[2]}]")
+        maps, scores = [], []
+        for start in range(0, len(batch), self.batch_size):
+            chunk = np.ascontiguousarray(batch[start:start + self.batch_size], dtype=np.float32)
+            amap, score = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
+            maps.append(amap[:, 0])
+            scores.append(score)
+        if not maps:
+            return np.zeros((0, *expected[1:]), np.float32), np.zeros(0, np.float32)
+        return np.concatenate(maps), np.concatenate(scores)
+
+    def results(self, batch: np.ndarray) -> list[dict[str, Any]]:
+        """float32 [B, C, S, S] -> one dict per image: pred_score, pred_label, anomaly_map [S, S], pred_mask."""
+        maps, scores = self.run(batch)
+        return [{"pred_score": float(score), "pred_label": bool(score > self.image_threshold),
+                 "anomaly_map": amap, "pred_mask": amap > self.pixel_threshold}
+                for amap, score in zip(maps, scores)]
+
+    def inspect(self, images: Sequence[str | Path | np.ndarray]) -> list[dict[str, Any]]:
+        """Image paths and/or arrays -> one result dict per image (see `results`), plus `path` for files.
+
+        A file that cannot be read raises ValueError/FileNotFoundError naming it.
+        """
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(images), self.batch_size):
+            items = images[start:start + self.batch_size]
+            batch = np.stack([self.prepare(x) if isinstance(x, np.ndarray) else self.load(x) for x in items])
+            for item, result in zip(items, self.results(batch)):
+                result["path"] = None if isinstance(item, np.ndarray) else str(item)
+                out.append(result)
+        return out
