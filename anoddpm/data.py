@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -266,15 +266,18 @@ def load_training_data(cfg: Config, root: str | Path, category: str | None,
     return train_ds, val_ds, fingerprint
 
 
-def _mvtec_sample(img: Path, defect_type: str, mask: Path | None, cat_root: Path, cfg: Config) -> TestSample:
-    size, policy, channels = cfg.data.image_size, cfg.data.resize_policy, cfg.data.channels
+def _mask_or_empty(mask: Path | None, size: int, policy: str) -> np.ndarray:
     if mask is None:
-        mask_fn = lambda: np.zeros((size, size), dtype=bool)  # noqa: E731
-    else:
-        mask_fn = lambda: preprocess_mask(read_mask(mask), size, policy)  # noqa: E731
+        return np.zeros((size, size), dtype=bool)
+    return preprocess_mask(read_mask(mask), size, policy)
+
+
+def _mvtec_sample(img: Path, defect_type: str, mask: Path | None, cfg: Config) -> TestSample:
+    size, policy = cfg.data.image_size, cfg.data.resize_policy
     return TestSample(path=img, defect_type=defect_type, mask_path=mask, label=int(mask is not None),
-                      name=f"{defect_type}/{img.stem}", _image=lambda: load_image(img, channels, size, policy),
-                      _mask=mask_fn)
+                      name=f"{defect_type}/{img.stem}",
+                      _image=partial(load_image, img, cfg.data.channels, size, policy),
+                      _mask=partial(_mask_or_empty, mask, size, policy))
 
 
 def _anomalous_volumes(cat_root: Path) -> list[tuple[Path, Path, Path]]:
@@ -291,6 +294,11 @@ def _anomalous_volumes(cat_root: Path) -> list[tuple[Path, Path, Path]]:
     return out
 
 
+def _volume_slice(vol: Path, brain_mask: Path, k: int, size: int, policy: str, channels: int) -> np.ndarray:
+    img = preprocess(_axial(_load_volume(vol, brain_mask)[0], k), size, policy)
+    return np.repeat(img, channels, axis=0)
+
+
 def _nfbs_test_set(cat_root: Path, cfg: Config) -> list[TestSample]:
     import nibabel as nib
 
@@ -304,15 +312,11 @@ def _nfbs_test_set(cat_root: Path, cfg: Config) -> list[TestSample]:
         for k in _kept_slices(brain):
             seg_k = _axial(lesion, k)
             label = int(seg_k.any())
-
-            def image_fn(v=vol_path, m=mask_path, k=k) -> np.ndarray:
-                img = preprocess(_axial(_load_volume(v, m)[0], k), size, policy)
-                return np.repeat(img, channels, axis=0)
-
             samples.append(TestSample(
                 path=vol_path, defect_type="lesion" if label else "good", mask_path=seg_path if label else None,
                 label=label, name=f"{vol_path.parent.name}/{vol_path.name[:-len('.nii.gz')]}_z{k:03d}",
-                _image=image_fn, _mask=lambda s=seg_k: preprocess_mask(s, size, policy)))
+                _image=partial(_volume_slice, vol_path, mask_path, k, size, policy, channels),
+                _mask=partial(preprocess_mask, seg_k, size, policy)))
     return samples
 
 
@@ -324,4 +328,4 @@ def load_test_set(cfg: Config, root: str | Path, category: str | None) -> list[T
         return _nfbs_test_set(cat_root, cfg)
     if kind == "folder":
         return []
-    return [_mvtec_sample(img, t, m, cat_root, cfg) for img, t, m in check_test_layout(cat_root)]
+    return [_mvtec_sample(img, t, m, cfg) for img, t, m in check_test_layout(cat_root)]

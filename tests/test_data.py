@@ -108,8 +108,9 @@ def test_root_and_category_errors(synth_root, tmp_path):
 def test_plain_folder_with_odd_sizes(tmp_path, policy):
     rng = np.random.default_rng(0)
     for i, (h, w) in enumerate([(256, 181), (181, 256), (96, 256), (64, 64), (100, 90)]):
-        (tmp_path / "imgs" / str(i % 2)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "imgs" / str(i % 2) / f"{i}.png")
+        folder = tmp_path / "imgs" / str(i % 2)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     cfg = Config().override("data", image_size=48, channels=3, resize_policy=policy, val_fraction=0.2,
                             min_val_images=1)
     train, val, fp = load_training_data(cfg, tmp_path / "imgs", None, seed=0)
@@ -175,3 +176,12 @@ def test_nfbs_anomalous_test_set(nfbs_root):
         assert s.mask.any() == bool(s.label) and s.defect_type == ("lesion" if s.label else "good")
     lesion = next(s for s in samples if s.label)
     assert lesion.image[0][lesion.mask].mean() > lesion.image[0][~lesion.mask & (lesion.image[0] > 0)].mean()
+
+
+def test_test_samples_pickle(synth_root, nfbs_root):
+    import pickle
+
+    for s in (load_test_set(CFG, synth_root, "synthetic")[-1], load_test_set(CFG, nfbs_root, None)[0]):
+        copy = pickle.loads(pickle.dumps(s))
+        np.testing.assert_array_equal(copy.image, s.image)
+        np.testing.assert_array_equal(copy.mask, s.mask)
