@@ -1,0 +1,374 @@
+"""Training the eps-UNet on good images: `anoddpm train`, single process or under torchrun (DDP).
+
+Resuming reproduces an uninterrupted run exactly on CPU: the data order is a pure function of
+(seed, epoch), the position in it is part of the checkpoint, and so are every RNG state (python,
+numpy, torch, the noise generator of each rank), the EMA weights, optimizer and scheduler.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from anoddpm.atomic import append_jsonl, atomic_torch_save, atomic_write_text
+from anoddpm.bundle import save_bundle, update_threshold
+from anoddpm.config import Config
+from anoddpm.device import resolve_device
+from anoddpm.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
+from anoddpm.imageio import save_png
+from anoddpm.unet import build_unet
+
+CHECKPOINT_FORMAT = 1
+BUDGET_FIELDS = ("max_steps", "max_minutes")  # the only train fields a resume may change
+HASH_ENV = "ANODDPM_WEIGHT_HASH_DIR"  # tests: each rank writes a digest of its final weights here
+
+
+def batch_indices(seed: int, n: int, start: int, count: int) -> list[int]:
+    """Dataset indices at stream positions [start, start+count): epoch e is a permutation seeded by (seed, e)."""
+    out: list[int] = []
+    pos = start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(count - len(out), n - offset)
+        out.extend(int(i) for i in perm[offset:offset + take])
+        pos += take
+    return out
+
+
+class _Dist:
+    """Rank, world size and helpers; a no-op single process unless WORLD_SIZE > 1."""
+
+    def __init__(self, device_name: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        device = resolve_device(device_name)
+        if self.world > 1:
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        self.device = device
+        self.main = self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if any rank says True."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _rng_state(noise_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *map(lambda v: v.item() if hasattr(v, "item") else v, np_state[2:])],
+        "torch": torch.get_rng_state(),
+        "noise": noise_gen.get_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], noise_gen: torch.Generator, device: torch.device) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    noise_gen.set_state(state["noise"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    diffs = []
+    for section in sorted(set(saved) | set(current)):
+        a, b = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if section == "train" and key in BUDGET_FIELDS:
+                continue
+            if a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key} (checkpoint {a.get(key)!r}, now {b.get(key)!r})")
+    return diffs
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM so the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _sample_grid(path: Path, cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor) -> None:
+    """PNG rows of input | noised (t=depth-1) | EMA reconstruction with a few DDIM steps; own generator."""
+    from noise import make_noise
+
+    d, depth = cfg.diffusion, cfg.detect.depth
+    gen = torch.Generator(device=images.device).manual_seed(cfg.detect.seed)
+    x_start = images * 2 - 1
+    t = torch.full((x_start.shape[0],), depth - 1, device=images.device)
+    noise = make_noise(cfg.detect.noise, tuple(x_start.shape), t=t, generator=gen, device=images.device,
+                       octaves=d.octaves, persistence=d.persistence, frequency=d.frequency, standardise=d.standardise)
+    with torch.no_grad():
+        noised = diffusion.q_sample(x_start, depth - 1, noise)
+        recon = partial_diffusion_reconstruct(ema, diffusion, x_start, depth, min(5, depth), "ddim", noise)
+    cols = [images, (noised.clamp(-1, 1) + 1) / 2, (recon.clamp(-1, 1) + 1) / 2]
+    grid = torch.cat([torch.cat(list(c), dim=-1) for c in zip(*cols)], dim=-2)  # [C, rows*S, 3*S]
+    save_png(path, grid.float().cpu().numpy())
+
+
+def _load_checkpoint(path: Path, cfg: Config, fingerprint: dict[str, Any], dist: _Dist) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupted?): {err}") from err
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {ckpt.get('format')!r}; this anoddpm reads {CHECKPOINT_FORMAT}")
+    diffs = _config_diff(ckpt["config"], cfg.to_dict())
+    if diffs:
+        raise ValueError(f"--resume: the config differs from {path} in {'; '.join(diffs)}; only --max-steps and "
+                         "--max-minutes may change when resuming (use another --out for a new run)")
+    if ckpt["fingerprint"] != json.loads(json.dumps(fingerprint, default=str)):
+        raise ValueError(f"--resume: the training data differs from the data {path} was trained on")
+    if len(ckpt["rng"]) != dist.world:
+        raise ValueError(f"--resume: {path} was written by {len(ckpt['rng'])} process(es), now {dist.world}; "
+                         "resume with the same --nproc_per_node")
+    return ckpt
+
+
+def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str | Path,
+          resume: bool = False, device: str = "auto") -> Path:
+    """Train on good images of ROOT[/category]; writes RUN_DIR/{config.json,log.jsonl,checkpoint.pt,model.pt}.
+
+    Returns the bundle path. cfg.train.batch_size is per process; under DDP the global batch is
+    batch_size * WORLD_SIZE. max_steps counts the run's total optimizer steps (including resumed ones).
+    """
+    from anoddpm.data import load_training_data
+    from noise import make_noise
+
+    cfg.validate()
+    out = Path(out_dir)
+    dist = _Dist(device)
+    try:
+        dev, tc, dc = dist.device, cfg.train, cfg.diffusion
+        ckpt_path = out / "checkpoint.pt"
+        if dist.main:
+            print(json.dumps(cfg.to_dict(), indent=2), flush=True)
+            if ckpt_path.exists() and not resume:
+                raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob(".*.tmp"):  # left by a process killed mid-write; the target itself is intact
+                stale.unlink(missing_ok=True)
+            atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        dist.barrier()
+
+        random.seed(tc.seed)
+        np.random.seed(tc.seed)
+        torch.manual_seed(tc.seed)
+        train_ds, val_ds, fingerprint = load_training_data(cfg, data_root, category, tc.seed)
+        n = len(train_ds)
+        model = build_unet(cfg).to(dev)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        diffusion = GaussianDiffusion.from_config(dc).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
+        amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
+        scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+        noise_gen = torch.Generator(device=dev).manual_seed((tc.seed + 1) * 1_000_003 + dist.rank)
+        step = 0
+        if resume:
+            ckpt = _load_checkpoint(ckpt_path, cfg, fingerprint, dist)
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_state(ckpt["rng"][dist.rank], noise_gen, dev)
+            step = ckpt["step"]
+            if ckpt["sampler"]["position"] != step * tc.batch_size * dist.world:
+                raise ValueError(f"{ckpt_path}: sampler position does not match step {step}")
+            if dist.main:
+                print(f"resuming from {ckpt_path} at step {step}", flush=True)
+        net = model
+        if dist.world > 1:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+        def save_checkpoint() -> None:
+            rng = dist.gather(_rng_state(noise_gen, dev))
+            if dist.main:
+                atomic_torch_save({
+                    "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "step": step,
+                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                    "sampler": {"position": step * tc.batch_size * dist.world, "epoch_size": n},
+                    "rng": rng, "fingerprint": json.loads(json.dumps(fingerprint, default=str)),
+                }, ckpt_path)
+
+        def batches() -> Iterator[torch.Tensor]:
+            s = step
+            while True:
+                start = (s * dist.world + dist.rank) * tc.batch_size
+                idx = batch_indices(tc.seed, n, start, tc.batch_size)
+                if getattr(train_ds, "transform", None) is not None:  # augmentation as a pure function of the step
+                    train_ds.transform.set_random_seed(int(np.random.SeedSequence([tc.seed, s, dist.rank]).generate_state(1)[0]))
+                yield torch.stack([torch.as_tensor(train_ds[i]) for i in idx]).to(dev, non_blocking=True)
+                s += 1
+
+        preview = torch.stack([torch.as_tensor(val_ds[i]) for i in range(min(4, len(val_ds)))]).to(dev)
+        t_max = max(1, int(dc.t_max_fraction * dc.timesteps))
+        autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+        start_time, start_step, loss_sum, loss_count = time.perf_counter(), step, torch.zeros((), device=dev), 0
+        stopped_by: int | None = None
+        bar = tqdm(total=tc.max_steps, initial=step, unit="step", mininterval=1.0, dynamic_ncols=True,
+                   disable=not (dist.main and sys.stderr.isatty()))
+        with _StopFlag() as flag:
+            data = batches()
+            while step < tc.max_steps:
+                minutes = (time.perf_counter() - start_time) / 60
+                if dist.any(flag.signal is not None or (tc.max_minutes is not None and minutes >= tc.max_minutes)):
+                    stopped_by = flag.signal
+                    break
+                x_start = next(data) * 2 - 1
+                t = torch.randint(0, t_max, (x_start.shape[0],), generator=noise_gen, device=dev)
+                noise = make_noise(dc.noise, tuple(x_start.shape), t=t, generator=noise_gen, device=dev,
+                                   octaves=dc.octaves, persistence=dc.persistence, frequency=dc.frequency,
+                                   standardise=dc.standardise)
+                with autocast:
+                    loss = diffusion.training_loss(net, x_start, t, noise, dc.loss)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                step += 1
+                decay = min(tc.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for e, p in zip(ema.parameters(), model.parameters()):
+                        e.lerp_(p, 1 - decay)
+                    for e, b in zip(ema.buffers(), model.buffers()):
+                        e.copy_(b)
+                loss_sum += loss.detach().float()
+                loss_count += 1
+                bar.update(1)
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    elapsed = time.perf_counter() - start_time
+                    record = {"step": step, "loss": loss_sum.item() / loss_count, "lr": sched.get_last_lr()[0],
+                              "images_per_s": (step - start_step) * tc.batch_size * dist.world / max(elapsed, 1e-9),
+                              "elapsed": elapsed}
+                    loss_sum.zero_()
+                    loss_count = 0
+                    if dist.main:
+                        append_jsonl(out / "log.jsonl", record)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                if step % tc.checkpoint_every == 0:
+                    save_checkpoint()
+                if dist.main and step % tc.sample_every == 0:
+                    _sample_grid(out / "samples" / f"step_{step:07d}.png", cfg, ema, diffusion, preview)
+            bar.close()
+            if step % tc.checkpoint_every != 0 or stopped_by is not None:
+                save_checkpoint()
+        if os.environ.get(HASH_ENV):
+            atomic_write_text(Path(os.environ[HASH_ENV]) / f"rank{dist.rank}.txt", _weights_digest(model.state_dict()))
+        bundle = out / "model.pt"
+        if dist.main:
+            save_bundle(bundle, cfg=cfg, state_dict=ema.state_dict(), fingerprint=fingerprint)
+            elapsed = time.perf_counter() - start_time
+            print(f"trained {step - start_step} steps in {elapsed:.1f} s "
+                  f"({(step - start_step) / max(elapsed, 1e-9):.2f} steps/s); bundle: {bundle}", flush=True)
+        if stopped_by is not None:
+            if dist.main:
+                print(f"stopped by signal {stopped_by} at step {step}; checkpoint saved, continue with --resume",
+                      file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        if dist.main:
+            calibrate_bundle(bundle, val_ds, dev)
+        dist.barrier()
+        return bundle
+    finally:
+        dist.close()
+
+
+def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device) -> dict[str, Any]:
+    """Score held-back good images with the bundle's Detector and store the threshold in the bundle."""
+    from anoddpm.bundle import load_bundle
+    from anoddpm.detector import Detector
+    from anoddpm.scoring_loop import score_images
+    from eval.threshold import calibrate
+
+    bundle = load_bundle(bundle_path, map_location=device)
+    detector = Detector.from_bundle(bundle, device).eval()
+    scored = score_images(detector, val_ds, device, batch_size=bundle.cfg.train.batch_size, keep_maps=True)
+    threshold = calibrate(scored.scores, scored.maps, quantile=bundle.cfg.detect.threshold_quantile)
+    threshold["detect"] = bundle.cfg.to_dict()["detect"]
+    update_threshold(bundle_path, threshold)
+    print(f"calibrated on {len(val_ds)} held-back good images: image threshold {threshold['image']:.6g}", flush=True)
+    return threshold
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """CLI handler of `anoddpm train`."""
+    from anoddpm.cli import resolve_train_config
+
+    train(resolve_train_config(args), args.data, args.category, args.out, resume=args.resume, device=args.device)
+    return 0
