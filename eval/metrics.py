@@ -128,7 +128,7 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
         raise ValueError("the PRO curve needs at least one defect pixel and one non-defect pixel in masks")
     values = maps.reshape(-1)
     regions = regions.reshape(-1)
-    order = np.argsort(-values, kind="stable")
+    order = np.argsort(values)[::-1]  # order inside a run of ties does not matter (see below)
     sorted_values = values[order]
     sorted_regions = regions[order]
     region_weight = np.zeros(count + 1)
@@ -214,8 +214,9 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, maps: np.ndarray | N
     maps, masks = _as_maps_masks(maps, masks)
     if maps.shape[0] != scores.size:
         raise ValueError(f"maps has {maps.shape[0]} images but scores has {scores.size}")
-    result["pixel_auroc"] = pixel_auroc(maps, masks, max_pixels)
-    result["pixel_f1_max"] = pixel_f1_max(maps, masks, max_pixels)
+    values, targets = _subsample(maps, masks, max_pixels)
+    result["pixel_auroc"] = _auroc(values, targets.astype(np.int64))
+    result["pixel_f1_max"] = _f1_max(values, targets.astype(np.int64))
     result["aupro"] = aupro(maps, masks, fpr_limit)
     threshold = pixel_threshold if pixel_threshold is not None else image_threshold
     if threshold is not None:
