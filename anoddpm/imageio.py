@@ -16,7 +16,8 @@ Conventions:
   ``pad`` scales the long side to S and pads the short side with **edge replication**
   (``numpy.pad(mode="edge")``: reflect is undefined for pads longer than the image, and a
   constant border would look like a defect to the model). Masks get the same geometry with
-  nearest-neighbour resampling and the same edge padding.
+  nearest-neighbour resampling and the same edge padding. ``crop`` can cut a defect out of view
+  (magnetic_tile at 128 px: 69 of 185 defect masks become empty); prefer ``pad`` for long parts.
 """
 from __future__ import annotations
 
