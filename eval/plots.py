@@ -85,7 +85,7 @@ def plot_grid(inputs: np.ndarray, reconstructions: np.ndarray | None, maps: np.n
     """Rows of input | reconstruction | anomaly map | ground-truth overlay -> PNG at path.
 
     inputs, reconstructions [K,C,H,W] in [0,1]; maps [K,H,W] (shown on one colour scale from 0
-    to ``vmax``, default the largest map value); masks [K,H,W] bool outlined on the input.
+    to ``vmax``, default the largest map value); masks [K,H,W] bool filled and outlined on the input.
     """
     inputs = np.asarray(inputs)
     maps = np.asarray(maps)
@@ -110,7 +110,9 @@ def plot_grid(inputs: np.ndarray, reconstructions: np.ndarray | None, maps: np.n
             elif name == "ground truth":
                 ax.imshow(panels["input"], cmap="gray", vmin=0, vmax=1)
                 if masks is not None and np.any(masks[row]):
-                    ax.contour(np.asarray(masks[row], dtype=float), levels=[0.5], colors="lime", linewidths=1)
+                    mask = np.asarray(masks[row], dtype=bool)
+                    ax.imshow(np.ma.masked_where(~mask, mask.astype(float)), cmap="autumn", alpha=0.5, vmin=0, vmax=1)
+                    ax.contour(mask.astype(float), levels=[0.5], colors="lime", linewidths=1)
             else:
                 ax.imshow(panels[name], cmap="gray", vmin=0, vmax=1)
             if row == 0:
