@@ -1,0 +1,150 @@
+"""Trainer: loss falls, resume is bit-identical, config changes are refused, kills never corrupt checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from anoddpm.bundle import load_bundle
+from anoddpm.config import Config
+from anoddpm.synth import make_synthetic_dataset
+from anoddpm.train import batch_indices, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic_dataset(root, "syn", size=32, n_train=14, n_test_good=0, n_test_defect=0, seed=0)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CI box is shared: two intra-op threads per test fight each other and run ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(max_steps: int, **train_fields) -> Config:
+    fields = dict(batch_size=4, max_steps=max_steps, warmup_steps=5, lr=1e-3, log_every=1,
+                  checkpoint_every=4, sample_every=10_000)
+    fields.update(train_fields)
+    return (Config().override("data", image_size=32, min_val_images=2, val_fraction=0.15)
+            .override("model", preset="tiny").override("detect", depth=50, steps=2).override("train", **fields))
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_batch_indices_are_epoch_permutations_and_position_independent():
+    whole = batch_indices(seed=3, n=7, start=0, count=21)
+    for epoch in range(3):
+        assert sorted(whole[7 * epoch:7 * epoch + 7]) == list(range(7))
+    assert whole[:7] != whole[7:14]  # a new order each epoch
+    pieces = [i for s in range(0, 21, 5) for i in batch_indices(3, 7, s, min(5, 21 - s))]
+    assert pieces == whole
+    assert batch_indices(4, 7, 0, 7) != whole[:7]
+
+
+def test_loss_falls_and_run_dir_is_complete(data_root, tmp_path):
+    cfg = _cfg(40, sample_every=40).override("diffusion", noise="gaussian")
+    bundle_path = train(cfg, data_root, "syn", tmp_path / "run", device="cpu")
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 40
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+    bundle = load_bundle(bundle_path)
+    assert bundle.cfg == cfg
+    assert bundle.threshold is not None and bundle.threshold["image"] > 0
+    assert bundle.threshold["detect"] == cfg.to_dict()["detect"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == cfg.to_dict()
+    assert (tmp_path / "run" / "samples" / "step_0000040.png").stat().st_size > 0
+
+
+def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(data_root, tmp_path):
+    cfg = _cfg(10).override("data", augment="texture")  # augmentation and simplex noise must be restored too
+    train(cfg.override("train", max_steps=10), data_root, "syn", tmp_path / "whole", device="cpu")
+    train(cfg.override("train", max_steps=6), data_root, "syn", tmp_path / "split", device="cpu")
+    train(cfg, data_root, "syn", tmp_path / "split", resume=True, device="cpu")
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 10
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert _losses(tmp_path / "whole") == _losses(tmp_path / "split")
+    whole, split = (load_bundle(tmp_path / r / "model.pt").state_dict for r in ("whole", "split"))
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+def test_resume_with_another_config_or_without_flag_is_refused(data_root, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(2), data_root, "syn", run, device="cpu")
+    with pytest.raises(ValueError, match=r"train\.lr \(checkpoint 0\.001, now 0\.002\)"):
+        train(_cfg(4, lr=2e-3), data_root, "syn", run, resume=True, device="cpu")
+    with pytest.raises(ValueError, match="already holds a checkpoint; pass --resume"):
+        train(_cfg(4), data_root, "syn", run, device="cpu")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_cfg(4), data_root, "syn", tmp_path / "fresh", resume=True, device="cpu")
+
+
+def _cli_train(data_root: Path, run: Path, cfg_file: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "anoddpm.cli", "train", "--data", str(data_root), "--category", "syn",
+           "--out", str(run), "--config", str(cfg_file), "--device", "cpu", *extra]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(data_root, tmp_path):
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(_cfg(1000, checkpoint_every=1000, log_every=1).to_dict()))
+    run = tmp_path / "run"
+    proc = _cli_train(data_root, run, cfg_file)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((run / "log.jsonl").exists() and len(_losses(run)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 3 <= step < 1000
+    done = _cli_train(data_root, run, cfg_file, "--resume", "--max-steps", str(step + 2))
+    _, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == step + 2
+    assert load_bundle(run / "model.pt").threshold is not None
+
+
+@pytest.mark.slow
+def test_sigkill_never_leaves_a_half_written_checkpoint(data_root, tmp_path):
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(_cfg(1000, checkpoint_every=1, log_every=1).to_dict()))
+    run = tmp_path / "run"
+    for delay in (0.7, 1.9, 3.1):
+        proc = _cli_train(data_root, run, cfg_file, *(["--resume"] if (run / "checkpoint.pt").exists() else []))
+        deadline = time.time() + 60
+        while time.time() < deadline and not (run / "checkpoint.pt").exists():
+            time.sleep(0.05)
+        time.sleep(delay)  # checkpoints are written every step, so this lands mid-write sometimes
+        proc.kill()
+        proc.communicate()
+        ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+        assert ckpt["step"] >= 1
+    done = _cli_train(data_root, run, cfg_file, "--resume", "--max-steps", str(ckpt["step"] + 2))
+    _, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err
+    assert not list(run.glob(".*.tmp"))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == ckpt["step"] + 2
