@@ -1,0 +1,89 @@
+"""Fractal (multi-octave) simplex noise for diffusion, batched over independent fields, plus make_noise.
+
+Design: every (sample, channel) pair is an independent field with its own random 256-entry permutation
+(drawn on `device` from `generator` via argsort of uniforms), evaluated on the pixel grid at octave o as
+noise3(x / f_o, y / f_o, t / f_o) with f_o = frequency / 2**o and amplitude persistence**o, exactly like
+AnoDDPM's `rand_3d_fixed_T_octaves` (without `t`: noise2(x / f_o, y / f_o)). Compute is float32 unless
+float64 is requested.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from noise.simplex import Tables, noise2, noise3
+
+NOISE_KINDS = ("simplex", "gaussian")
+
+
+def simplex_noise(
+    shape: tuple[int, int, int, int],
+    t: Tensor | None = None,
+    octaves: int = 6,
+    persistence: float = 0.8,
+    frequency: float = 64.0,
+    standardise: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Fractal simplex noise [B, C, H, W]; `t` [B] diffusion timesteps slice 3-D noise (None: 2-D noise).
+
+    `frequency` is the first octave's wavelength in pixels (halved per octave). With `standardise`
+    each field is shifted/scaled to zero mean and unit variance over H, W.
+    """
+    if len(shape) != 4:
+        raise ValueError(f"shape must be (B, C, H, W), got {tuple(shape)}")
+    if octaves < 1:
+        raise ValueError(f"octaves must be >= 1, got {octaves}")
+    if frequency <= 0:
+        raise ValueError(f"frequency must be > 0, got {frequency}")
+    b, c, h, w = (int(s) for s in shape)
+    device = torch.device(device) if device is not None else (t.device if t is not None else torch.device("cpu"))
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    fields = b * c
+    perm = torch.argsort(torch.rand(fields, 256, generator=generator, device=device), dim=1)
+    tab = Tables(perm, compute)
+    field = torch.arange(fields, dtype=torch.int32, device=device).view(fields, 1, 1)
+    xs = torch.arange(w, dtype=compute, device=device).view(1, 1, w)
+    ys = torch.arange(h, dtype=compute, device=device).view(1, h, 1)
+    if t is not None:
+        if t.shape != (b,):
+            raise ValueError(f"t must have shape ({b},) matching the batch, got {tuple(t.shape)}")
+        zs = t.to(device=device, dtype=compute).repeat_interleave(c).view(fields, 1, 1)
+    out = torch.zeros(fields, h, w, dtype=compute, device=device)
+    amplitude = 1.0
+    f = float(frequency)
+    for _ in range(octaves):
+        if t is None:
+            out += amplitude * noise2(xs / f, ys / f, tab, field)
+        else:
+            out += amplitude * noise3(xs / f, ys / f, zs / f, tab, field)
+        f /= 2
+        amplitude *= persistence
+    if standardise:
+        mean = out.mean(dim=(1, 2), keepdim=True)
+        std = out.std(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(compute).tiny)
+        out = (out - mean) / std
+    return out.view(b, c, h, w).to(dtype)
+
+
+def make_noise(
+    kind: str,
+    shape: tuple[int, int, int, int],
+    t: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    octaves: int = 6,
+    persistence: float = 0.8,
+    frequency: float = 64.0,
+    standardise: bool = True,
+) -> Tensor:
+    """Diffusion noise [B, C, H, W] of `kind` 'simplex' (fractal, see simplex_noise) or 'gaussian' (N(0, 1))."""
+    if kind == "gaussian":
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if kind == "simplex":
+        return simplex_noise(shape, t, octaves, persistence, frequency, standardise, generator, device, dtype)
+    raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}")

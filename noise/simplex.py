@@ -1,0 +1,327 @@
+"""OpenSimplex (legacy, KdotJPG) 2-D/3-D noise in vectorised torch, value-for-value equal to `opensimplex`.
+
+The lattice hash `perm[(perm[X & 255] + Y) & 255]` is folded into a 65536-entry table per field so a
+lattice point costs one integer gather plus one gradient gather. Tables carry a leading field axis so
+`fractal.py` can evaluate many independent fields (one permutation each) in a single pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_GRADIENTS2 = (5, 2, 2, 5, -5, 2, -2, 5, 5, -2, 2, -5, -5, -2, -2, -5)
+_GRADIENTS3 = (
+    -11, 4, 4, -4, 11, 4, -4, 4, 11,
+    11, 4, 4, 4, 11, 4, 4, 4, 11,
+    -11, -4, 4, -4, -11, 4, -4, -4, 11,
+    11, -4, 4, 4, -11, 4, 4, -4, 11,
+    -11, 4, -4, -4, 11, -4, -4, 4, -11,
+    11, 4, -4, 4, 11, -4, 4, 4, -11,
+    -11, -4, -4, -4, -11, -4, -4, -4, -11,
+    11, -4, -4, 4, -11, -4, 4, -4, -11,
+)  # fmt: skip
+STRETCH2 = -0.211324865405187
+SQUISH2 = 0.366025403784439
+STRETCH3 = -1.0 / 6
+SQUISH3 = 1.0 / 3
+NORM2 = 47.0
+NORM3 = 103.0
+_PAD = 260  # lattice columns -1..258 per axis in the padded 3-D hash table
+_ZPAD = 516  # final-hash indices -1..514 in the padded 3-D gradient table
+_MASK64 = (1 << 64) - 1
+_LCG_MUL = 6364136223846793005
+_LCG_INC = 1442695040888963407
+
+
+def _lcg(state: int) -> int:
+    """One step of the reference's 64-bit LCG, wrapped to a signed int64 like ctypes.c_int64."""
+    state = (state * _LCG_MUL + _LCG_INC) & _MASK64
+    return state - (1 << 64) if state >= 1 << 63 else state
+
+
+def permutation(seed: int) -> list[int]:
+    """The 256-entry permutation opensimplex derives from `seed` (any Python int)."""
+    state = seed
+    for _ in range(3):
+        state = _lcg(state)
+    source = list(range(256))
+    perm = [0] * 256
+    for i in range(255, -1, -1):
+        state = _lcg(state)
+        r = (state + 31) % (i + 1)
+        perm[i] = source[r]
+        source[r] = source[i]
+    return perm
+
+
+class Tables:
+    """Per-field gather tables: `hash2[f*65536 + a*256 + b] = perm[(perm[a] + b) & 255]`, gradients per hash.
+
+    grad2[f*65536 + a*256 + b] is the 2-D gradient of lattice point (a, b); grad3[f*256 + h] the 3-D gradient
+    of final hash h = (hash2 + Z) & 255.
+    """
+
+    def __init__(self, perm: Tensor, dtype: torch.dtype) -> None:
+        """perm: int64 [F, 256] permutations (one per field), on the target device."""
+        fields = perm.shape[0]
+        device = perm.device
+        j = torch.arange(256, device=device)
+        inner = (perm[:, :, None] + j) & 255  # [F, 256, 256]
+        hash2 = torch.gather(perm, 1, inner.reshape(fields, -1))  # [F, 65536]
+        g2 = torch.tensor(_GRADIENTS2, dtype=dtype, device=device)
+        idx2 = hash2 & 0x0E
+        self.grad2 = torch.stack((g2[idx2], g2[idx2 + 1]), -1).reshape(-1, 2)  # [F*65536, 2]
+        g3 = torch.tensor(_GRADIENTS3, dtype=dtype, device=device).reshape(24, 3)
+        self.grad3 = g3[perm % 24].reshape(-1, 3)  # [F*256, 3] gradient of final hash value
+        self.hash2 = hash2.reshape(-1).to(torch.int32)
+        # Padded copies so a lattice offset in [-1, 2] is a plain index add (no re-wrapping per vertex).
+        a = torch.arange(-1, _PAD - 1, device=device) & 255
+        padded = perm[:, a][:, :, None] + a  # [F, PAD, PAD] = perm[a] + b
+        self.hash3 = torch.gather(perm, 1, (padded & 255).reshape(fields, -1)).reshape(-1).to(torch.int32)
+        m = torch.arange(-1, _ZPAD - 1, device=device) & 255
+        self.grad3p = self.grad3.reshape(fields, 256, 3)[:, m].reshape(-1, 3).T.contiguous()  # [3, F*ZPAD]
+        self.fields = fields
+
+
+def tables_for_seed(seed: int, device: torch.device | str | None, dtype: torch.dtype) -> Tables:
+    """Tables for a single opensimplex seed (F=1)."""
+    perm = torch.tensor(permutation(int(seed)), dtype=torch.int64, device=device)[None]
+    return Tables(perm, dtype)
+
+
+def _lattice(xsb: Tensor, ysb: Tensor, field: Tensor | None) -> Tensor:
+    """Flat index into `hash2` of lattice column (xsb, ysb) in each point's field."""
+    idx = ((xsb & 255) << 8) | (ysb & 255)
+    return idx if field is None else idx + (field << 16)
+
+
+def _contrib2(tab: Tables, xsb: Tensor, ysb: Tensor, dx: Tensor, dy: Tensor, field: Tensor | None) -> Tensor:
+    attn = (2 - dx * dx - dy * dy).clamp_min_(0)
+    attn = attn * attn
+    g = tab.grad2.index_select(0, _lattice(xsb, ysb, field).reshape(-1)).reshape(*dx.shape, 2)
+    return attn * attn * (g[..., 0] * dx + g[..., 1] * dy)
+
+
+def noise2(x: Tensor, y: Tensor, tab: Tables, field: Tensor | None = None) -> Tensor:
+    """Legacy OpenSimplex 2-D at broadcast (x, y); `field` (int32, broadcastable) selects the table row."""
+    x, y = torch.broadcast_tensors(x, y)
+    so = (x + y) * STRETCH2
+    xsb_f = torch.floor(x + so)
+    ysb_f = torch.floor(y + so)
+    xins = x + so - xsb_f
+    yins = y + so - ysb_f
+    sq = (xsb_f + ysb_f) * SQUISH2
+    dx0 = x - (xsb_f + sq)
+    dy0 = y - (ysb_f + sq)
+    xsb = xsb_f.to(torch.int32)
+    ysb = ysb_f.to(torch.int32)
+    in_sum = xins + yins
+    value = _contrib2(tab, xsb + 1, ysb, dx0 - (1 + SQUISH2), dy0 - SQUISH2, field)
+    value += _contrib2(tab, xsb, ysb + 1, dx0 - SQUISH2, dy0 - (1 + SQUISH2), field)
+    lower = in_sum <= 1
+    x_gt_y = xins > yins
+    # Extra vertex offset (ox, oy) relative to (xsb, ysb), following the reference's case analysis.
+    lo_near = (1 - in_sum > xins) | (1 - in_sum > yins)
+    hi_near = (2 - in_sum < xins) | (2 - in_sum < yins)
+    one = torch.ones_like(xsb)
+    zero = torch.zeros_like(xsb)
+    ox = torch.where(lower, torch.where(lo_near, torch.where(x_gt_y, one, -one), one),
+                     torch.where(hi_near, torch.where(x_gt_y, 2 * one, zero), zero))
+    oy = torch.where(lower, torch.where(lo_near, torch.where(x_gt_y, -one, one), one),
+                     torch.where(hi_near, torch.where(x_gt_y, zero, 2 * one), zero))
+    base = (~lower).to(torch.int32)
+    oxf = ox.to(x.dtype)
+    oyf = oy.to(x.dtype)
+    shift = (oxf + oyf) * SQUISH2
+    value += _contrib2(tab, xsb + ox, ysb + oy, dx0 - (oxf + shift), dy0 - (oyf + shift), field)
+    bf = base.to(x.dtype) * (1 + 2 * SQUISH2)
+    value += _contrib2(tab, xsb + base, ysb + base, dx0 - bf, dy0 - bf, field)
+    return value / NORM2
+
+
+def _ext_table3() -> list[list[int]]:
+    """Rows [ox0, oy0, oz0, ox1, oy1, oz1] of the two extra vertices, indexed by case*64 + c1*8 + c2."""
+
+    def first_zero_minus(c: int) -> list[int]:
+        k = 0 if not c & 1 else 1 if not c & 2 else 2
+        return [-1 if i == k else 1 for i in range(3)]
+
+    def first_set_two(c: int) -> list[int]:
+        k = 0 if c & 1 else 1 if c & 2 else 2
+        return [2 if i == k else 0 for i in range(3)]
+
+    rows = []
+    for case in range(7):
+        for c1 in range(8):
+            for c2 in range(8):
+                bx, by, bz = c1 & 1, (c1 >> 1) & 1, (c1 >> 2) & 1
+                if case == 0:  # (0,0,0) tetrahedron, origin among the closest two
+                    e0 = [1 if bx else -1, 1 if by else (-1 if bx else 0), 1 if bz else 0]
+                    e1 = [1 if bx else 0, 1 if by else (0 if bx else -1), 1 if bz else -1]
+                elif case == 1:  # (0,0,0) tetrahedron, origin not among the closest two
+                    e0 = [bx, by, bz]
+                    e1 = [1 if b else -1 for b in (bx, by, bz)]
+                elif case == 2:  # (1,1,1) tetrahedron, (1,1,1) among the closest two
+                    e0 = [2 if bx else 0, (1 if bx else 2) if by else 0, 1 if bz else 0]
+                    e1 = [1 if bx else 0, (2 if bx else 1) if by else 0, 2 if bz else 0]
+                elif case == 3:  # (1,1,1) tetrahedron, (1,1,1) not among the closest two
+                    e0 = [bx, by, bz]
+                    e1 = [2 * bx, 2 * by, 2 * bz]
+                elif case == 4:  # octahedron, both closest on the (1,1,1) side
+                    e0 = [1, 1, 1]
+                    e1 = first_set_two(c1)
+                elif case == 5:  # octahedron, both closest on the (0,0,0) side
+                    e0 = [0, 0, 0]
+                    e1 = first_zero_minus(c1)
+                else:  # octahedron, one closest point on each side
+                    e0 = first_zero_minus(c1)
+                    e1 = first_set_two(c2)
+                rows.append(e0 + e1)
+    return rows
+
+
+_EXT3 = _ext_table3()
+_EXT3_CACHE: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
+def _ext3(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Integer offsets [448, 6] and their unskewed float shifts [448, 6] (offset + sum * SQUISH3)."""
+    key = (device, dtype)
+    if key not in _EXT3_CACHE:
+        off = torch.tensor(_EXT3, dtype=torch.int32, device=device)
+        offd = off.to(torch.float64)
+        s0 = offd[:, :3].sum(1, keepdim=True) * SQUISH3
+        s1 = offd[:, 3:].sum(1, keepdim=True) * SQUISH3
+        shift = torch.cat((offd[:, :3] + s0, offd[:, 3:] + s1), 1).to(dtype)
+        _EXT3_CACHE[key] = (off, shift)
+    return _EXT3_CACHE[key]
+
+
+def _case3(xins: Tensor, yins: Tensor, zins: Tensor, in_sum: Tensor) -> Tensor:
+    """Per-point row of the extra-vertex table: the reference's branch analysis as integer codes."""
+    # (0,0,0) tetrahedron: the closest two of (1,0,0)=1, (0,1,0)=2, (0,0,1)=4.
+    x_ge_y = xins >= yins
+    rep_b = x_ge_y & (zins > yins)
+    rep_a = ~x_ge_y & (zins > xins)
+    a_pt = torch.where(rep_a, 4, 1)
+    a_sc = torch.where(rep_a, zins, xins)
+    b_pt = torch.where(rep_b, 4, 2)
+    b_sc = torch.where(rep_b, zins, yins)
+    wins = 1 - in_sum
+    near = (wins > a_sc) | (wins > b_sc)
+    code_lo = torch.where(near, torch.where(b_sc > a_sc, b_pt, a_pt) * 8, 64 + (a_pt | b_pt) * 8)
+    # (1,1,1) tetrahedron: the closest two of (1,1,0)=3, (1,0,1)=5, (0,1,1)=6.
+    x_le_y = xins <= yins
+    rep_b = x_le_y & (zins < yins)
+    rep_a = ~x_le_y & (zins < xins)
+    a_pt = torch.where(rep_a, 3, 6)
+    a_sc = torch.where(rep_a, zins, xins)
+    b_pt = torch.where(rep_b, 3, 5)
+    b_sc = torch.where(rep_b, zins, yins)
+    wins = 3 - in_sum
+    near = (wins < a_sc) | (wins < b_sc)
+    code_hi = torch.where(near, 128 + torch.where(b_sc < a_sc, b_pt, a_pt) * 8, 192 + (a_pt & b_pt) * 8)
+    # Octahedron in between.
+    p1 = xins + yins
+    a_far = p1 > 1
+    a_sc = torch.where(a_far, p1 - 1, 1 - p1)
+    a_pt = torch.where(a_far, 3, 4)
+    p2 = xins + zins
+    b_far = p2 > 1
+    b_sc = torch.where(b_far, p2 - 1, 1 - p2)
+    b_pt = torch.where(b_far, 5, 2)
+    p3 = yins + zins
+    p3_far = p3 > 1
+    sc = torch.where(p3_far, p3 - 1, 1 - p3)
+    p3_pt = torch.where(p3_far, 6, 1)
+    a_le_b = a_sc <= b_sc
+    rep_a = a_le_b & (a_sc < sc)
+    rep_b = ~a_le_b & (b_sc < sc)
+    a_pt = torch.where(rep_a, p3_pt, a_pt)
+    a_far = torch.where(rep_a, p3_far, a_far)
+    b_pt = torch.where(rep_b, p3_pt, b_pt)
+    b_far = torch.where(rep_b, p3_far, b_far)
+    c1 = torch.where(a_far, a_pt, b_pt)
+    c2 = torch.where(a_far, b_pt, a_pt)
+    code_mid = torch.where(
+        a_far == b_far,
+        torch.where(a_far, 256 + (a_pt & b_pt) * 8, 320 + (a_pt | b_pt) * 8),
+        384 + c1 * 8 + c2,
+    )
+    return torch.where(in_sum <= 1, code_lo, torch.where(in_sum >= 2, code_hi, code_mid))
+
+
+_CORNERS_LO = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]
+_CORNERS_HI = [(1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
+_CORNERS_MID = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1)]
+_FAR = 64.0  # shift of a padding vertex: its attenuation is always <= 0
+_VERTS_CACHE: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
+def _vertex_tables(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per case row, 8 contributing vertices: int32 [16, 448] (lattice add, z offset) and shifts [24, 448]."""
+    key = (device, dtype)
+    if key not in _VERTS_CACHE:
+        ints, shifts = [], []
+        for row, ext in enumerate(_EXT3):
+            corners = _CORNERS_LO if row < 128 else _CORNERS_HI if row < 256 else _CORNERS_MID
+            verts = list(corners) + [tuple(ext[:3]), tuple(ext[3:])]
+            r_int, r_shift = [], []
+            for v in range(8):
+                if v < len(verts):
+                    ox, oy, oz = verts[v]
+                    n = (ox + oy + oz) * SQUISH3
+                    r_int += [ox * _PAD + oy, oz]
+                    r_shift += [ox + n, oy + n, oz + n]
+                else:
+                    r_int += [0, 0]
+                    r_shift += [_FAR, _FAR, _FAR]
+            ints.append(r_int)
+            shifts.append(r_shift)
+        _VERTS_CACHE[key] = (
+            torch.tensor(ints, dtype=torch.int32, device=device).T.contiguous(),
+            torch.tensor(shifts, dtype=torch.float64, device=device).T.contiguous().to(dtype),
+        )
+    return _VERTS_CACHE[key]
+
+
+def noise3(x: Tensor, y: Tensor, z: Tensor, tab: Tables, field: Tensor | None = None) -> Tensor:
+    """Legacy OpenSimplex 3-D at broadcast (x, y, z); `field` (int32, broadcastable) selects the table row."""
+    x, y, z = torch.broadcast_tensors(x, y, z)
+    shape = x.shape
+    so = (x + y + z) * STRETCH3
+    xs, ys, zs = x + so, y + so, z + so
+    xsb_f, ysb_f, zsb_f = torch.floor(xs), torch.floor(ys), torch.floor(zs)
+    xins, yins, zins = xs - xsb_f, ys - ysb_f, zs - zsb_f
+    in_sum = xins + yins + zins
+    sq = (xsb_f + ysb_f + zsb_f) * SQUISH3
+    dx0 = (x - (xsb_f + sq)).reshape(-1)
+    dy0 = (y - (ysb_f + sq)).reshape(-1)
+    dz0 = (z - (zsb_f + sq)).reshape(-1)
+    xsb = xsb_f.to(torch.int32) & 255
+    ysb = ysb_f.to(torch.int32) & 255
+    zsb = zsb_f.to(torch.int32) & 255
+    base = xsb * _PAD + ysb + (_PAD + 1)
+    zbase = zsb + 1
+    if field is not None:
+        base = base + field * (_PAD * _PAD)
+        zbase = zbase + field * _ZPAD
+    base = base.reshape(-1)
+    zbase = zbase.reshape(-1)
+    code = _case3(xins, yins, zins, in_sum).to(torch.int32).reshape(-1)
+    vi, vs = _vertex_tables(x.device, x.dtype)
+    ints = vi.index_select(1, code)  # [16, N]
+    shifts = vs.index_select(1, code)  # [24, N]
+    value = torch.zeros_like(dx0)
+    for v in range(8):
+        dx = dx0 - shifts[3 * v]
+        dy = dy0 - shifts[3 * v + 1]
+        dz = dz0 - shifts[3 * v + 2]
+        attn = (dx * dx).addcmul_(dy, dy).addcmul_(dz, dz).neg_().add_(2).clamp_min_(0)
+        attn = attn.square_().square_()
+        h = tab.hash3.index_select(0, base + ints[2 * v])
+        g = tab.grad3p.index_select(1, h.add_(zbase).add_(ints[2 * v + 1]))
+        dot = (g[0] * dx).addcmul_(g[1], dy).addcmul_(g[2], dz)
+        value.addcmul_(attn, dot)
+    return (value / NORM3).reshape(shape)
