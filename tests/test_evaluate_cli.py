@@ -1,0 +1,97 @@
+"""`anoddpm calibrate` and `anoddpm evaluate` end to end on a generated 32 px dataset."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from anoddpm.bundle import load_bundle, save_bundle
+from anoddpm.cli import main
+from anoddpm.config import Config
+from anoddpm.synth import make_synthetic_dataset
+from anoddpm.unet import build_unet
+from eval.metrics import METRIC_KEYS
+
+
+def tiny_config() -> Config:
+    """32 px grey, tiny UNet, 2 fast-path steps from depth 40: a forward pass takes milliseconds."""
+    cfg = Config().override("data", image_size=32, channels=1, min_val_images=2)
+    cfg = cfg.override("model", preset="tiny").override("diffusion", timesteps=100)
+    return cfg.override("detect", depth=40, steps=2, smoothing_sigma=1.0).validate()
+
+
+def make_bundle(path: Path, data_root: Path, category: str, cfg: Config | None = None) -> Path:
+    """A random-weight bundle whose fingerprint points at data_root/category (no threshold)."""
+    cfg = cfg or tiny_config()
+    torch.manual_seed(0)
+    fingerprint = {"root": str(data_root.resolve()), "category": category}
+    return save_bundle(path, cfg=cfg, state_dict=build_unet(cfg).state_dict(), fingerprint=fingerprint)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("evaluate")
+    make_synthetic_dataset(tmp / "data", category="cat", size=32, n_train=12, n_test_good=4, n_test_defect=6)
+    return tmp / "data", make_bundle(tmp / "run" / "model.pt", tmp / "data", "cat")
+
+
+def test_evaluate_writes_report_with_all_keys(setup: tuple[Path, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    data, model = setup
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(model), "--data", str(data), "--category", "cat",
+                 "--out", str(out), "--batch-size", "4"]) == 0
+    for name in ("metrics.json", "per_image.csv", "roc.png", "pr.png", "histogram.png", "grid.png", "index.html"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in (*METRIC_KEYS, "threshold", "seconds_per_image", "n_images", "per_type_image_auroc", "detect"):
+        assert key in metrics, key
+    assert metrics["n_images"] == 10 and metrics["n_defect"] == 6
+    assert 0.0 <= metrics["image_auroc"] <= 1.0 and 0.0 <= metrics["pixel_auroc"] <= 1.0
+    assert metrics["seconds_per_image"] > 0
+    assert metrics["detect"]["depth"] == 40 and metrics["detect"]["steps"] == 2
+    assert metrics["threshold_source"].startswith("validation")  # the bundle has no threshold
+    assert metrics["calibration"]["n_good"] == 2  # 12 train images, 10 % held back, at least 2
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    assert len(rows) == 10 and {r["label"] for r in rows} == {"0", "1"}
+    assert str((out / "index.html").resolve()) in capsys.readouterr().out
+
+
+def test_calibrate_stores_threshold_that_evaluate_uses(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model = setup
+    copy = tmp_path / "model.pt"
+    copy.write_bytes(model.read_bytes())
+    assert main(["calibrate", "--model", str(copy), "--quantile", "0.5"]) == 0  # data root from the fingerprint
+    stored = load_bundle(copy).threshold
+    assert stored["method"] == "quantile" and stored["quantile"] == 0.5 and stored["n_good"] == 2
+    assert stored["pixel"] is not None and stored["detect"]["depth"] == 40
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(copy), "--data", str(data), "--category", "cat", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["threshold_source"] == "bundle"
+    assert metrics["threshold"] == pytest.approx(stored["image"], rel=0, abs=0)
+    # other detection settings than the calibrated ones: the stored threshold is not reused
+    assert main(["evaluate", "--model", str(copy), "--data", str(data), "--category", "cat",
+                 "--out", str(out), "--steps", "1"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["threshold_source"].startswith("validation")
+
+
+def test_calibrate_f1_uses_labelled_defects(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model = setup
+    copy = tmp_path / "model.pt"
+    copy.write_bytes(model.read_bytes())
+    assert main(["calibrate", "--model", str(copy), "--data", str(data), "--category", "cat",
+                 "--method", "f1"]) == 0
+    stored = load_bundle(copy).threshold
+    assert stored["method"] == "f1" and stored["n_good"] == 2 + 4  # validation + test/good
+
+
+def test_calibrate_f1_without_test_set_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = make_synthetic_dataset(tmp_path / "d", category="c", size=32, n_train=8, n_test_good=0,
+                                    n_test_defect=0) / "train" / "good"
+    model = make_bundle(tmp_path / "model.pt", folder, "")
+    assert main(["calibrate", "--model", str(model), "--data", str(folder), "--method", "f1"]) == 2
+    assert "test" in capsys.readouterr().err

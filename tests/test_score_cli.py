@@ -1,0 +1,117 @@
+"""`anoddpm score`: bad files skipped, resumable, deterministic, sharded under torchrun."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anoddpm.bundle import update_threshold
+from anoddpm.cli import main
+from anoddpm.score import SCORE_FIELDS
+from anoddpm.synth import make_synthetic_dataset
+from test_evaluate_cli import make_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+THRESHOLD = {"image": 0.05, "pixel": 0.02, "method": "quantile", "quantile": 0.99, "n_good": 2}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(folder with 18 good images + 2 corrupt files + 1 text file, calibrated bundle)."""
+    tmp = tmp_path_factory.mktemp("score")
+    cat = make_synthetic_dataset(tmp / "data", category="cat", size=32, n_train=10, n_test_good=4, n_test_defect=4)
+    inputs = tmp / "inputs"
+    shutil.copytree(cat / "train" / "good", inputs / "a")
+    (inputs / "b").mkdir()
+    for src in sorted((cat / "test").rglob("*.png")):
+        shutil.copy(src, inputs / "b" / f"{src.parent.name}_{src.name}")
+    (inputs / "b" / "empty.png").write_bytes(b"")
+    (inputs / "b" / "truncated.png").write_bytes((cat / "train" / "good" / "000.png").read_bytes()[:60])
+    (inputs / "b" / "notes.txt").write_text("not an image")
+    model = make_bundle(tmp / "model.pt", tmp / "data", "cat")
+    update_threshold(model, THRESHOLD)
+    return inputs, model
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _score(model: Path, inputs: list[Path], out: Path, *extra: str) -> list[dict[str, str]]:
+    assert main(["score", "--model", str(model), "--input", *map(str, inputs), "--out", str(out),
+                 "--batch-size", "4", *extra]) == 0
+    return _rows(out / "scores.csv")
+
+
+def test_bad_files_are_reported_and_skipped(setup: tuple[Path, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    inputs, model = setup
+    rows = _score(model, [inputs], tmp_path / "out", "--save-maps")
+    assert len(rows) == 18 and list(rows[0]) == list(SCORE_FIELDS)
+    assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
+    errors = {Path(r["path"]).name: r["error"] for r in _rows(tmp_path / "out" / "errors.csv")}
+    assert set(errors) == {"empty.png", "truncated.png", "notes.txt"}
+    assert "empty" in errors["empty.png"] and "suffix" in errors["notes.txt"]
+    err = capsys.readouterr().err
+    assert "empty.png" in err and "truncated.png" in err
+    for r in rows:
+        assert r["pred_label"] == str(int(float(r["pred_score"]) > 0.05)) and float(r["threshold"]) == 0.05
+    png = tmp_path / "out" / "maps" / "a" / "000.png"
+    arr = np.asarray(Image.open(png))
+    assert arr.dtype == np.uint8 and arr.shape == (32, 32)
+    assert len(list((tmp_path / "out" / "maps").rglob("*.png"))) == 18
+
+
+def test_same_scores_twice(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    inputs, model = setup
+    first = _score(model, [inputs / "a"], tmp_path / "one")
+    second = _score(model, [inputs / "a"], tmp_path / "two")
+    assert [(r["path"], r["pred_score"]) for r in first] == [(r["path"], r["pred_score"]) for r in second]
+
+
+def test_resume_after_interruption_has_no_duplicate_or_missing_rows(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    inputs, model = setup
+    full = _score(model, [inputs], tmp_path / "full")
+    out = tmp_path / "resumed"
+    out.mkdir()
+    kept = [{**r, "seconds": "123.0"} for r in full[:5]]  # marks rows that must not be rescored
+    with (out / "scores.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SCORE_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        f.write(full[5]["path"] + ",0.1")  # torn last line of the interrupted run
+    rows = _score(model, [inputs], out)
+    assert [r["path"] for r in rows] == [r["path"] for r in full]
+    assert sum(r["seconds"] == "123.0" for r in rows) == 5
+    np.testing.assert_allclose([float(r["pred_score"]) for r in rows], [float(r["pred_score"]) for r in full],
+                               rtol=1e-5)
+    # a third run scores nothing and changes nothing, errors are not duplicated
+    assert _score(model, [inputs], out) == rows
+    assert len(_rows(out / "errors.csv")) == 3
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_merge_equals_single_process(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    inputs, model = setup
+    single = _score(model, [inputs], tmp_path / "single")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "anoddpm", "score", "--model", str(model), "--input", str(inputs),
+           "--out", str(tmp_path / "dist"), "--batch-size", "4", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = _rows(tmp_path / "dist" / "scores.csv")
+    assert [r["path"] for r in merged] == [r["path"] for r in single]
+    assert [r["pred_label"] for r in merged] == [r["pred_label"] for r in single]
+    np.testing.assert_allclose([float(r["pred_score"]) for r in merged],
+                               [float(r["pred_score"]) for r in single], rtol=1e-5)
+    assert not list((tmp_path / "dist").glob("*.part-*.csv"))
+    assert len(_rows(tmp_path / "dist" / "errors.csv")) == 3
