@@ -1,0 +1,94 @@
+"""Detector: [0, 1] images -> partial-diffusion reconstruction -> anomaly map and image score.
+
+Fast path (sampler 'ddim'): the detection noise is a fixed buffer drawn once from
+``cfg.detect.seed`` for one image and shared by every batch item, so an image's score never
+depends on the batch it was in; timesteps are Python constants, so ``forward`` traces to ONNX.
+With ``detect.samples > 1`` the reconstructions (not the maps) are averaged: the returned
+reconstruction is then exactly the one the map was computed from.
+
+Paper path (sampler 'ancestral'): ``depth`` DDPM steps with fresh noise per step from a
+generator re-seeded with ``cfg.detect.seed`` at every call (deterministic per batch).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anoddpm.config import Config
+from anoddpm.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
+from anoddpm.unet import UNet, build_unet
+from eval.scoring import anomaly_map, image_score
+from noise import make_noise
+
+
+class Detector(nn.Module):
+    """UNet + diffusion + cfg.detect as one module: forward(images) -> (anomaly_map, pred_score, reconstruction)."""
+
+    detection_noise: Tensor
+
+    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.unet = unet
+        self.diffusion = diffusion
+        d = cfg.data
+        shape = (cfg.detect.samples, d.channels, d.image_size, d.image_size)
+        generator = torch.Generator().manual_seed(cfg.detect.seed)
+        t = torch.full((shape[0],), float(cfg.detect.depth - 1))
+        self.register_buffer("detection_noise", self._noise(shape, t, generator, torch.device("cpu")), persistent=False)
+
+    def _noise(self, shape: tuple[int, ...], t: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
+        diff = self.cfg.diffusion
+        return make_noise(
+            self.cfg.detect.noise, shape, t=t, generator=generator, device=device, octaves=diff.octaves,
+            persistence=diff.persistence, frequency=diff.frequency, standardise=diff.standardise,
+        )
+
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Reconstruction [B, C, S, S] in [0, 1] of images [B, C, S, S] in [0, 1], averaged over detect.samples."""
+        det = self.cfg.detect
+        x_start = images * 2.0 - 1.0
+        generator = None
+        if det.sampler == "ancestral":
+            generator = torch.Generator(device=images.device).manual_seed(det.seed)
+        total = torch.zeros_like(x_start)
+        for s in range(det.samples):
+            if det.sampler == "ddim":
+                noise = self.detection_noise[s : s + 1].expand_as(x_start)
+                step_noise = None
+            else:
+                noise = self._step_noise(x_start, det.depth - 1, generator)
+                step_noise = lambda t: self._step_noise(x_start, t, generator)  # noqa: E731
+            total = total + partial_diffusion_reconstruct(
+                self.unet, self.diffusion, x_start, det.depth, det.steps, det.sampler, noise, step_noise
+            )
+        return ((total / det.samples + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def _step_noise(self, x: Tensor, t: int, generator: torch.Generator) -> Tensor:
+        return self._noise(tuple(x.shape), torch.full((x.shape[0],), float(t)), generator, x.device).to(x.dtype)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """images [B, C, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], pred_score [B], reconstruction [B, C, S, S] in [0, 1])."""
+        det = self.cfg.detect
+        reconstruction = self.reconstruct(images)
+        amap = anomaly_map(images, reconstruction, det.residual, det.smoothing_sigma)
+        return amap, image_score(amap, det.score, det.topk), reconstruction
+
+    @classmethod
+    def from_config(cls, cfg: Config, state_dict: dict[str, Tensor] | None = None) -> "Detector":
+        """Detector with a fresh UNet built from cfg, loading `state_dict` (UNet weights) when given."""
+        unet = build_unet(cfg)
+        if state_dict is not None:
+            unet.load_state_dict(state_dict)
+        return cls(unet, GaussianDiffusion.from_config(cfg.diffusion), cfg)
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, device: torch.device | str = "cpu", **detect_overrides: Any) -> "Detector":
+        """Detector in eval mode on `device` from a loaded bundle (.cfg, .state_dict = EMA UNet weights).
+
+        detect_overrides replace cfg.detect fields (None values keep the bundle's).
+        """
+        cfg = bundle.cfg.override("detect", **detect_overrides).validate()
+        return cls.from_config(cfg, bundle.state_dict).to(device).eval()

@@ -1,0 +1,128 @@
+"""Detector: shapes, determinism, batch independence, blob sensitivity, bundle loading, ONNX trace."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from anoddpm.config import Config
+from anoddpm.detector import Detector
+from anoddpm.diffusion import GaussianDiffusion
+from anoddpm.unet import build_unet
+from eval.scoring import gaussian_blur
+
+SIZE = 32
+
+
+def _cfg(**detect):
+    detect = {"depth": 50, "steps": 3, "smoothing_sigma": 1.0, **detect}
+    return (
+        Config()
+        .override("data", image_size=SIZE, channels=1)
+        .override("model", preset="tiny")
+        .override("diffusion", octaves=3, frequency=16.0)
+        .override("detect", **detect)
+    )
+
+
+def _randomised_state(cfg):
+    unet = build_unet(cfg)
+    gen = torch.Generator().manual_seed(1)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+            for k, v in unet.state_dict().items()}
+
+
+def _images(n, seed=0):
+    return torch.rand(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+class _Smoother(torch.nn.Module):
+    """eps model whose x0 estimate is a heavy blur of the rescaled x_t: it 'knows' only smooth images."""
+
+    def __init__(self, diffusion):
+        super().__init__()
+        self.diffusion = diffusion
+
+    def forward(self, x, t):
+        a = self.diffusion.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+        x0 = gaussian_blur(x / a.sqrt(), 3.0)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("sampler,samples", [("ddim", 1), ("ddim", 2), ("ancestral", 1)])
+def test_shapes_ranges_and_determinism(sampler, samples):
+    cfg = _cfg(sampler=sampler, samples=samples, depth=6 if sampler == "ancestral" else 50)
+    det = Detector.from_config(cfg, _randomised_state(cfg)).eval()
+    images = _images(2)
+    with torch.inference_mode():
+        amap, score, recon = det(images)
+        amap2, score2, _ = det(images)
+    assert amap.shape == (2, 1, SIZE, SIZE) and score.shape == (2,) and recon.shape == (2, 1, SIZE, SIZE)
+    assert recon.min() >= 0 and recon.max() <= 1
+    torch.testing.assert_close(score, score2, rtol=0, atol=0)
+    torch.testing.assert_close(amap, amap2, rtol=0, atol=0)
+    assert score.min() > 0
+
+
+def test_score_does_not_depend_on_batch_composition():
+    cfg = _cfg()
+    det = Detector.from_config(cfg, _randomised_state(cfg)).eval()
+    images = _images(3)
+    with torch.inference_mode():
+        _, batch_scores, _ = det(images)
+        _, alone, _ = det(images[1:2])
+        _, other, _ = det(torch.cat([_images(2, seed=5), images[1:2]]))
+    torch.testing.assert_close(alone[0], batch_scores[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(other[2], batch_scores[1], atol=1e-6, rtol=1e-5)
+
+
+def test_detection_noise_fixed_by_seed():
+    a, b, c = (Detector.from_config(_cfg(seed=s)) for s in (0, 0, 1))
+    torch.testing.assert_close(a.detection_noise, b.detection_noise, rtol=0, atol=0)
+    assert (a.detection_noise - c.detection_noise).abs().max() > 0.1
+    assert a.detection_noise.std().item() == pytest.approx(1.0, abs=0.05)  # standardised simplex
+
+
+@pytest.mark.parametrize("residual", ["l2", "ssim"])
+def test_blob_raises_score_with_smoothing_model(residual):
+    cfg = _cfg(depth=20, steps=2, residual=residual)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    det = Detector(_Smoother(diffusion), diffusion, cfg).eval()
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    good = (0.3 + 0.4 * xx / SIZE).float().view(1, 1, SIZE, SIZE)
+    bad = good.clone()
+    bad[..., 10:14, 18:22] = 1.0
+    with torch.inference_mode():
+        amap, scores, _ = det(torch.cat([good, bad]))
+    assert scores[1] > 3 * scores[0]
+    peak = np.unravel_index(amap[1, 0].argmax().item(), (SIZE, SIZE))
+    assert 8 <= peak[0] <= 15 and 16 <= peak[1] <= 23
+
+
+def test_from_bundle_applies_overrides_and_weights():
+    cfg = _cfg()
+    state = _randomised_state(cfg)
+    det = Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu", steps=2, residual=None)
+    assert det.cfg.detect.steps == 2 and det.cfg.detect.residual == "l2" and not det.training
+    torch.testing.assert_close(det.unet.state_dict()["input_conv.weight"], state["input_conv.weight"])
+    with pytest.raises(ValueError, match="detect.steps"):
+        Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu", steps=500)
+
+
+def test_onnx_trace_matches_torch(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    cfg = _cfg(steps=2, residual="ssim", score="topk", topk=10)
+    det = Detector.from_config(cfg, _randomised_state(cfg)).eval()
+    path = tmp_path / "det.onnx"
+    torch.onnx.export(
+        det, (_images(2),), str(path), dynamo=False, opset_version=17, input_names=["images"],
+        output_names=["anomaly_map", "pred_score", "reconstruction"],
+        dynamic_axes={n: {0: "batch"} for n in ("images", "anomaly_map", "pred_score", "reconstruction")},
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = _images(3, seed=7)
+    amap, score, recon = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        t_amap, t_score, t_recon = det(images)
+    np.testing.assert_allclose(recon, t_recon.numpy(), atol=1e-4)
+    np.testing.assert_allclose(score, t_score.numpy(), atol=1e-4, rtol=1e-3)
