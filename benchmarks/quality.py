@@ -1,0 +1,137 @@
+"""Detection-quality benchmark: train each category under a CPU budget, then score detection variants.
+
+    python -m benchmarks.quality [--data /work/shared/data] [--minutes 30] [--categories ...] [--configs ...]
+
+For every (category, training variant) one bundle is trained with the toolkit defaults plus the
+variant's overrides; every detection variant of ``--configs`` is then scored on the whole test
+set (the paper path on ``--paper-images`` evenly spaced test images, since it is ~K times slower).
+One JSON line per configuration: category, train/detect overrides, image_auroc, pixel_auroc,
+aupro, per-type image AUROC, seconds_per_image, training minutes, and speed ratio to the paper path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anoddpm.config import Config
+
+CATEGORIES = {"magnetic_tile": ("magnetic_tile", "magnetic_tile"), "juice_bottle": ("mvtec_loco", "juice_bottle")}
+TRAIN_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    "head": {"head": {"enabled": True}},
+}
+DETECT_VARIANTS: dict[str, dict[str, Any]] = {
+    "paper": {"sampler": "ancestral", "steps": None},  # steps None -> one step per timestep (= depth)
+    "default": {},
+    "K1": {"steps": 1},
+    "K5": {"steps": 5},
+    "K25": {"steps": 25},
+    "depth50": {"depth": 50},
+    "depth50_K1_gauss": {"depth": 50, "steps": 1, "noise": "gaussian"},
+    "topk": {"score": "topk"},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line of the benchmark."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="/work/shared/data", help="root holding <dataset>/<category> folders")
+    p.add_argument("--minutes", type=float, default=30.0, help="total training budget per category and variant")
+    p.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=list(CATEGORIES))
+    p.add_argument("--train-variants", nargs="+", default=list(TRAIN_VARIANTS), choices=list(TRAIN_VARIANTS))
+    p.add_argument("--configs", nargs="+", default=list(DETECT_VARIANTS), choices=list(DETECT_VARIANTS),
+                   help="detection variants (the paper path is the speed reference)")
+    p.add_argument("--paper-images", type=int, default=40, help="test images scored on the paper path")
+    p.add_argument("--out", default="runs/quality", help="where bundles are written")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--reuse", action="store_true", help="reuse existing bundles instead of training")
+    return p.parse_args(argv)
+
+
+def train_variant(args: argparse.Namespace, category: str, variant: str) -> tuple[Path, float]:
+    """Train (or reuse) one bundle; returns (bundle path, training minutes)."""
+    from anoddpm.train import train
+
+    dataset, name = CATEGORIES[category]
+    cfg = Config().override("train", max_minutes=args.minutes)
+    for section, values in TRAIN_VARIANTS[variant].items():
+        cfg = cfg.override(section, **values)
+    out = Path(args.out) / category / variant
+    if args.reuse and (out / "model.pt").is_file():
+        return out / "model.pt", float("nan")
+    start = time.monotonic()
+    bundle = train(cfg, Path(args.data) / dataset, name, out, resume=False, device=args.device)
+    return Path(bundle), (time.monotonic() - start) / 60
+
+
+def load_test_arrays(cfg: Config, root: Path, category: str) -> dict[str, Any]:
+    """Labelled test set: images [N,C,S,S], masks [N,S,S] bool, labels [N], defect types."""
+    from anoddpm.data import load_test_set
+
+    samples = load_test_set(cfg, root, category)
+    items = [samples[i] for i in range(len(samples))]
+    return {
+        "images": np.stack([np.asarray(s.image, dtype=np.float32) for s in items]),
+        "masks": np.stack([np.asarray(s.mask, dtype=bool) for s in items]),
+        "labels": np.array([int(s.label) for s in items]),
+        "types": [str(s.defect_type) for s in items],
+    }
+
+
+def evaluate_variant(bundle: Any, overrides: dict[str, Any], test: dict[str, Any], index: np.ndarray,
+                     device: Any, batch_size: int) -> dict[str, Any]:
+    """Score test images ``index`` with detection overrides -> metrics dict (+ seconds_per_image)."""
+    from anoddpm.detector import Detector
+    from anoddpm.scoring_loop import score_images
+    from eval.metrics import compute_metrics, per_type_auroc
+
+    overrides = dict(overrides)
+    if "steps" in overrides and overrides["steps"] is None:
+        overrides["steps"] = overrides.get("depth", bundle.cfg.detect.depth)
+    detector = Detector.from_bundle(bundle, device, **overrides)
+    scored = score_images(detector, test["images"][index], device, batch_size)
+    labels, masks = test["labels"][index], test["masks"][index]
+    types = [test["types"][i] for i in index]
+    metrics = compute_metrics(scored.scores, labels, scored.maps, masks)
+    return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"], "aupro": metrics["aupro"],
+            "per_type_image_auroc": per_type_auroc(scored.scores, labels, types),
+            "seconds_per_image": scored.seconds_per_image}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; prints one JSON line per configuration."""
+    from anoddpm.bundle import load_bundle
+    from anoddpm.device import resolve_device
+
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    for category in args.categories:
+        dataset, name = CATEGORIES[category]
+        for variant in args.train_variants:
+            bundle_path, minutes = train_variant(args, category, variant)
+            bundle = load_bundle(bundle_path, map_location=device)
+            test = load_test_arrays(bundle.cfg, Path(args.data) / dataset, name)
+            n = len(test["labels"])
+            paper_index = np.unique(np.linspace(0, n - 1, min(args.paper_images, n)).round().astype(int))
+            paper_seconds = None
+            for config in args.configs:
+                index = paper_index if config == "paper" else np.arange(n)
+                result = evaluate_variant(bundle, DETECT_VARIANTS[config], test, index, device, args.batch_size)
+                if config == "paper":
+                    paper_seconds = result["seconds_per_image"]
+                speedup = None if paper_seconds is None else paper_seconds / result["seconds_per_image"]
+                print(json.dumps({"category": category, "train": variant, "train_overrides": TRAIN_VARIANTS[variant],
+                                  "detect": config, "detect_overrides": DETECT_VARIANTS[config], "n_images": len(index),
+                                  **result, "training_minutes": minutes, "speedup_vs_paper": speedup}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
