@@ -70,7 +70,8 @@ class Detector(nn.Module):
         return self._noise(tuple(x.shape), torch.full((x.shape[0],), float(t)), generator, x.device).to(x.dtype)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """images [B, C, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], pred_score [B], reconstruction [B, C, S, S] in [0, 1])."""
+        """images [B, C, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], pred_score [B],
+        reconstruction [B, C, S, S] in [0, 1])."""
         det = self.cfg.detect
         reconstruction = self.reconstruct(images)
         amap = anomaly_map(images, reconstruction, det.residual, det.smoothing_sigma)

@@ -1,7 +1,8 @@
 """Measure each UNet preset on this machine: parameters, forward time per image, training-step time.
 
 Prints one JSON line per preset. Run: ``python -m benchmarks.presets [--size 128 --batch 8]``.
-Presets were chosen so that `small` trains ~1500+ steps of batch 8 at 128 px in 30 min on CPU.
+Presets were chosen so that `small` trains ~1500 steps of batch 8 at 128 px in 30 min on a
+2-core CPU. GMAC (multiply-accumulates per forward) does not depend on machine load; times do.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from anoddpm.config import Config
 from anoddpm.unet import build_unet
@@ -22,6 +24,8 @@ def measure(preset: str, size: int, batch: int, repeats: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, cfg.data.channels, size, size)
     t = torch.rand(batch) * 1000
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x[:1], t[:1])
     fwd, step = [], []
     for _ in range(repeats + 1):
         start = time.perf_counter()
@@ -41,6 +45,7 @@ def measure(preset: str, size: int, batch: int, repeats: int) -> dict:
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "image_size": size,
         "batch": batch,
+        "gmac_fwd_per_image": round(counter.get_total_flops() / 2e9, 2),
         "fwd_ms_per_image": round(1000 * median(fwd) / batch, 1),
         "train_step_ms": round(1000 * step_s),
         "steps_per_30min": int(1800 / step_s),

@@ -28,8 +28,10 @@ def test_forward_shape_and_zero_init(channels):
     assert eps.abs().max().item() == 0.0  # zero-initialised output conv
 
 
-def test_tiny_is_small_and_paper_is_large():
-    assert sum(p.numel() for p in build_unet(_cfg()).parameters()) < 1_000_000
+def test_preset_sizes():
+    count = lambda cfg: sum(p.numel() for p in build_unet(cfg).parameters())  # noqa: E731
+    assert count(_cfg()) < 1_000_000
+    assert 2_000_000 < count(Config().override("data", image_size=128)) < 5_000_000  # default preset: small
     arch = PRESETS["paper"]
     assert (arch.base_channels, arch.channel_mults, arch.num_res_blocks) == (128, (1, 1, 2, 2, 4, 4), 2)
     assert arch.attention_resolutions == (32, 16, 8)
