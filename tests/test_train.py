@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -108,22 +109,22 @@ def _cli_train(data_root: Path, run: Path, cfg_file: Path, *extra: str) -> subpr
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(data_root, tmp_path):
-    cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps(_cfg(1000, checkpoint_every=1000, log_every=1).to_dict()))
     run = tmp_path / "run"
-    proc = _cli_train(data_root, run, cfg_file)
-    deadline = time.time() + 60
-    while time.time() < deadline and not ((run / "log.jsonl").exists() and len(_losses(run)) >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "continue with --resume" in err
+
+    def stop_after_three_steps() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and not ((run / "log.jsonl").exists() and len(_losses(run)) >= 3):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=stop_after_three_steps, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(1000, checkpoint_every=1000), data_root, "syn", run, device="cpu")
     step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 3 <= step < 1000
-    done = _cli_train(data_root, run, cfg_file, "--resume", "--max-steps", str(step + 2))
-    _, err = done.communicate(timeout=120)
-    assert done.returncode == 0, err
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored
+    train(_cfg(step + 2, checkpoint_every=1000), data_root, "syn", run, resume=True, device="cpu")
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == step + 2
     assert load_bundle(run / "model.pt").threshold is not None
 
@@ -143,6 +144,15 @@ def test_sigkill_never_leaves_a_half_written_checkpoint(data_root, tmp_path):
         proc.communicate()
         ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
         assert ckpt["step"] >= 1
+    logged = len(_losses(run))
+    term = _cli_train(data_root, run, cfg_file, "--resume")
+    deadline = time.time() + 60
+    while time.time() < deadline and len(_losses(run)) < logged + 2:  # handlers are installed by then
+        time.sleep(0.05)
+    term.send_signal(signal.SIGTERM)
+    _, err = term.communicate(timeout=120)
+    assert term.returncode == 130 and "continue with --resume" in err, err
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     done = _cli_train(data_root, run, cfg_file, "--resume", "--max-steps", str(ckpt["step"] + 2))
     _, err = done.communicate(timeout=120)
     assert done.returncode == 0, err
