@@ -39,11 +39,13 @@ VISIBLE = 0.02  # grey-level change (images in [0, 1]) below which a pixel count
 _SEGMENTS = 5
 
 
-def synthesize_anomalies(images: Tensor, generator: torch.Generator, pool: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def synthesize_anomalies(images: Tensor, generator: torch.Generator,
+                         pool: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Good images [B,C,H,W] in [0,1] -> (images with synthetic anomalies [B,C,H,W] in [0,1], masks [B,1,H,W] in {0,1}).
 
     ``pool`` [N,C,H,W] in [0,1] supplies the "other good image" patches (default: the batch itself).
-    Deterministic for a given generator state; the generator may live on any device.
+    Deterministic for a given generator state. Random draws happen on the generator's device (keep it
+    on the images' device for speed) and are moved to the images' device.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
@@ -55,14 +57,18 @@ def synthesize_anomalies(images: Tensor, generator: torch.Generator, pool: Tenso
     def rand(*shape: int) -> Tensor:
         return torch.rand(shape, generator=generator, device=generator.device).to(dev, dt)
 
-    def noise(channels: int, frequency: float, octaves: int, persistence: float) -> Tensor:
-        return make_noise("simplex", (b, channels, h, w), generator=generator, device=dev, dtype=dt,
-                          octaves=octaves, persistence=persistence, frequency=frequency).to(dev, dt)
+    def noise(channels: int, wavelength: float, octaves: int, persistence: float, coarse: int) -> Tensor:
+        # Fields are drawn on a grid ``coarse`` times smaller (wavelengths shrink alike) and resized:
+        # simplex noise is the costly part, and these fields carry no detail below ``coarse`` px.
+        size = (b, channels, max(h // coarse, 2), max(w // coarse, 2))
+        field = make_noise("simplex", size, generator=generator, device=generator.device, dtype=dt,
+                           octaves=octaves, persistence=persistence, frequency=wavelength / coarse).to(dev)
+        return F.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)
 
     u = rand(b)
     clean = rand(b) < CLEAN_FRACTION
     kind = (u >= KIND_PROBS[0]).long() + (u >= KIND_PROBS[0] + KIND_PROBS[1]).long()  # 0 blob, 1 line, 2 uneven
-    blob_field = _warp(noise(1, h / 8, 4, 0.5), rand(b, 5), zoom=(1.0, 4.0), stretch=3.0)
+    blob_field = _warp(noise(1, h / 8, 3, 0.5, 2), rand(b, 5), zoom=(1.0, 4.0), stretch=3.0)
     blob = _top_share(blob_field, _log_uniform(rand(b), *BLOB_COVERAGE))
     line = _polyline_mask(rand(b, 4 + 2 * _SEGMENTS), blob_field, h, w)
     local = torch.where((kind == 0)[:, None, None, None], blob, line)
@@ -71,7 +77,7 @@ def synthesize_anomalies(images: Tensor, generator: torch.Generator, pool: Tenso
     opacity = OPACITY[0] + (OPACITY[1] - OPACITY[0]) * rand(b, 1, 1, 1)
     local_out = images + opacity * local * (fill - images)
 
-    uneven_out = _uneven(images, noise(1, float(max(h, w)), 2, 0.5), rand(b, 4))
+    uneven_out = _uneven(images, noise(1, float(max(h, w)), 2, 0.5, 8), rand(b, 4))
     out = torch.where((kind == 2)[:, None, None, None], uneven_out, local_out)
     out = torch.where(clean[:, None, None, None], images, out).clamp(0.0, 1.0)
     masks = ((out - images).abs().amax(dim=1, keepdim=True) > VISIBLE).to(dt)
@@ -135,7 +141,7 @@ def _fill(images: Tensor, pool: Tensor | None, rand, noise) -> Tensor:
     patch = _warp(source, u, zoom=(0.5, 2.0), stretch=1.0)
     tone = rand(b, 3)
     texture = (0.15 + 0.7 * tone[:, 0, None, None, None]
-               + (0.05 + 0.25 * tone[:, 1, None, None, None]) * noise(c, images.shape[-1] / 16, 4, 0.6).clamp(-3, 3)
+               + (0.05 + 0.25 * tone[:, 1, None, None, None]) * noise(c, images.shape[-1] / 16, 2, 0.6, 4).clamp(-3, 3)
                ).clamp(0, 1)
     flat = (tone[:, 2] > 0.5).to(images.dtype).view(b, 1, 1, 1).expand_as(images)
     which = (rand(b) * 3).long().view(b, 1, 1, 1)

@@ -30,7 +30,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class ScoringHead(nn.Module):
-    """4-level conv UNet: (images, reconstructions) [B,C,H,W] in [0,1] -> anomaly logits [B,1,H,W]; H, W multiples of 8."""
+    """4-level conv UNet: (images, reconstructions) [B,C,H,W] in [0,1] -> logits [B,1,H,W]; H, W multiples of 8."""
 
     def __init__(self, channels: int, base_channels: int = 16) -> None:
         super().__init__()
@@ -109,6 +109,7 @@ def train_head(head: ScoringHead, reconstruct_fn: Callable[[Tensor], Tensor], tr
         step += 1
         recent = (recent + [loss.detach()])[-20:]
         if log_fn is not None and (step % cfg.train.log_every == 0 or step == max_steps):
-            log_fn({"phase": "head", "step": step, "loss": float(loss.detach()), "minutes": (time.monotonic() - start) / 60})
+            minutes = (time.monotonic() - start) / 60
+            log_fn({"phase": "head", "step": step, "loss": float(loss.detach()), "minutes": minutes})
     head.eval()
     return {"steps": step, "minutes": (time.monotonic() - start) / 60, "loss": float(torch.stack(recent).mean())}
