@@ -1,0 +1,49 @@
+"""`anoddpm info PATH`: what a model bundle (model.pt) or an exported model.onnx contains."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def describe_bundle(path: Path) -> dict[str, Any]:
+    """Summary of a model.pt: versions, config, threshold, fingerprint, parameter count."""
+    from anoddpm.bundle import load_bundle
+
+    bundle = load_bundle(path)
+    n_params = sum(int(t.numel()) for t in bundle.state_dict.values() if t.is_floating_point())
+    return {"file": str(path), "kind": "bundle", "versions": bundle.versions, "parameters": n_params,
+            "threshold": bundle.threshold, "fingerprint": bundle.fingerprint, "config": bundle.cfg.to_dict()}
+
+
+def describe_onnx(path: Path) -> dict[str, Any]:
+    """Summary of an exported model.onnx from its metadata, inputs and outputs (no torch)."""
+    import onnxruntime as ort
+
+    from deploy.runtime import parse_metadata
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own pybind exception types
+        raise ValueError(f"{path} is not a loadable ONNX model (truncated or corrupted?): {err}") from err
+    meta = parse_metadata(session.get_modelmeta().custom_metadata_map, path)
+    io = {
+        "inputs": {i.name: list(map(str, i.shape)) for i in session.get_inputs()},
+        "outputs": {o.name: list(map(str, o.shape)) for o in session.get_outputs()},
+    }
+    return {"file": str(path), "kind": "onnx", **io, **meta}
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Dispatch on the file: ONNX by suffix, everything else is read as a bundle."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    return describe_onnx(path) if path.suffix.lower() == ".onnx" else describe_bundle(path)
+
+
+def info_command(args: argparse.Namespace) -> int:
+    """Print the description of args.path as indented JSON."""
+    print(json.dumps(describe(args.path), indent=2, default=str))
+    return 0

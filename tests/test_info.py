@@ -1,0 +1,50 @@
+"""anoddpm info: a bundle and an ONNX file describe their config, threshold and fingerprint."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from anoddpm.bundle import save_bundle
+from anoddpm.cli import main as cli
+from anoddpm.config import Config
+from anoddpm.unet import build_unet
+
+
+@pytest.fixture()
+def bundle(tmp_path):
+    cfg = Config().override("model", preset="tiny").override("data", image_size=32).validate()
+    threshold = {"image": 0.25, "pixel": 0.5, "method": "quantile", "quantile": 0.99, "n_good": 7}
+    return save_bundle(tmp_path / "model.pt", cfg=cfg, state_dict=build_unet(cfg).state_dict(),
+                       fingerprint={"sha256": "abc", "n_train": 3}, threshold=threshold), cfg
+
+
+def test_info_bundle_and_onnx(bundle, tmp_path, capsys):
+    path, cfg = bundle
+    assert cli(["info", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "bundle"
+    assert out["threshold"]["image"] == 0.25
+    assert out["fingerprint"]["sha256"] == "abc"
+    assert out["config"] == cfg.to_dict()
+    assert out["parameters"] == sum(p.numel() for p in build_unet(cfg).parameters())
+
+    onnx_path = tmp_path / "model.onnx"
+    assert cli(["export", "--model", str(path), "--out", str(onnx_path), "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert cli(["info", str(onnx_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "onnx"
+    assert out["threshold"]["image"] == 0.25
+    assert out["preprocessing"] == {"image_size": 32, "channels": 1, "resize_policy": cfg.data.resize_policy}
+    assert set(out["outputs"]) >= {"anomaly_map", "pred_score"}
+
+
+def test_info_missing_and_corrupt_files(tmp_path, capsys):
+    assert cli(["info", str(tmp_path / "nope.pt")]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x01garbage")
+    assert cli(["info", str(bad)]) == 2
+    assert "bad.onnx" in capsys.readouterr().err
