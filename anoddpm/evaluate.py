@@ -121,7 +121,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _same_detect(stored: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+def same_detect_settings(stored: dict[str, Any] | None, current: dict[str, Any]) -> bool:
     """True when a stored threshold was calibrated with the detection settings now in use."""
     return stored is not None and all(stored.get(k) == v for k, v in current.items() if k != "threshold_quantile")
 
@@ -130,7 +130,7 @@ def resolve_threshold(bundle: Any, detector: torch.nn.Module, device: torch.devi
                       root: Path, category: str | None) -> tuple[dict[str, Any], str]:
     """(threshold dict, where it came from): the bundle's, or calibrated now on the validation split."""
     current = detect_dict(detector)
-    if bundle.threshold is not None and _same_detect(bundle.threshold.get("detect"), current):
+    if bundle.threshold is not None and same_detect_settings(bundle.threshold.get("detect"), current):
         return dict(bundle.threshold), "bundle"
     why = "has no threshold" if bundle.threshold is None else "was calibrated with other detection settings"
     print(f"anoddpm evaluate: {bundle.path} {why}; calibrating on the validation split now "

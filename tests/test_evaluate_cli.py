@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from anoddpm.bundle import load_bundle, save_bundle
 from anoddpm.cli import main
 from anoddpm.config import Config
+from anoddpm.evaluate import same_detect_settings
 from anoddpm.synth import make_synthetic_dataset
 from anoddpm.unet import build_unet
 from eval.metrics import METRIC_KEYS
@@ -73,10 +75,14 @@ def test_calibrate_stores_threshold_that_evaluate_uses(setup: tuple[Path, Path],
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["threshold_source"] == "bundle"
     assert metrics["threshold"] == pytest.approx(stored["image"], rel=0, abs=0)
-    # other detection settings than the calibrated ones: the stored threshold is not reused
-    assert main(["evaluate", "--model", str(copy), "--data", str(data), "--category", "cat",
-                 "--out", str(out), "--steps", "1"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["threshold_source"].startswith("validation")
+
+
+@pytest.mark.parametrize("change, reused", [({}, True), ({"steps": 3}, False), ({"threshold_quantile": 0.5}, True),
+                                            ({"sampler": "ancestral"}, False)])
+def test_stored_threshold_is_reused_only_for_thesame_detect_settingsion_settings(change: dict, reused: bool) -> None:
+    detect = asdict(tiny_config().detect)
+    assert same_detect_settings(detect, {**detect, **change}) is reused
+    assert same_detect_settings(None, detect) is False
 
 
 def test_calibrate_f1_uses_labelled_defects(setup: tuple[Path, Path], tmp_path: Path) -> None:

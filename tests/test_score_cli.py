@@ -51,46 +51,60 @@ def _score(model: Path, inputs: list[Path], out: Path, *extra: str) -> list[dict
     return _rows(out / "scores.csv")
 
 
-def test_bad_files_are_reported_and_skipped(setup: tuple[Path, Path], tmp_path: Path,
-                                            capsys: pytest.CaptureFixture) -> None:
+@pytest.fixture(scope="module")
+def reference(setup: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, str]]]:
+    """One uninterrupted single-process run over all inputs with --save-maps: (out dir, rows)."""
     inputs, model = setup
-    rows = _score(model, [inputs], tmp_path / "out", "--save-maps")
+    out = tmp_path_factory.mktemp("reference") / "out"
+    return out, _score(model, [inputs], out, "--save-maps")
+
+
+def test_bad_files_are_reported_and_skipped(reference: tuple[Path, list[dict[str, str]]]) -> None:
+    out, rows = reference
     assert len(rows) == 18 and list(rows[0]) == list(SCORE_FIELDS)
     assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
-    errors = {Path(r["path"]).name: r["error"] for r in _rows(tmp_path / "out" / "errors.csv")}
+    errors = {Path(r["path"]).name: r["error"] for r in _rows(out / "errors.csv")}
     assert set(errors) == {"empty.png", "truncated.png", "notes.txt"}
-    assert "empty" in errors["empty.png"] and "suffix" in errors["notes.txt"]
-    err = capsys.readouterr().err
-    assert "empty.png" in err and "truncated.png" in err
+    assert "empty" in errors["empty.png"] and "truncated" in errors["truncated.png"]
+    assert "suffix" in errors["notes.txt"]
     for r in rows:
         assert r["pred_label"] == str(int(float(r["pred_score"]) > 0.05)) and float(r["threshold"]) == 0.05
-    png = tmp_path / "out" / "maps" / "a" / "000.png"
-    arr = np.asarray(Image.open(png))
+    arr = np.asarray(Image.open(out / "maps" / "a" / "000.png"))
     assert arr.dtype == np.uint8 and arr.shape == (32, 32)
-    assert len(list((tmp_path / "out" / "maps").rglob("*.png"))) == 18
+    assert len(list((out / "maps").rglob("*.png"))) == 18
+
+
+def test_bad_files_go_to_stderr(setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    inputs, model = setup
+    assert _score(model, [inputs / "b" / "empty.png", inputs / "b" / "truncated.png"], tmp_path / "out") == []
+    err = capsys.readouterr().err
+    assert "empty.png" in err and "truncated.png" in err
 
 
 def test_same_scores_twice(setup: tuple[Path, Path], tmp_path: Path) -> None:
     inputs, model = setup
-    first = _score(model, [inputs / "a"], tmp_path / "one")
-    second = _score(model, [inputs / "a"], tmp_path / "two")
+    files = sorted((inputs / "a").glob("*.png"))[:4]
+    first = _score(model, files, tmp_path / "one")
+    second = _score(model, files, tmp_path / "two")
+    assert len(first) == 4
     assert [(r["path"], r["pred_score"]) for r in first] == [(r["path"], r["pred_score"]) for r in second]
 
 
-def test_resume_after_interruption_has_no_duplicate_or_missing_rows(setup: tuple[Path, Path], tmp_path: Path) -> None:
+def test_resume_after_interruption_has_no_duplicate_or_missing_rows(
+        setup: tuple[Path, Path], reference: tuple[Path, list[dict[str, str]]], tmp_path: Path) -> None:
     inputs, model = setup
-    full = _score(model, [inputs], tmp_path / "full")
+    full = reference[1]
     out = tmp_path / "resumed"
     out.mkdir()
-    kept = [{**r, "seconds": "123.0"} for r in full[:5]]  # marks rows that must not be rescored
+    kept = [{**r, "seconds": "123.0"} for r in full[:14]]  # marks rows that must not be rescored
     with (out / "scores.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=SCORE_FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(kept)
-        f.write(full[5]["path"] + ",0.1")  # torn last line of the interrupted run
+        f.write(full[14]["path"] + ",0.1")  # torn last line of the interrupted run
     rows = _score(model, [inputs], out)
     assert [r["path"] for r in rows] == [r["path"] for r in full]
-    assert sum(r["seconds"] == "123.0" for r in rows) == 5
+    assert sum(r["seconds"] == "123.0" for r in rows) == 14
     np.testing.assert_allclose([float(r["pred_score"]) for r in rows], [float(r["pred_score"]) for r in full],
                                rtol=1e-5)
     # a third run scores nothing and changes nothing, errors are not duplicated
@@ -99,14 +113,15 @@ def test_resume_after_interruption_has_no_duplicate_or_missing_rows(setup: tuple
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_merge_equals_single_process(setup: tuple[Path, Path], tmp_path: Path) -> None:
+def test_torchrun_two_ranks_merge_equals_single_process(
+        setup: tuple[Path, Path], reference: tuple[Path, list[dict[str, str]]], tmp_path: Path) -> None:
     inputs, model = setup
-    single = _score(model, [inputs], tmp_path / "single")
+    single = reference[1]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "anoddpm", "score", "--model", str(model), "--input", str(inputs),
            "--out", str(tmp_path / "dist"), "--batch-size", "4", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = _rows(tmp_path / "dist" / "scores.csv")
     assert [r["path"] for r in merged] == [r["path"] for r in single]
