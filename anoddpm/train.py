@@ -90,10 +90,10 @@ class _Dist:
 
 
 def _rng_state(noise_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *map(lambda v: v.item() if hasattr(v, "item") else v, np_state[2:])],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],  # builtins: weights_only loads it
         "torch": torch.get_rng_state(),
         "noise": noise_gen.get_state(),
     }
@@ -211,10 +211,10 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
     try:
         dev, tc, dc = dist.device, cfg.train, cfg.diffusion
         ckpt_path = out / "checkpoint.pt"
+        if ckpt_path.exists() and not resume:  # checked on every rank so none is left waiting
+            raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
         if dist.main:
             print(json.dumps(cfg.to_dict(), indent=2), flush=True)
-            if ckpt_path.exists() and not resume:
-                raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
             out.mkdir(parents=True, exist_ok=True)
             for stale in out.glob(".*.tmp"):  # left by a process killed mid-write; the target itself is intact
                 stale.unlink(missing_ok=True)
@@ -277,15 +277,17 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         t_max = max(1, int(dc.t_max_fraction * dc.timesteps))
         autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         start_time, start_step, loss_sum, loss_count = time.perf_counter(), step, torch.zeros((), device=dev), 0
-        stopped_by: int | None = None
+        interrupted = False
         bar = tqdm(total=tc.max_steps, initial=step, unit="step", mininterval=1.0, dynamic_ncols=True,
                    disable=not (dist.main and sys.stderr.isatty()))
         with _StopFlag() as flag:
             data = batches()
             while step < tc.max_steps:
                 minutes = (time.perf_counter() - start_time) / 60
-                if dist.any(flag.signal is not None or (tc.max_minutes is not None and minutes >= tc.max_minutes)):
-                    stopped_by = flag.signal
+                stop = flag.signal is not None or (tc.max_minutes is not None and minutes >= tc.max_minutes)
+                # ranks agree on stopping every log_every steps: one collective, not a host sync per step
+                if (dist.world == 1 or step % tc.log_every == 0) and dist.any(stop):
+                    interrupted = dist.any(flag.signal is not None)
                     break
                 x_start = next(data) * 2 - 1
                 t = torch.randint(0, t_max, (x_start.shape[0],), generator=noise_gen, device=dev)
@@ -326,7 +328,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                 if dist.main and step % tc.sample_every == 0:
                     _sample_grid(out / "samples" / f"step_{step:07d}.png", cfg, ema, diffusion, preview)
             bar.close()
-            if step % tc.checkpoint_every != 0 or stopped_by is not None:
+            if step % tc.checkpoint_every != 0 or interrupted:
                 save_checkpoint()
         if os.environ.get(HASH_ENV):
             atomic_write_text(Path(os.environ[HASH_ENV]) / f"rank{dist.rank}.txt", _weights_digest(model.state_dict()))
@@ -336,9 +338,9 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             elapsed = time.perf_counter() - start_time
             print(f"trained {step - start_step} steps in {elapsed:.1f} s "
                   f"({(step - start_step) / max(elapsed, 1e-9):.2f} steps/s); bundle: {bundle}", flush=True)
-        if stopped_by is not None:
+        if interrupted:
             if dist.main:
-                print(f"stopped by signal {stopped_by} at step {step}; checkpoint saved, continue with --resume",
+                print(f"interrupted at step {step}; checkpoint saved, continue with --resume",
                       file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         if dist.main:

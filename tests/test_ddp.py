@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from anoddpm.bundle import load_bundle
@@ -17,6 +18,7 @@ from anoddpm.train import HASH_ENV
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 28 s alone, ~40 s on the shared box: three Python/torch start-ups
 def test_two_process_ddp_ranks_end_identical(tmp_path):
     make_synthetic_dataset(tmp_path / "data", "syn", size=32, n_train=12, n_test_good=0, n_test_defect=0, seed=1)
     cfg = (Config().override("data", image_size=32, min_val_images=2, val_fraction=0.2)
