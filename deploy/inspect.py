@@ -2,7 +2,8 @@
 
 Every image gives one JSON line in OUT/inspections.jsonl (flushed and fsynced per line):
 ``time, path, pred_score, pred_label, latency_ms`` (+ ``size, mtime_ns``, ``moved_to``, ``map``),
-or ``time, path, error`` for a file that could not be read. ``--sort`` moves inspected files to
+or ``time, path, error`` for a file that could not be read; ``latency_ms`` runs from the start of
+reading the file to its result (the inference of its whole batch included). ``--sort`` moves inspected files to
 OUT/ok or OUT/ng (a clashing name gets a ``_1``, ``_2`` ... suffix; nothing is overwritten).
 ``--save-maps`` writes OUT/maps/<name>.png with the anomaly map scaled so that the pixel threshold
 is mid-grey. No torch: numpy, onnxruntime and anoddpm.imageio only.
