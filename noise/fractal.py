@@ -44,7 +44,7 @@ def simplex_noise(
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     fields = b * c
     perm = torch.argsort(torch.rand(fields, 256, generator=generator, device=device), dim=1)
-    tab = Tables(perm, compute)
+    tab = Tables(perm, compute, dims=(2,) if t is None else (3,))
     field = torch.arange(fields, dtype=torch.int32, device=device).view(fields, 1, 1)
     xs = torch.arange(w, dtype=compute, device=device).view(1, 1, w)
     ys = torch.arange(h, dtype=compute, device=device).view(1, h, 1)

@@ -56,32 +56,32 @@ def permutation(seed: int) -> list[int]:
 
 
 class Tables:
-    """Per-field gather tables: `hash2[f*65536 + a*256 + b] = perm[(perm[a] + b) & 255]`, gradients per hash.
+    """Per-field gather tables (F fields, one permutation each).
 
-    grad2[f*65536 + a*256 + b] is the 2-D gradient of lattice point (a, b); grad3[f*256 + h] the 3-D gradient
-    of final hash h = (hash2 + Z) & 255.
+    grad2[f*65536 + a*256 + b]: 2-D gradient of lattice point (a, b), hash perm[(perm[a] + b) & 255].
+    hash3[f*PAD*PAD + (a+1)*PAD + (b+1)] = perm[a & 255] + b for a, b in [-1, PAD-2] (then & 255 via perm),
+    grad3p[:, f*ZPAD + m + 1]: 3-D gradient of final hash (m & 255), m in [-1, ZPAD-2].
     """
 
-    def __init__(self, perm: Tensor, dtype: torch.dtype) -> None:
-        """perm: int64 [F, 256] permutations (one per field), on the target device."""
+    def __init__(self, perm: Tensor, dtype: torch.dtype, dims: tuple[int, ...] = (2, 3)) -> None:
+        """perm: int64 [F, 256] permutations (one per field), on the target device; dims: which tables to build."""
         fields = perm.shape[0]
         device = perm.device
-        j = torch.arange(256, device=device)
-        inner = (perm[:, :, None] + j) & 255  # [F, 256, 256]
-        hash2 = torch.gather(perm, 1, inner.reshape(fields, -1))  # [F, 65536]
-        g2 = torch.tensor(_GRADIENTS2, dtype=dtype, device=device)
-        idx2 = hash2 & 0x0E
-        self.grad2 = torch.stack((g2[idx2], g2[idx2 + 1]), -1).reshape(-1, 2)  # [F*65536, 2]
-        g3 = torch.tensor(_GRADIENTS3, dtype=dtype, device=device).reshape(24, 3)
-        self.grad3 = g3[perm % 24].reshape(-1, 3)  # [F*256, 3] gradient of final hash value
-        self.hash2 = hash2.reshape(-1).to(torch.int32)
-        # Padded copies so a lattice offset in [-1, 2] is a plain index add (no re-wrapping per vertex).
-        a = torch.arange(-1, _PAD - 1, device=device) & 255
-        padded = perm[:, a][:, :, None] + a  # [F, PAD, PAD] = perm[a] + b
-        self.hash3 = torch.gather(perm, 1, (padded & 255).reshape(fields, -1)).reshape(-1).to(torch.int32)
-        m = torch.arange(-1, _ZPAD - 1, device=device) & 255
-        self.grad3p = self.grad3.reshape(fields, 256, 3)[:, m].reshape(-1, 3).T.contiguous()  # [3, F*ZPAD]
         self.fields = fields
+        if 2 in dims:
+            j = torch.arange(256, device=device)
+            hash2 = torch.gather(perm, 1, ((perm[:, :, None] + j) & 255).reshape(fields, -1))  # [F, 65536]
+            g2 = torch.tensor(_GRADIENTS2, dtype=dtype, device=device).reshape(8, 2)
+            self.grad2 = g2.index_select(0, (hash2 >> 1 & 7).reshape(-1))  # [F*65536, 2]
+        if 3 in dims:
+            # Padded copies so a lattice offset in [-1, 2] is a plain index add (no re-wrapping per vertex).
+            a = torch.arange(-1, _PAD - 1, device=device) & 255
+            padded = torch.gather(perm, 1, a.expand(fields, -1))[:, :, None] + a  # [F, PAD, PAD] = perm[a] + b
+            self.hash3 = torch.gather(perm, 1, (padded & 255).reshape(fields, -1)).reshape(-1).to(torch.int32)
+            g3 = torch.tensor(_GRADIENTS3, dtype=dtype, device=device).reshape(24, 3)
+            m = torch.arange(-1, _ZPAD - 1, device=device) & 255
+            final = torch.gather(perm, 1, m.expand(fields, -1)) % 24  # [F, ZPAD] gradient index per final hash
+            self.grad3p = g3.index_select(0, final.reshape(-1)).T.contiguous()  # [3, F*ZPAD]
 
 
 def tables_for_seed(seed: int, device: torch.device | str | None, dtype: torch.dtype) -> Tables:
@@ -90,8 +90,12 @@ def tables_for_seed(seed: int, device: torch.device | str | None, dtype: torch.d
     return Tables(perm, dtype)
 
 
+def _i32(b: Tensor) -> Tensor:
+    return b.to(torch.int32)
+
+
 def _lattice(xsb: Tensor, ysb: Tensor, field: Tensor | None) -> Tensor:
-    """Flat index into `hash2` of lattice column (xsb, ysb) in each point's field."""
+    """Flat index into `grad2` of lattice point (xsb, ysb) in each point's field."""
     idx = ((xsb & 255) << 8) | (ysb & 255)
     return idx if field is None else idx + (field << 16)
 
@@ -204,9 +208,9 @@ def _case3(xins: Tensor, yins: Tensor, zins: Tensor, in_sum: Tensor) -> Tensor:
     x_ge_y = xins >= yins
     rep_b = x_ge_y & (zins > yins)
     rep_a = ~x_ge_y & (zins > xins)
-    a_pt = torch.where(rep_a, 4, 1)
+    a_pt = 1 + 3 * _i32(rep_a)
     a_sc = torch.where(rep_a, zins, xins)
-    b_pt = torch.where(rep_b, 4, 2)
+    b_pt = 2 + 2 * _i32(rep_b)
     b_sc = torch.where(rep_b, zins, yins)
     wins = 1 - in_sum
     near = (wins > a_sc) | (wins > b_sc)
@@ -215,9 +219,9 @@ def _case3(xins: Tensor, yins: Tensor, zins: Tensor, in_sum: Tensor) -> Tensor:
     x_le_y = xins <= yins
     rep_b = x_le_y & (zins < yins)
     rep_a = ~x_le_y & (zins < xins)
-    a_pt = torch.where(rep_a, 3, 6)
+    a_pt = 6 - 3 * _i32(rep_a)
     a_sc = torch.where(rep_a, zins, xins)
-    b_pt = torch.where(rep_b, 3, 5)
+    b_pt = 5 - 2 * _i32(rep_b)
     b_sc = torch.where(rep_b, zins, yins)
     wins = 3 - in_sum
     near = (wins < a_sc) | (wins < b_sc)
@@ -226,15 +230,15 @@ def _case3(xins: Tensor, yins: Tensor, zins: Tensor, in_sum: Tensor) -> Tensor:
     p1 = xins + yins
     a_far = p1 > 1
     a_sc = torch.where(a_far, p1 - 1, 1 - p1)
-    a_pt = torch.where(a_far, 3, 4)
+    a_pt = 4 - _i32(a_far)
     p2 = xins + zins
     b_far = p2 > 1
     b_sc = torch.where(b_far, p2 - 1, 1 - p2)
-    b_pt = torch.where(b_far, 5, 2)
+    b_pt = 2 + 3 * _i32(b_far)
     p3 = yins + zins
     p3_far = p3 > 1
     sc = torch.where(p3_far, p3 - 1, 1 - p3)
-    p3_pt = torch.where(p3_far, 6, 1)
+    p3_pt = 1 + 5 * _i32(p3_far)
     a_le_b = a_sc <= b_sc
     rep_a = a_le_b & (a_sc < sc)
     rep_b = ~a_le_b & (b_sc < sc)
@@ -252,38 +256,36 @@ def _case3(xins: Tensor, yins: Tensor, zins: Tensor, in_sum: Tensor) -> Tensor:
     return torch.where(in_sum <= 1, code_lo, torch.where(in_sum >= 2, code_hi, code_mid))
 
 
-_CORNERS_LO = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]
-_CORNERS_HI = [(1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
-_CORNERS_MID = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1)]
-_FAR = 64.0  # shift of a padding vertex: its attenuation is always <= 0
-_VERTS_CACHE: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+_EXT_CACHE: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
 
-def _vertex_tables(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Per case row, 8 contributing vertices: int32 [16, 448] (lattice add, z offset) and shifts [24, 448]."""
+def _ext_tables(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Flat per-case tables of the two extra vertices: int32 [4*448] (lattice add, z offset per vertex)
+    and float [6*448] (unskewed shifts x, y, z per vertex), row-major by (column, case)."""
     key = (device, dtype)
-    if key not in _VERTS_CACHE:
+    if key not in _EXT_CACHE:
         ints, shifts = [], []
-        for row, ext in enumerate(_EXT3):
-            corners = _CORNERS_LO if row < 128 else _CORNERS_HI if row < 256 else _CORNERS_MID
-            verts = list(corners) + [tuple(ext[:3]), tuple(ext[3:])]
-            r_int, r_shift = [], []
-            for v in range(8):
-                if v < len(verts):
-                    ox, oy, oz = verts[v]
-                    n = (ox + oy + oz) * SQUISH3
-                    r_int += [ox * _PAD + oy, oz]
-                    r_shift += [ox + n, oy + n, oz + n]
-                else:
-                    r_int += [0, 0]
-                    r_shift += [_FAR, _FAR, _FAR]
-            ints.append(r_int)
-            shifts.append(r_shift)
-        _VERTS_CACHE[key] = (
-            torch.tensor(ints, dtype=torch.int32, device=device).T.contiguous(),
-            torch.tensor(shifts, dtype=torch.float64, device=device).T.contiguous().to(dtype),
+        for e in (0, 3):
+            ox, oy, oz = ([row[e + a] for row in _EXT3] for a in range(3))
+            n = [(a + b + c) * SQUISH3 for a, b, c in zip(ox, oy, oz)]
+            ints += [[a * _PAD + b for a, b in zip(ox, oy)], oz]
+            shifts += [[a + m for a, m in zip(o, n)] for o in (ox, oy, oz)]
+        _EXT_CACHE[key] = (
+            torch.tensor(ints, dtype=torch.int32, device=device).reshape(-1),
+            torch.tensor(shifts, dtype=torch.float64, device=device).to(dtype).reshape(-1),
         )
-    return _VERTS_CACHE[key]
+    return _EXT_CACHE[key]
+
+
+def _contrib3(tab: Tables, lattice: Tensor, zlattice: Tensor, dx: Tensor, dy: Tensor, dz: Tensor) -> Tensor:
+    attn = (dx * dx).addcmul_(dy, dy).addcmul_(dz, dz).neg_().add_(2).clamp_min_(0)
+    attn = attn.square_().square_()
+    h = tab.hash3.index_select(0, lattice)
+    g = tab.grad3p.index_select(1, h.add_(zlattice))
+    return (g[0] * dx).addcmul_(g[1], dy).addcmul_(g[2], dz).mul_(attn)
+
+
+_CORNERS3 = [(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
 
 
 def noise3(x: Tensor, y: Tensor, z: Tensor, tab: Tables, field: Tensor | None = None) -> Tensor:
@@ -309,19 +311,22 @@ def noise3(x: Tensor, y: Tensor, z: Tensor, tab: Tables, field: Tensor | None = 
         zbase = zbase + field * _ZPAD
     base = base.reshape(-1)
     zbase = zbase.reshape(-1)
-    code = _case3(xins, yins, zins, in_sum).to(torch.int32).reshape(-1)
-    vi, vs = _vertex_tables(x.device, x.dtype)
-    ints = vi.index_select(1, code)  # [16, N]
-    shifts = vs.index_select(1, code)  # [24, N]
+    lower = (in_sum <= 1).reshape(-1)
+    upper = (in_sum >= 2).reshape(-1)
     value = torch.zeros_like(dx0)
-    for v in range(8):
-        dx = dx0 - shifts[3 * v]
-        dy = dy0 - shifts[3 * v + 1]
-        dz = dz0 - shifts[3 * v + 2]
-        attn = (dx * dx).addcmul_(dy, dy).addcmul_(dz, dz).neg_().add_(2).clamp_min_(0)
-        attn = attn.square_().square_()
-        h = tab.hash3.index_select(0, base + ints[2 * v])
-        g = tab.grad3p.index_select(1, h.add_(zbase).add_(ints[2 * v + 1]))
-        dot = (g[0] * dx).addcmul_(g[1], dy).addcmul_(g[2], dz)
-        value.addcmul_(attn, dot)
+    for i, j, k in _CORNERS3:
+        # The reference uses the (0,0,0)-side corners outside the upper tetrahedron and vice versa.
+        n = i + j + k
+        keep = ~upper if n == 1 else ~lower if n == 2 else lower if n == 0 else upper
+        s = n * SQUISH3
+        c = _contrib3(tab, base + (i * _PAD + j), zbase + k, dx0 - (i + s), dy0 - (j + s), dz0 - (k + s))
+        value += torch.where(keep, c, 0)
+    code = _case3(xins, yins, zins, in_sum).to(torch.int32).reshape(-1)
+    ints, shifts = _ext_tables(x.device, x.dtype)
+    cases = len(_EXT3)
+    for e in range(2):
+        col = [(tab_, code + (r * cases)) for tab_, r in ((ints, 2 * e), (ints, 2 * e + 1))]
+        lat, zoff = (t_.index_select(0, idx) for t_, idx in col)
+        sx, sy, sz = (shifts.index_select(0, code + ((3 * e + a) * cases)) for a in range(3))
+        value += _contrib3(tab, lat.add_(base), zoff.add_(zbase), dx0 - sx, dy0 - sy, dz0 - sz)
     return (value / NORM3).reshape(shape)
