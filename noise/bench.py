@@ -78,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--octaves", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: theirs)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        import numba
+
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     print(json.dumps(run(args.batch, args.size, args.octaves, args.repeats)))
     return 0
 

@@ -1,8 +1,10 @@
 """OpenSimplex (legacy, KdotJPG) 2-D/3-D noise in vectorised torch, value-for-value equal to `opensimplex`.
 
-The lattice hash `perm[(perm[X & 255] + Y) & 255]` is folded into a 65536-entry table per field so a
-lattice point costs one integer gather plus one gradient gather. Tables carry a leading field axis so
-`fractal.py` can evaluate many independent fields (one permutation each) in a single pass.
+The reference's per-point branches become integer case codes and table lookups: in 3-D every point
+evaluates the 8 cube corners (masked to its tetrahedron/octahedron) plus 2 extra vertices looked up by case.
+The lattice hash `perm[(perm[X & 255] + Y) & 255]` is folded into padded per-field tables, so a lattice
+point costs one integer gather plus one gradient gather. Tables carry a leading field axis so `fractal.py`
+evaluates many independent fields (one permutation each) in a single pass.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ class Tables:
     """Per-field gather tables (F fields, one permutation each).
 
     grad2[f*65536 + a*256 + b]: 2-D gradient of lattice point (a, b), hash perm[(perm[a] + b) & 255].
-    hash3[f*PAD*PAD + (a+1)*PAD + (b+1)] = perm[a & 255] + b for a, b in [-1, PAD-2] (then & 255 via perm),
-    grad3p[:, f*ZPAD + m + 1]: 3-D gradient of final hash (m & 255), m in [-1, ZPAD-2].
+    hash3[f*PAD*PAD + (a+1)*PAD + (b+1)] = perm[(perm[a & 255] + b) & 255] for a, b in [-1, PAD-2];
+    grad3p[:, f*ZPAD + m + 1]: 3-D gradient of final hash perm[m & 255] for m = hash3 + Z in [-1, ZPAD-2].
     """
 
     def __init__(self, perm: Tensor, dtype: torch.dtype, dims: tuple[int, ...] = (2, 3)) -> None:
@@ -186,20 +188,6 @@ def _ext_table3() -> list[list[int]]:
 
 
 _EXT3 = _ext_table3()
-_EXT3_CACHE: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
-
-
-def _ext3(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Integer offsets [448, 6] and their unskewed float shifts [448, 6] (offset + sum * SQUISH3)."""
-    key = (device, dtype)
-    if key not in _EXT3_CACHE:
-        off = torch.tensor(_EXT3, dtype=torch.int32, device=device)
-        offd = off.to(torch.float64)
-        s0 = offd[:, :3].sum(1, keepdim=True) * SQUISH3
-        s1 = offd[:, 3:].sum(1, keepdim=True) * SQUISH3
-        shift = torch.cat((offd[:, :3] + s0, offd[:, 3:] + s1), 1).to(dtype)
-        _EXT3_CACHE[key] = (off, shift)
-    return _EXT3_CACHE[key]
 
 
 def _case3(xins: Tensor, yins: Tensor, zins: Tensor, in_sum: Tensor) -> Tensor:
@@ -260,8 +248,7 @@ _EXT_CACHE: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
 
 def _ext_tables(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Flat per-case tables of the two extra vertices: int32 [4*448] (lattice add, z offset per vertex)
-    and float [6*448] (unskewed shifts x, y, z per vertex), row-major by (column, case)."""
+    """Two extra vertices per case: int32 [4*448] (lattice add, z offset) and shifts [6*448], column-major."""
     key = (device, dtype)
     if key not in _EXT_CACHE:
         ints, shifts = [], []
@@ -325,8 +312,8 @@ def noise3(x: Tensor, y: Tensor, z: Tensor, tab: Tables, field: Tensor | None = 
     ints, shifts = _ext_tables(x.device, x.dtype)
     cases = len(_EXT3)
     for e in range(2):
-        col = [(tab_, code + (r * cases)) for tab_, r in ((ints, 2 * e), (ints, 2 * e + 1))]
-        lat, zoff = (t_.index_select(0, idx) for t_, idx in col)
-        sx, sy, sz = (shifts.index_select(0, code + ((3 * e + a) * cases)) for a in range(3))
-        value += _contrib3(tab, lat.add_(base), zoff.add_(zbase), dx0 - sx, dy0 - sy, dz0 - sz)
+        lattice = ints.index_select(0, code + 2 * e * cases).add_(base)
+        zlattice = ints.index_select(0, code + (2 * e + 1) * cases).add_(zbase)
+        sx, sy, sz = (shifts.index_select(0, code + (3 * e + a) * cases) for a in range(3))
+        value += _contrib3(tab, lattice, zlattice, dx0 - sx, dy0 - sy, dz0 - sz)
     return (value / NORM3).reshape(shape)
