@@ -17,6 +17,17 @@ from noise.simplex import Tables, noise2, noise3
 NOISE_KINDS = ("simplex", "gaussian")
 
 
+def _default_device(
+    device: torch.device | str | None, t: Tensor | None, generator: torch.Generator | None
+) -> torch.device:
+    """Explicit device, else t's, else the generator's, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    if t is not None:
+        return t.device
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def simplex_noise(
     shape: tuple[int, int, int, int],
     t: Tensor | None = None,
@@ -40,7 +51,7 @@ def simplex_noise(
     if frequency <= 0:
         raise ValueError(f"frequency must be > 0, got {frequency}")
     b, c, h, w = (int(s) for s in shape)
-    device = torch.device(device) if device is not None else (t.device if t is not None else torch.device("cpu"))
+    device = _default_device(device, t, generator)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     fields = b * c
     perm = torch.argsort(torch.rand(fields, 256, generator=generator, device=device), dim=1)
@@ -81,8 +92,12 @@ def make_noise(
     frequency: float = 64.0,
     standardise: bool = True,
 ) -> Tensor:
-    """Diffusion noise [B, C, H, W] of `kind` 'simplex' (fractal, see simplex_noise) or 'gaussian' (N(0, 1))."""
+    """Diffusion noise [B, C, H, W] of `kind` 'simplex' (fractal, see simplex_noise) or 'gaussian' (N(0, 1)).
+
+    Device defaults to t's, else the generator's, else CPU.
+    """
     if kind == "gaussian":
+        device = _default_device(device, t, generator)
         return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
     if kind == "simplex":
         return simplex_noise(shape, t, octaves, persistence, frequency, standardise, generator, device, dtype)
