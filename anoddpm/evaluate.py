@@ -48,7 +48,10 @@ def _training_root(bundle: Any, data: str | None, category: str | None) -> tuple
     root = bundle.fingerprint.get("root")
     if not root:
         raise ValueError(f"{bundle.path} records no training data root; pass --data ROOT [--category NAME]")
-    return Path(root), category if category is not None else bundle.fingerprint.get("category")
+    recorded = bundle.fingerprint.get("category")
+    if category is None and recorded and (Path(root) / recorded).is_dir():
+        category = recorded  # ROOT/category layout; otherwise ROOT was the category or image folder itself
+    return Path(root), category
 
 
 def score_validation(bundle: Any, detector: torch.nn.Module, root: Path, category: str | None,
@@ -76,6 +79,7 @@ def _test_arrays(cfg: Any, root: Path, category: str | None) -> dict[str, Any]:
         "labels": np.array([int(s.label) for s in items], dtype=np.int64),
         "defect_types": [str(s.defect_type) for s in items],
         "paths": [str(s.path) for s in items],
+        "names": [s.name for s in items],  # unique even where paths repeat (NFBS slices of one volume)
     }
 
 
@@ -157,7 +161,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     written = write_report(
         args.out, metrics=metrics, scores=scored.scores, labels=test["labels"],
         defect_types=test["defect_types"], paths=test["paths"], threshold=image_t, pixel_threshold=pixel_t,
-        seconds_per_image=scored.seconds_per_image, inputs=test["images"],
+        seconds_per_image=scored.seconds_per_image, per_image={"name": test["names"]}, inputs=test["images"],
         reconstructions=scored.reconstructions, maps=scored.maps, masks=test["masks"],
         extra={"model": str(args.model), "data": str(root), "category": args.category,
                "detect": detect_dict(detector), "device": str(device), "calibration": threshold,

@@ -21,13 +21,16 @@ import csv
 import io
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from anoddpm.atomic import atomic_write_text
 from anoddpm.cli import detect_overrides
+from anoddpm.evaluate import same_detect_settings
 from anoddpm.imageio import list_images, load_image, save_png
 from anoddpm.scoring_loop import batched, forward_batch
 
@@ -45,17 +48,16 @@ def read_rows(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
     rows = list(csv.reader(text.splitlines()))
     if not rows or tuple(rows[0]) != fields:
         return []
-    return [dict(zip(fields, r)) for r in rows[1:] if len(r) == len(fields) and _valid(dict(zip(fields, r)))]
+    records = [dict(zip(fields, r)) for r in rows[1:] if len(r) == len(fields) and r[0]]
+    return [r for r in records if "pred_score" not in r or _is_float(r["pred_score"])]
 
 
-def _valid(row: dict[str, str]) -> bool:
-    if "pred_score" not in row:
-        return bool(row["path"])
+def _is_float(text: str) -> bool:
     try:
-        float(row["pred_score"])
+        float(text)
     except ValueError:
         return False
-    return bool(row["path"])
+    return True
 
 
 class _CsvAppender:
@@ -112,14 +114,17 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device | None]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, None
-    import torch.distributed as dist
-
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else None
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
 
 
 def _map_name(path: Path, root: Path) -> Path:
@@ -153,6 +158,9 @@ def score_command(args: argparse.Namespace) -> int:
         if rank == 0 and threshold is None:
             print("anoddpm score: the bundle has no threshold (run `anoddpm calibrate`); pred_label is left empty",
                   file=sys.stderr)
+        elif rank == 0 and not same_detect_settings(bundle.threshold.get("detect"), asdict(detector.cfg.detect)):
+            print("anoddpm score: warning: the bundle's threshold was calibrated with other detection settings; "
+                  "run `anoddpm calibrate` with the same flags", file=sys.stderr)
         scale = 2.0 * threshold if threshold else 1.0
 
         images, skipped = list_images(args.input)
@@ -160,10 +168,7 @@ def score_command(args: argparse.Namespace) -> int:
         root = Path(os.path.commonpath([p.parent for p in absolute])) if absolute else Path(".")
         done = _done_paths(out)
         todo = [p for p in absolute if str(p) not in done]
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # every rank has read the done set before anyone writes
+        _barrier(world)  # every rank has read the done set before anyone writes
         suffix = "" if world == 1 else f".part-{rank}"
         scores_file = _CsvAppender(out / f"scores{suffix}.csv", SCORE_FIELDS)
         errors_file = _CsvAppender(out / f"errors{suffix}.csv", ERROR_FIELDS)
@@ -172,18 +177,15 @@ def score_command(args: argparse.Namespace) -> int:
                                if str(p.absolute()) not in done])
         _score_shard(detector, bundle.cfg, todo[rank::world], device, args, threshold, scale, root, out,
                      scores_file, errors_file, show_progress=rank == 0)
-        if world > 1:
-            dist.barrier()
+        _barrier(world)
         if rank == 0:
             rows = _merge(out, "scores", SCORE_FIELDS)
             errors = _merge(out, "errors", ERROR_FIELDS)
-            print(f"scored {len(rows)} images ({len(todo)} new), {len(errors)} errors -> {out / 'scores.csv'}")
-        if world > 1:
-            dist.barrier()
+            print(f"{len(rows)} images scored ({len(todo)} tried in this run), {len(errors)} errors "
+                  f"-> {out / 'scores.csv'}")
+        _barrier(world)
     finally:
         if world > 1:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
     return 0
 
