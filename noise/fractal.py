@@ -42,8 +42,9 @@ def simplex_noise(
 ) -> Tensor:
     """Fractal simplex noise [B, C, H, W]; `t` [B] diffusion timesteps slice 3-D noise (None: 2-D noise).
 
-    `frequency` is the first octave's wavelength in pixels (halved per octave). With `standardise`
-    each field is shifted/scaled to zero mean and unit variance over H, W.
+    `frequency` is the first octave's wavelength in pixels (halved per octave). Each (sample, channel)
+    field gets its own permutation drawn from `generator`, so the same generator state gives the same
+    noise. With `standardise` each field is shifted/scaled to zero mean and unit variance over H, W.
     """
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W), got {tuple(shape)}")
@@ -67,15 +68,15 @@ def simplex_noise(
     out = torch.zeros(fields * h * w, dtype=compute, device=device)
     field = field.expand(fields, h, w).reshape(-1)
     # On CPU, blocks of points keep every intermediate in cache (~1.4x faster than one pass); on GPUs one pass.
-    block = _CPU_BLOCK if device.type == "cpu" else out.numel()
+    block = _CPU_BLOCK if device.type == "cpu" else max(out.numel(), 1)
     amplitude = 1.0
     f = float(frequency)
     for _ in range(octaves):
         coords = [xs / f, ys / f] if t is None else [xs / f, ys / f, zs / f]
-        coords = [c.expand(fields, h, w).reshape(-1) for c in coords]
+        coords = [coord.expand(fields, h, w).reshape(-1) for coord in coords]
         for start in range(0, out.numel(), block):
             part = slice(start, start + block)
-            args = [c[part] for c in coords]
+            args = [coord[part] for coord in coords]
             value = noise2(*args, tab, field[part]) if t is None else noise3(*args, tab, field[part])
             out[part] += amplitude * value
         f /= 2
