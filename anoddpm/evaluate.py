@@ -89,21 +89,20 @@ def calibrate_threshold(bundle: Any, detector: torch.nn.Module, device: torch.de
     from eval.threshold import calibrate
 
     val = score_validation(bundle, detector, root, category, device, batch_size)
-    kwargs: dict[str, Any] = {}
+    good_scores, good_maps, defects = val.scores, val.maps, {}
     if method == "f1":
         test = _test_arrays(bundle.cfg, root, category)
         if test["labels"].min() == 1 or test["labels"].max() == 0:
             raise ValueError(f"--method f1 needs good and defect test images under {root}; found only one kind")
         scored = score_images(detector, test["images"], device, batch_size, desc="test set")
         good, bad = test["labels"] == 0, test["labels"] == 1
-        val = ScoredSet(scores=np.r_[val.scores, scored.scores[good]],
-                        maps=np.concatenate([val.maps, scored.maps[good]]), reconstructions=None,
-                        seconds_per_image=val.seconds_per_image)
-        kwargs = {"defect_scores": scored.scores[bad], "defect_maps": scored.maps[bad],
-                  "defect_masks": test["masks"][bad]}
+        good_scores = np.r_[good_scores, scored.scores[good]]
+        good_maps = np.concatenate([good_maps, scored.maps[good]])
+        defects = {"defect_scores": scored.scores[bad], "defect_maps": scored.maps[bad],
+                   "defect_masks": test["masks"][bad]}
     elif method != "quantile":
         raise ValueError(f"--method {method!r} is not allowed; choose quantile or f1")
-    threshold = calibrate(val.scores, val.maps, quantile=quantile, **kwargs)
+    threshold = calibrate(good_scores, good_maps, quantile=quantile, **defects)
     threshold["detect"] = detect_dict(detector)
     return threshold
 

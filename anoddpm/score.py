@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from anoddpm.atomic import atomic_write_text
 from anoddpm.cli import detect_overrides
+from anoddpm.config import Config
 from anoddpm.evaluate import same_detect_settings
 from anoddpm.imageio import list_images, load_image, save_png
 from anoddpm.scoring_loop import batched, forward_batch
@@ -190,16 +192,14 @@ def score_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: Path, cfg) -> np.ndarray:
+def _load(path: Path, cfg: Config) -> np.ndarray:
     d = cfg.data
     return load_image(path, d.channels, d.image_size, d.resize_policy)
 
 
-def _score_shard(detector, cfg, paths: list[Path], device: torch.device, args: argparse.Namespace,
-                 threshold: float | None, scale: float, root: Path, out: Path,
+def _score_shard(detector: torch.nn.Module, cfg: Config, paths: list[Path], device: torch.device,
+                 args: argparse.Namespace, threshold: float | None, scale: float, root: Path, out: Path,
                  scores_file: _CsvAppender, errors_file: _CsvAppender, show_progress: bool) -> None:
-    from tqdm import tqdm
-
     with tqdm(total=len(paths), unit="img", desc="score", disable=not show_progress) as bar:
         for chunk in batched(paths, args.batch_size):
             good, arrays, errors = [], [], []
