@@ -115,5 +115,6 @@ def test_cuda_matches_cpu() -> None:
     assert gpu.device.type == "cuda"
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-9)
     g = torch.Generator(device="cuda").manual_seed(0)
-    n = noise.make_noise("simplex", (2, 1, 32, 32), t=torch.tensor([3, 4], device="cuda"), generator=g, device="cuda")
+    t = torch.tensor([3, 4], device="cuda")
+    n = noise.make_noise("simplex", (2, 1, 32, 32), t=t, generator=g, device="cuda")
     assert n.device.type == "cuda" and n.shape == (2, 1, 32, 32)
