@@ -41,15 +41,18 @@ ERROR_FIELDS = ("path", "error")
 
 
 def read_rows(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
-    """Complete rows of a CSV written by this module; a torn last line or foreign row is dropped."""
+    """Complete rows of a CSV written by this module; a torn last line or malformed row is dropped."""
     if not path.is_file():
         return []
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
     rows = list(csv.reader(text.splitlines()))
-    if not rows or tuple(rows[0]) != fields:
+    if not rows:
         return []
+    if tuple(rows[0]) != fields:
+        raise ValueError(f"{path} exists but is not a file written by `anoddpm score` (header {rows[0]}, "
+                         f"expected {list(fields)}); choose another --out")
     records = [dict(zip(fields, r)) for r in rows[1:] if len(r) == len(fields) and r[0]]
     return [r for r in records if "pred_score" not in r or _is_float(r["pred_score"])]
 

@@ -76,9 +76,24 @@ def test_bad_files_are_reported_and_skipped(reference: tuple[Path, list[dict[str
 
 def test_bad_files_go_to_stderr(setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     inputs, model = setup
-    assert _score(model, [inputs / "b" / "empty.png", inputs / "b" / "truncated.png"], tmp_path / "out") == []
+    huge = tmp_path / "huge.png"
+    Image.new("1", (10_000, 6_000)).save(huge)  # 60 M pixels in a small file: over the decode limit
+    bad = [inputs / "b" / "empty.png", inputs / "b" / "truncated.png", huge, tmp_path / "missing.png"]
+    assert _score(model, bad, tmp_path / "out") == []
     err = capsys.readouterr().err
-    assert "empty.png" in err and "truncated.png" in err
+    assert all(p.name in err for p in bad)
+    errors = {Path(r["path"]).name: r["error"] for r in _rows(tmp_path / "out" / "errors.csv")}
+    assert set(errors) == {p.name for p in bad}
+    assert "max_pixels" in errors["huge.png"] and "not found" in errors["missing.png"]
+
+
+def test_foreign_scores_csv_is_not_overwritten(setup: tuple[Path, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    inputs, model = setup
+    (tmp_path / "scores.csv").write_text("a,b\n1,2\n")
+    assert main(["score", "--model", str(model), "--input", str(inputs / "a"), "--out", str(tmp_path)]) == 2
+    assert "not a file written by" in capsys.readouterr().err
+    assert (tmp_path / "scores.csv").read_text() == "a,b\n1,2\n"
 
 
 def test_same_scores_twice(setup: tuple[Path, Path], tmp_path: Path) -> None:
