@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from anoddpm.cli import detect_overrides
 from anoddpm.scoring_loop import ScoredSet, score_images
@@ -73,9 +74,11 @@ def _test_arrays(cfg: Any, root: Path, category: str | None) -> dict[str, Any]:
     if len(samples) == 0:
         raise ValueError(f"no test images under {root} (category {category})")
     items = [samples[i] for i in range(len(samples))]
+    loaded = [(np.asarray(s.image, dtype=np.float32), np.asarray(s.mask, dtype=bool))
+              for s in tqdm(items, desc="load test set", unit="img")]
     return {
-        "images": np.stack([np.asarray(s.image, dtype=np.float32) for s in items]),
-        "masks": np.stack([np.asarray(s.mask, dtype=bool) for s in items]),
+        "images": np.stack([image for image, _ in loaded]),
+        "masks": np.stack([mask for _, mask in loaded]),
         "labels": np.array([int(s.label) for s in items], dtype=np.int64),
         "defect_types": [str(s.defect_type) for s in items],
         "paths": [str(s.path) for s in items],
