@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,26 @@ def test_calibrate_f1_without_test_set_is_a_user_error(tmp_path: Path, capsys: p
     model = make_bundle(tmp_path / "model.pt", folder, "")
     assert main(["calibrate", "--model", str(model), "--data", str(folder), "--method", "f1"]) == 2
     assert "test" in capsys.readouterr().err
+
+
+def test_evaluate_nfbs_volumes(tmp_path: Path) -> None:
+    from test_data import _brain_volume, _nifti  # the NFBS layout generator of the data tests
+
+    root = tmp_path / "NFBS_Dataset"
+    rng = np.random.default_rng(0)
+    for sid in ("A001", "A002", "A003"):
+        vol, brain, _ = _brain_volume(rng)
+        _nifti(root / sid / f"sub-{sid}_ses-NFB3_T1w_brain.nii.gz", vol)
+        _nifti(root / sid / f"sub-{sid}_ses-NFB3_T1w_brainmask.nii.gz", brain)
+    vol, _, seg = _brain_volume(rng, lesion=True)
+    _nifti(root / "anomalous" / "L01" / "case.nii.gz", vol)
+    _nifti(root / "anomalous" / "L01" / "case_seg.nii.gz", seg)
+    cfg = tiny_config().override("data", val_fraction=0.3, min_val_images=1)
+    model = make_bundle(tmp_path / "model.pt", root, "", cfg)
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(model), "--data", str(root), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    assert metrics["n_images"] == len(rows) > 0 and 0 < metrics["n_defect"] < len(rows)
+    assert len({r["name"] for r in rows}) == len(rows)  # one row per slice although the path repeats
+    assert set(metrics["per_type_image_auroc"]) == {"lesion"}
