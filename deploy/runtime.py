@@ -46,9 +46,11 @@ def parse_metadata(raw: dict[str, str], path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _session(path: Path, providers: Sequence[str] | None) -> ort.InferenceSession:
+def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
     available = ort.get_available_providers()
     if providers:
         unknown = [p for p in providers if p not in available]
@@ -76,16 +78,20 @@ def _session(path: Path, providers: Sequence[str] | None) -> ort.InferenceSessio
 
 
 class Inspector:
-    """An exported model.onnx ready to inspect images; `.provider` is the provider really in use."""
+    """An exported model.onnx ready to inspect images; `.provider` is the provider really in use.
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, batch_size: int = 8):
+    `threads` sets onnxruntime's intra-op threads (default: onnxruntime's choice, the physical cores).
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, batch_size: int = 8,
+                 threads: int | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         self.batch_size = batch_size
-        self.session = _session(self.path, providers)
+        self.session = _session(self.path, providers, threads)
         self.provider = self.session.get_providers()[0]
         self.metadata = parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         prep = self.metadata["preprocessing"]
