@@ -1,12 +1,14 @@
 """Inspection speed of one model on this machine: paper path vs fast path vs ONNX Runtime.
 
 Run: ``python -m benchmarks.speed [--preset small] [--image-size 128] [--model model.pt]``.
-Both frameworks get the same number of threads (--threads). Prints one JSON line: per-image latency (batch 1) and throughput (batch 8) for
+Prints one JSON line: per-image latency (batch 1) and throughput (batch 8) for
 * the PyTorch paper path (ancestral sampler, ``depth`` steps with fresh simplex noise per step),
   timed at two small depths and extrapolated linearly to the real depth (said in the JSON),
 * the PyTorch fast path (``steps`` deterministic strided steps, eager),
 * the ONNX Runtime fast path (the exported graph through deploy.runtime.Inspector),
 and the ratios between them. Without --model the weights are random (speed does not depend on them).
+Both frameworks get the same threads (--threads); on a shared machine, --threads 1 avoids the
+thread-pool contention that otherwise dominates the timings. Timings are best-of-N.
 """
 from __future__ import annotations
 

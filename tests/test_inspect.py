@@ -153,7 +153,8 @@ def test_cli_inspect_without_torch(toy, tmp_path):
     assert len(records) == 1 and records[0]["pred_label"] is True
 
 
-def test_watch_stops_cleanly_on_sigterm_without_torch(toy, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_watch_stops_cleanly_on_signal_without_torch(toy, tmp_path, sig):
     folder, out = tmp_path / "hot", tmp_path / "out"
     folder.mkdir()
     proc = _cli_without_torch("--model", str(toy), "--watch", str(folder), "--out", str(out),
@@ -161,7 +162,7 @@ def test_watch_stops_cleanly_on_sigterm_without_torch(toy, tmp_path):
     try:
         write_png(folder / "a.png", good_image())
         _wait_for(lambda: len(read_log(out / "inspections.jsonl")) == 1, timeout=30)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=10)
     finally:
         proc.kill()
