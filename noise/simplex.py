@@ -190,58 +190,92 @@ def _ext_table3() -> list[list[int]]:
 _EXT3 = _ext_table3()
 
 
+def _gt(a: Tensor, b: Tensor | float) -> Tensor:
+    """1.0 where a > b else 0.0; float masks because bool tensors and torch.where are ~10x slower on CPU."""
+    return torch.gt(a, b, out=torch.empty_like(a))
+
+
+def _ge(a: Tensor, b: Tensor | float) -> Tensor:
+    """1.0 where a >= b else 0.0 (see _gt)."""
+    return torch.ge(a, b, out=torch.empty_like(a))
+
+
+def _le(a: Tensor, b: float) -> Tensor:
+    """1.0 where a <= b else 0.0 (see _gt)."""
+    return torch.le(a, b, out=torch.empty_like(a))
+
+
+def _pick(mask: Tensor, a: Tensor, b: Tensor | float) -> Tensor:
+    """a where mask == 1 else b; lerp returns either end bit-exactly for weights 0 and 1."""
+    if not isinstance(b, Tensor):
+        b = torch.full_like(a, b)
+    return torch.lerp(b, a, mask)
+
+
+def _mid_codes() -> list[int]:
+    """Octahedron table row per (a_pt * 8 + b_pt): points with two set bits are on the (1,1,1) side."""
+    codes = []
+    for a in range(8):
+        for b in range(8):
+            a_far, b_far = a in (3, 5, 6), b in (3, 5, 6)
+            if a_far == b_far:
+                codes.append(256 + (a & b) * 8 if a_far else 320 + (a | b) * 8)
+            else:
+                codes.append(384 + (a if a_far else b) * 8 + (b if a_far else a))
+    return codes
+
+
+_MID = _mid_codes()
+
+
 def _case3(xins: Tensor, yins: Tensor, zins: Tensor, in_sum: Tensor) -> Tensor:
-    """Per-point row of the extra-vertex table: the reference's branch analysis as integer codes."""
-    # (0,0,0) tetrahedron: the closest two of (1,0,0)=1, (0,1,0)=2, (0,0,1)=4.
-    x_ge_y = xins >= yins
-    rep_b = x_ge_y & (zins > yins)
-    rep_a = ~x_ge_y & (zins > xins)
-    a_pt = 1 + 3 * _i32(rep_a)
-    a_sc = torch.where(rep_a, zins, xins)
-    b_pt = 2 + 2 * _i32(rep_b)
-    b_sc = torch.where(rep_b, zins, yins)
+    """Per-point row of the extra-vertex table (float): the reference's branch analysis as arithmetic."""
+    # (0,0,0) tetrahedron: the closest two of (1,0,0)=1, (0,1,0)=2, (0,0,1)=4 (the two replacements exclude).
+    x_ge_y = _ge(xins, yins)
+    rep_b = x_ge_y * _gt(zins, yins)
+    rep_a = (1 - x_ge_y) * _gt(zins, xins)
+    a_pt = 1 + 3 * rep_a
+    a_sc = _pick(rep_a, zins, xins)
+    b_pt = 2 + 2 * rep_b
+    b_sc = _pick(rep_b, zins, yins)
     wins = 1 - in_sum
-    near = (wins > a_sc) | (wins > b_sc)
-    code_lo = torch.where(near, torch.where(b_sc > a_sc, b_pt, a_pt) * 8, 64 + (a_pt | b_pt) * 8)
+    near = torch.maximum(_gt(wins, a_sc), _gt(wins, b_sc))
+    closest = _pick(_gt(b_sc, a_sc), b_pt, a_pt)
+    code_lo = _pick(near, closest * 8, 64 + (a_pt + b_pt) * 8)  # a_pt | b_pt == a_pt + b_pt here
     # (1,1,1) tetrahedron: the closest two of (1,1,0)=3, (1,0,1)=5, (0,1,1)=6.
-    x_le_y = xins <= yins
-    rep_b = x_le_y & (zins < yins)
-    rep_a = ~x_le_y & (zins < xins)
-    a_pt = 6 - 3 * _i32(rep_a)
-    a_sc = torch.where(rep_a, zins, xins)
-    b_pt = 5 - 2 * _i32(rep_b)
-    b_sc = torch.where(rep_b, zins, yins)
+    x_le_y = _ge(yins, xins)
+    rep_b = x_le_y * _gt(yins, zins)
+    rep_a = (1 - x_le_y) * _gt(xins, zins)
+    a_pt = 6 - 3 * rep_a
+    a_sc = _pick(rep_a, zins, xins)
+    b_pt = 5 - 2 * rep_b
+    b_sc = _pick(rep_b, zins, yins)
     wins = 3 - in_sum
-    near = (wins < a_sc) | (wins < b_sc)
-    code_hi = torch.where(near, 128 + torch.where(b_sc < a_sc, b_pt, a_pt) * 8, 192 + (a_pt & b_pt) * 8)
+    near = torch.maximum(_gt(a_sc, wins), _gt(b_sc, wins))
+    closest = _pick(_gt(a_sc, b_sc), b_pt, a_pt)
+    code_hi = _pick(near, 128 + closest * 8, 192 + (a_pt + b_pt - 7) * 8)  # a_pt & b_pt == a_pt + b_pt - 7
     # Octahedron in between.
     p1 = xins + yins
-    a_far = p1 > 1
-    a_sc = torch.where(a_far, p1 - 1, 1 - p1)
-    a_pt = 4 - _i32(a_far)
+    a_far = _gt(p1, 1)
+    a_sc = _pick(a_far, p1 - 1, 1 - p1)
+    a_pt = 4 - a_far
     p2 = xins + zins
-    b_far = p2 > 1
-    b_sc = torch.where(b_far, p2 - 1, 1 - p2)
-    b_pt = 2 + 3 * _i32(b_far)
+    b_far = _gt(p2, 1)
+    b_sc = _pick(b_far, p2 - 1, 1 - p2)
+    b_pt = 2 + 3 * b_far
     p3 = yins + zins
-    p3_far = p3 > 1
-    sc = torch.where(p3_far, p3 - 1, 1 - p3)
-    p3_pt = 1 + 5 * _i32(p3_far)
-    a_le_b = a_sc <= b_sc
-    rep_a = a_le_b & (a_sc < sc)
-    rep_b = ~a_le_b & (b_sc < sc)
-    a_pt = torch.where(rep_a, p3_pt, a_pt)
-    a_far = torch.where(rep_a, p3_far, a_far)
-    b_pt = torch.where(rep_b, p3_pt, b_pt)
-    b_far = torch.where(rep_b, p3_far, b_far)
-    c1 = torch.where(a_far, a_pt, b_pt)
-    c2 = torch.where(a_far, b_pt, a_pt)
-    code_mid = torch.where(
-        a_far == b_far,
-        torch.where(a_far, 256 + (a_pt & b_pt) * 8, 320 + (a_pt | b_pt) * 8),
-        384 + c1 * 8 + c2,
-    )
-    return torch.where(in_sum <= 1, code_lo, torch.where(in_sum >= 2, code_hi, code_mid))
+    p3_far = _gt(p3, 1)
+    sc = _pick(p3_far, p3 - 1, 1 - p3)
+    p3_pt = 1 + 5 * p3_far
+    a_le_b = _ge(b_sc, a_sc)
+    rep_a = a_le_b * _gt(sc, a_sc)
+    rep_b = (1 - a_le_b) * _gt(sc, b_sc)
+    a_pt = _pick(rep_a, p3_pt, a_pt)
+    b_pt = _pick(rep_b, p3_pt, b_pt)
+    mid = torch.tensor(_MID, dtype=xins.dtype, device=xins.device)
+    code_mid = mid.index_select(0, (a_pt * 8 + b_pt).to(torch.int32).reshape(-1)).reshape(xins.shape)
+    code = _pick(_ge(in_sum, 2), code_hi, code_mid)
+    return _pick(_le(in_sum, 1), code_lo, code)
 
 
 _EXT_CACHE: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
@@ -264,8 +298,12 @@ def _ext_tables(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tenso
     return _EXT_CACHE[key]
 
 
-def _contrib3(tab: Tables, lattice: Tensor, zlattice: Tensor, dx: Tensor, dy: Tensor, dz: Tensor) -> Tensor:
+def _contrib3(
+    tab: Tables, lattice: Tensor, zlattice: Tensor, dx: Tensor, dy: Tensor, dz: Tensor, keep: Tensor | None = None
+) -> Tensor:
     attn = (dx * dx).addcmul_(dy, dy).addcmul_(dz, dz).neg_().add_(2).clamp_min_(0)
+    if keep is not None:
+        attn.mul_(keep)  # float 0/1: drops vertices the reference does not use for this point
     attn = attn.square_().square_()
     h = tab.hash3.index_select(0, lattice)
     g = tab.grad3p.index_select(1, h.add_(zlattice))
@@ -298,16 +336,16 @@ def noise3(x: Tensor, y: Tensor, z: Tensor, tab: Tables, field: Tensor | None = 
         zbase = zbase + field * _ZPAD
     base = base.reshape(-1)
     zbase = zbase.reshape(-1)
-    lower = (in_sum <= 1).reshape(-1)
-    upper = (in_sum >= 2).reshape(-1)
+    # Float 0/1 masks of the two tetrahedra (bool masks and torch.where are slow on CPU).
+    lower = _le(in_sum, 1).reshape(-1)
+    upper = _ge(in_sum, 2).reshape(-1)
     value = torch.zeros_like(dx0)
     for i, j, k in _CORNERS3:
         # The reference uses the (0,0,0)-side corners outside the upper tetrahedron and vice versa.
         n = i + j + k
-        keep = ~upper if n == 1 else ~lower if n == 2 else lower if n == 0 else upper
+        keep = 1 - upper if n == 1 else 1 - lower if n == 2 else lower if n == 0 else upper
         s = n * SQUISH3
-        c = _contrib3(tab, base + (i * _PAD + j), zbase + k, dx0 - (i + s), dy0 - (j + s), dz0 - (k + s))
-        value += torch.where(keep, c, 0)
+        value += _contrib3(tab, base + (i * _PAD + j), zbase + k, dx0 - (i + s), dy0 - (j + s), dz0 - (k + s), keep)
     code = _case3(xins, yins, zins, in_sum).to(torch.int32).reshape(-1)
     ints, shifts = _ext_tables(x.device, x.dtype)
     cases = len(_EXT3)
