@@ -2,7 +2,9 @@
 
 Cases: fractal 3-D noise (batch 16, 1 channel, 256x256, 6 octaves, one timestep per sample; the reference
 loops octaves x samples over noise3array as AnoDDPM does) and single-octave 2-D noise (256x256,
-noise2array). Each timing is the median of `--repeats` runs after one warm-up (numba JIT excluded).
+noise2array). Each figure is the median of `--repeats` runs after one warm-up (numba JIT excluded), as wall
+seconds and process CPU seconds: the machine may be shared, so compare ratios within one run. Ours is timed
+with 1 torch thread and with the default thread count; opensimplex's noise*array is single-threaded.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ import torch
 from noise.fractal import simplex_noise
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+def _median_seconds(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    """Median wall and process-CPU seconds of `repeats` calls after one warm-up."""
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        w, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return {"wall_s": round(statistics.median(wall), 5), "cpu_s": round(statistics.median(cpu), 5)}
 
 
 def _reference_fractal3(opensimplex, size: int, t: np.ndarray, octaves: int, persistence: float, frequency: float):
@@ -42,6 +46,22 @@ def _reference_fractal3(opensimplex, size: int, t: np.ndarray, octaves: int, per
     return out
 
 
+def _ratios(ref: dict[str, float], ours: dict[str, float]) -> dict[str, float]:
+    """ref / ours for wall and CPU time (> 1: ours is faster)."""
+    return {f"ratio_{k}": round(ref[k] / ours[k], 3) for k in ("wall_s", "cpu_s")}
+
+
+def _case(ours: Callable[[], object], ref: Callable[[], object], repeats: int, threads: int) -> dict:
+    """Time the reference once and ours at 1 thread and at `threads` threads."""
+    result = {"ref": _median_seconds(ref, repeats)}
+    for label, n in (("ours_1thread", 1), ("ours_default_threads", threads)):
+        torch.set_num_threads(n)
+        timing = _median_seconds(ours, repeats)
+        result[label] = {**timing, **_ratios(result["ref"], timing)}
+    torch.set_num_threads(threads)
+    return result
+
+
 def run(batch: int = 16, size: int = 256, octaves: int = 6, repeats: int = 3) -> dict:
     """Time both implementations on the benchmark grids; returns the JSON-able result dict."""
     import opensimplex
@@ -52,23 +72,34 @@ def run(batch: int = 16, size: int = 256, octaves: int = 6, repeats: int = 3) ->
         numba_on = True
     except ImportError:
         numba_on = False
+    threads = torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
     t = torch.randint(0, 1000, (batch,), generator=gen)
     t_np = t.numpy().astype(np.float64)
-    ours3 = _median_seconds(lambda: simplex_noise((batch, 1, size, size), t, octaves, generator=gen), repeats)
-    ref3 = _median_seconds(lambda: _reference_fractal3(opensimplex, size, t_np, octaves, 0.8, 64.0), repeats)
     coords = np.arange(size, dtype=np.float64) / 64.0
-    ours2 = _median_seconds(lambda: simplex_noise((1, 1, size, size), None, 1, generator=gen), repeats)
-    ref2 = _median_seconds(lambda: opensimplex.noise2array(coords, coords), repeats)
+    fractal3d = _case(
+        lambda: simplex_noise((batch, 1, size, size), t, octaves, generator=gen),
+        lambda: _reference_fractal3(opensimplex, size, t_np, octaves, 0.8, 64.0),
+        repeats,
+        threads,
+    )
+    single2d = _case(
+        lambda: simplex_noise((1, 1, size, size), None, 1, generator=gen),
+        lambda: opensimplex.noise2array(coords, coords),
+        repeats,
+        threads,
+    )
     return {
-        "fractal3d": {"shape": [batch, 1, size, size], "octaves": octaves, "ours_s": round(ours3, 4),
-                      "ref_s": round(ref3, 4), "ratio_ref_over_ours": round(ref3 / ours3, 3)},
-        "single2d": {"shape": [size, size], "ours_s": round(ours2, 5), "ref_s": round(ref2, 5),
-                     "ratio_ref_over_ours": round(ref2 / ours2, 3)},
+        "fractal3d": {"shape": [batch, 1, size, size], "octaves": octaves, **fractal3d},
+        "single2d": {"shape": [size, size], **single2d},
         "numba": numba_on,
-        "torch_threads": torch.get_num_threads(),
+        "ref_threads": 1,
+        "ref_note": "opensimplex noise*array (numba) runs single-threaded",
+        "torch_default_threads": threads,
+        "ratio_at_default_threads_cpu": fractal3d["ours_default_threads"]["ratio_cpu_s"],
+        "ratio_at_default_threads_wall": fractal3d["ours_default_threads"]["ratio_wall_s"],
         "repeats": repeats,
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,13 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--octaves", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: theirs)")
+    parser.add_argument("--threads", type=int, default=None, help="default torch thread count (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads is not None:
-        import numba
-
         torch.set_num_threads(args.threads)
-        numba.set_num_threads(args.threads)
     print(json.dumps(run(args.batch, args.size, args.octaves, args.repeats)))
     return 0
 
