@@ -2,7 +2,7 @@
 
 Distribution of one call (per sample, independently, all drawn from the given generator):
 
-* ``CLEAN_FRACTION`` (1/2) of the samples are returned unchanged with an all-zero mask.
+* ``clean_fraction`` (default ``CLEAN_FRACTION`` = 1/2) of the samples are returned unchanged with an all-zero mask.
 * The others get exactly one anomaly of one of three shapes:
   - ``blob`` (45 %): a fractal simplex field, zoomed 1-4x, stretched up to 3x along a random
     direction and thresholded at its own quantile, so the marked share of the image is
@@ -39,16 +39,19 @@ VISIBLE = 0.02  # grey-level change (images in [0, 1]) below which a pixel count
 _SEGMENTS = 5
 
 
-def synthesize_anomalies(images: Tensor, generator: torch.Generator,
-                         pool: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def synthesize_anomalies(images: Tensor, generator: torch.Generator, pool: Tensor | None = None,
+                         clean_fraction: float = CLEAN_FRACTION) -> tuple[Tensor, Tensor]:
     """Good images [B,C,H,W] in [0,1] -> (images with synthetic anomalies [B,C,H,W] in [0,1], masks [B,1,H,W] in {0,1}).
 
     ``pool`` [N,C,H,W] in [0,1] supplies the "other good image" patches (default: the batch itself).
+    ``clean_fraction`` in [0, 1] is the expected share of samples left unchanged (empty mask).
     Deterministic for a given generator state. Random draws happen on the generator's device (keep it
     on the images' device for speed) and are moved to the images' device.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    if not 0.0 <= clean_fraction <= 1.0:
+        raise ValueError(f"clean_fraction={clean_fraction} must be in [0, 1]")
     if pool is not None and (pool.dim() != 4 or pool.shape[1:] != images.shape[1:]):
         raise ValueError(f"pool must be [N, {', '.join(map(str, images.shape[1:]))}], got {tuple(pool.shape)}")
     b, c, h, w = images.shape
@@ -66,7 +69,7 @@ def synthesize_anomalies(images: Tensor, generator: torch.Generator,
         return F.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)
 
     u = rand(b)
-    clean = rand(b) < CLEAN_FRACTION
+    clean = rand(b) < clean_fraction
     kind = (u >= KIND_PROBS[0]).long() + (u >= KIND_PROBS[0] + KIND_PROBS[1]).long()  # 0 blob, 1 line, 2 uneven
     blob_field = _warp(noise(1, h / 8, 3, 0.5, 2), rand(b, 5), zoom=(1.0, 4.0), stretch=3.0)
     blob = _top_share(blob_field, _log_uniform(rand(b), *BLOB_COVERAGE))

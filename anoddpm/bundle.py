@@ -1,7 +1,8 @@
 """The model bundle `model.pt`: everything needed to use a trained model, nothing executable.
 
 The file is a `torch.save`d dict of tensors and builtins only (format_version, versions, the
-resolved config, EMA weights, preprocessing, noise parameters, data fingerprint, threshold), so
+resolved config, EMA weights, preprocessing, noise parameters, data fingerprint, threshold, and
+optionally ``head_state_dict``, the learned scoring head's weights), so
 it loads with `torch.load(weights_only=True)`: a crafted pickle cannot run code on load.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Bundle:
     threshold: dict[str, Any] | None
     versions: dict[str, Any]
     path: Path
+    head_state_dict: dict[str, torch.Tensor] | None = None  # learned scoring head, if one was trained
 
 
 def _plain(obj: Any) -> Any:
@@ -45,16 +47,21 @@ def _plain(obj: Any) -> Any:
     raise ValueError(f"bundle field of type {type(obj).__name__} is not a builtin; cannot store {obj!r}")
 
 
+def _cpu(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
 def bundle_payload(cfg: Config, state_dict: Mapping[str, torch.Tensor], fingerprint: Mapping[str, Any],
-                   threshold: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The exact dict written to model.pt (tensors moved to CPU)."""
+                   threshold: Mapping[str, Any] | None,
+                   head_state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The exact dict written to model.pt (tensors moved to CPU); "head_state_dict" only when given."""
     d = cfg.diffusion
-    return {
+    payload = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "anoddpm_version": __version__,
         "torch_version": str(torch.__version__),
         "config": cfg.to_dict(),
-        "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()},
+        "state_dict": _cpu(state_dict),
         "preprocessing": {"image_size": cfg.data.image_size, "channels": cfg.data.channels,
                           "resize_policy": cfg.data.resize_policy},
         "noise": {"kind": d.noise, "octaves": d.octaves, "persistence": d.persistence,
@@ -62,12 +69,17 @@ def bundle_payload(cfg: Config, state_dict: Mapping[str, torch.Tensor], fingerpr
         "fingerprint": _plain(dict(fingerprint)),
         "threshold": None if threshold is None else _plain(dict(threshold)),
     }
+    if head_state_dict is not None:
+        payload["head_state_dict"] = _cpu(head_state_dict)
+    return payload
 
 
 def save_bundle(path: str | Path, *, cfg: Config, state_dict: Mapping[str, torch.Tensor],
-                fingerprint: Mapping[str, Any], threshold: Mapping[str, Any] | None = None) -> Path:
-    """Write model.pt atomically; `state_dict` is the EMA weights of `build_unet(cfg)`."""
-    return atomic_torch_save(bundle_payload(cfg, state_dict, fingerprint, threshold), path)
+                fingerprint: Mapping[str, Any], threshold: Mapping[str, Any] | None = None,
+                head_state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write model.pt atomically; `state_dict` is the EMA weights of `build_unet(cfg)`, `head_state_dict`
+    those of `anoddpm.head.build_head(cfg)` (optional)."""
+    return atomic_torch_save(bundle_payload(cfg, state_dict, fingerprint, threshold, head_state_dict), path)
 
 
 def _read_raw(path: Path, map_location: Any) -> dict[str, Any]:
@@ -107,7 +119,7 @@ def load_bundle(path: str | Path, map_location: Any = "cpu") -> Bundle:
     versions = {"format_version": raw["format_version"], "anoddpm": raw.get("anoddpm_version"),
                 "torch": raw.get("torch_version")}
     return Bundle(cfg=cfg, state_dict=raw["state_dict"], fingerprint=raw["fingerprint"],
-                  threshold=raw["threshold"], versions=versions, path=path)
+                  threshold=raw["threshold"], versions=versions, path=path, head_state_dict=raw.get("head_state_dict"))
 
 
 def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None) -> Path:

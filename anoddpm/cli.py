@@ -10,7 +10,8 @@ import sys
 from typing import Callable, Sequence
 
 from anoddpm import __version__
-from anoddpm.config import NOISE_KINDS, PRESETS, RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, Config, load_config_file
+from anoddpm.config import (NOISE_KINDS, PRESETS, RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, SCORERS, Config,
+                            load_config_file)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,8 @@ def _add_detect_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--detect-noise", choices=NOISE_KINDS, help="noise kind used at detection")
     g.add_argument("--residual", choices=RESIDUALS, help="how the residual becomes an anomaly map")
     g.add_argument("--score", choices=SCORE_REDUCTIONS, help="image score from the map: max or top-k mean")
+    g.add_argument("--scorer", choices=SCORERS,
+                   help="anomaly map: learned head (auto = when the bundle has one) or plain residual")
     g.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
 
 
@@ -46,6 +49,7 @@ def detect_overrides(args: argparse.Namespace) -> dict:
         "noise": getattr(args, "detect_noise", None),
         "residual": getattr(args, "residual", None),
         "score": getattr(args, "score", None),
+        "scorer": getattr(args, "scorer", None),
     }
 
 

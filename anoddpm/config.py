@@ -21,6 +21,7 @@ LOSSES = ("l2", "l1")
 SAMPLERS = ("ddim", "ancestral")
 RESIDUALS = ("l2", "l1", "ssim")
 SCORE_REDUCTIONS = ("max", "topk")
+SCORERS = ("auto", "residual", "head")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     sample_every: int = 500
+    # Healing ("anomaly-aware") training: this share of training samples is noised from a synthetic
+    # anomaly version of the image (anoddpm.anomalies) while the target stays the clean image, so
+    # the denoiser learns to remove defects instead of reproducing them. 0 = plain AnoDDPM.
+    anomaly_fraction: float = 0.0
+    heal_snr_cap: float = 5.0  # min-SNR weight cap of the healing samples' loss (bounds small-t targets)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,7 @@ class DetectConfig:
     topk: int = 100
     threshold_quantile: float = 0.99  # default threshold: this quantile of held-back good scores
     seed: int = 0  # fixes the detection noise, so the same image gives the same score
+    scorer: str = "auto"  # auto = learned head when the bundle has one, else residual | residual | head
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class Config:
             ("detect.noise", self.detect.noise, NOISE_KINDS),
             ("detect.residual", self.detect.residual, RESIDUALS),
             ("detect.score", self.detect.score, SCORE_REDUCTIONS),
+            ("detect.scorer", self.detect.scorer, SCORERS),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -165,6 +173,10 @@ class Config:
             raise ValueError(f"detect.steps={self.detect.steps} must be in 1..detect.depth ({self.detect.depth})")
         if self.detect.samples < 1:
             raise ValueError(f"detect.samples={self.detect.samples} must be at least 1")
+        if not 0.0 <= self.train.anomaly_fraction <= 1.0:
+            raise ValueError(f"train.anomaly_fraction={self.train.anomaly_fraction} must be in [0, 1]")
+        if not 0.0 < self.head.budget_fraction < 1.0:
+            raise ValueError(f"head.budget_fraction={self.head.budget_fraction} must be in (0, 1)")
         if not 0.0 < self.diffusion.t_max_fraction <= 1.0:
             raise ValueError(f"diffusion.t_max_fraction={self.diffusion.t_max_fraction} must be in (0, 1]")
         return self

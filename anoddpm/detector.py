@@ -6,6 +6,10 @@ depends on the batch it was in; timesteps are Python constants, so ``forward`` t
 With ``detect.samples > 1`` the reconstructions (not the maps) are averaged: the returned
 reconstruction is then exactly the one the map was computed from.
 
+Scoring (``cfg.detect.scorer``): 'residual' is the plain AnoDDPM map (``eval.scoring.anomaly_map``);
+'head' is the learned scoring head's anomaly probability (``anoddpm.head``) smoothed with the same
+Gaussian; 'auto' picks the head when one is given (a bundle trained with ``head.enabled``).
+
 Paper path (sampler 'ancestral'): ``depth`` DDPM steps with fresh noise per step from a
 generator re-seeded with ``cfg.detect.seed`` at every call (deterministic per batch).
 """
@@ -18,21 +22,28 @@ from torch import Tensor, nn
 
 from anoddpm.config import Config
 from anoddpm.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
+from anoddpm.head import ScoringHead, build_head
 from anoddpm.unet import UNet, build_unet
-from eval.scoring import anomaly_map, image_score
+from eval.scoring import anomaly_map, gaussian_blur, image_score
 from noise import make_noise
 
 
 class Detector(nn.Module):
-    """UNet + diffusion + cfg.detect as one module: forward(images) -> (anomaly_map, pred_score, reconstruction)."""
+    """UNet + diffusion (+ scoring head) + cfg.detect as one module:
+    forward(images) -> (anomaly_map, pred_score, reconstruction)."""
 
     detection_noise: Tensor
 
-    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, cfg: Config) -> None:
+    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, cfg: Config, head: ScoringHead | None = None) -> None:
         super().__init__()
         self.cfg = cfg.validate()
         self.unet = unet
         self.diffusion = diffusion
+        scorer = cfg.detect.scorer
+        if scorer == "head" and head is None:
+            raise ValueError("detect.scorer='head' needs a learned scoring head; this model has none "
+                             "(train with head.enabled, or use detect.scorer 'residual' or 'auto')")
+        self.head = head if scorer in ("head", "auto") else None
         d = cfg.data
         shape = (cfg.detect.samples, d.channels, d.image_size, d.image_size)
         generator = torch.Generator().manual_seed(cfg.detect.seed)
@@ -74,22 +85,33 @@ class Detector(nn.Module):
         reconstruction [B, C, S, S] in [0, 1])."""
         det = self.cfg.detect
         reconstruction = self.reconstruct(images)
-        amap = anomaly_map(images, reconstruction, det.residual, det.smoothing_sigma)
+        if self.head is None:
+            amap = anomaly_map(images, reconstruction, det.residual, det.smoothing_sigma)
+        else:
+            amap = gaussian_blur(self.head.anomaly_map(images, reconstruction), det.smoothing_sigma)
         return amap, image_score(amap, det.score, det.topk), reconstruction
 
     @classmethod
-    def from_config(cls, cfg: Config, state_dict: dict[str, Tensor] | None = None) -> "Detector":
-        """Detector with a fresh UNet built from cfg, loading `state_dict` (UNet weights) when given."""
+    def from_config(cls, cfg: Config, state_dict: dict[str, Tensor] | None = None,
+                    head_state_dict: dict[str, Tensor] | None = None) -> "Detector":
+        """Detector with a fresh UNet built from cfg, loading `state_dict` (UNet weights) when given,
+        and a scoring head loaded from `head_state_dict` when given and cfg.detect.scorer allows it."""
         unet = build_unet(cfg)
         if state_dict is not None:
             unet.load_state_dict(state_dict)
-        return cls(unet, GaussianDiffusion.from_config(cfg.diffusion), cfg)
+        head = None
+        if head_state_dict is not None and cfg.detect.scorer != "residual":
+            head = build_head(cfg)
+            head.load_state_dict(head_state_dict)
+        return cls(unet, GaussianDiffusion.from_config(cfg.diffusion), cfg, head)
 
     @classmethod
     def from_bundle(cls, bundle: Any, device: torch.device | str = "cpu", **detect_overrides: Any) -> "Detector":
-        """Detector in eval mode on `device` from a loaded bundle (.cfg, .state_dict = EMA UNet weights).
+        """Detector in eval mode on `device` from a loaded bundle (.cfg, .state_dict = EMA UNet weights,
+        optional .head_state_dict = scoring head weights).
 
         detect_overrides replace cfg.detect fields (None values keep the bundle's).
         """
         cfg = bundle.cfg.override("detect", **detect_overrides).validate()
-        return cls.from_config(cfg, bundle.state_dict).to(device).eval()
+        head_state = getattr(bundle, "head_state_dict", None)
+        return cls.from_config(cfg, bundle.state_dict, head_state).to(device).eval()

@@ -3,6 +3,17 @@
 Resuming reproduces an uninterrupted run exactly on CPU: the data order is a pure function of
 (seed, epoch), the position in it is part of the checkpoint, and so are every RNG state (python,
 numpy, torch, the noise generator of each rank), the EMA weights, optimizer and scheduler.
+
+Healing training (``train.anomaly_fraction > 0``): that share of samples is noised from a
+synthetic-anomaly version of the image while the eps target still points at the clean image,
+so the denoiser learns to remove defects rather than reproduce them (draws come from the same
+noise generator, so resume stays exact).
+
+With ``head.enabled`` the denoiser gets ``1 - head.budget_fraction`` of the step and minute
+budget; the learned scoring head (`anoddpm.head`) is then trained on the main process with the
+rest, on synthetic anomalies reconstructed by the frozen EMA denoiser's Detector. The checkpoint
+covers the denoiser phase: a resumed run re-trains the head from its fixed seed after the last
+denoiser step (identical to an uninterrupted run when the head budget is bounded by steps).
 """
 from __future__ import annotations
 
@@ -21,9 +32,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
+from anoddpm.anomalies import synthesize_anomalies
 from anoddpm.atomic import append_jsonl, atomic_torch_save, atomic_write_text
 from anoddpm.bundle import save_bundle, update_threshold
 from anoddpm.config import Config
@@ -174,6 +186,25 @@ def _sample_grid(path: Path, cfg: Config, ema: nn.Module, diffusion: GaussianDif
     save_png(path, grid.float().cpu().numpy())
 
 
+def healing_loss(model: nn.Module, diffusion: GaussianDiffusion, x_clean: Tensor, x_input: Tensor, t: Tensor,
+                 noise: Tensor, loss: str = "l2", snr_cap: float = 5.0) -> Tensor:
+    """eps loss of x_t = q_sample(x_input, t, noise) against the eps that leads back to x_clean; scalar.
+
+    x_clean, x_input, noise [B, C, H, W] in [-1, 1], t [B] long. Samples whose input differs from
+    the clean image are weighted min(1, snr_cap / SNR_t) (min-SNR weighting): their eps target
+    grows like sqrt(SNR_t) * (x_input - x_clean), which would otherwise swamp the loss at small t.
+    """
+    x_t = diffusion.q_sample(x_input, t, noise)
+    abar = diffusion.alphas_cumprod[t].view(-1, 1, 1, 1).to(x_t.dtype)
+    target = (x_t - abar.sqrt() * x_clean) / (1 - abar).sqrt()
+    eps = model(x_t, t.float())
+    err = (eps - target) ** 2 if loss == "l2" else (eps - target).abs()
+    healed = (x_input != x_clean).flatten(1).any(dim=1)
+    snr = abar.view(-1) / (1 - abar.view(-1))
+    weight = torch.where(healed, (snr_cap / snr).clamp(max=1.0), torch.ones_like(snr))
+    return (err.mean(dim=(1, 2, 3)) * weight).mean()
+
+
 def _load_checkpoint(path: Path, cfg: Config, fingerprint: dict[str, Any], dist: _Dist) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
@@ -210,6 +241,10 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
     dist = _Dist(device)
     try:
         dev, tc, dc = dist.device, cfg.train, cfg.diffusion
+        max_steps, max_minutes = tc.max_steps, tc.max_minutes
+        if cfg.head.enabled:  # the denoiser's share of the budget; the head gets the rest
+            max_steps = max(1, round(tc.max_steps * (1 - cfg.head.budget_fraction)))
+            max_minutes = None if tc.max_minutes is None else tc.max_minutes * (1 - cfg.head.budget_fraction)
         ckpt_path = out / "checkpoint.pt"
         if ckpt_path.exists() and not resume:  # checked on every rank so none is left waiting
             raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
@@ -278,13 +313,13 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         start_time, start_step, loss_sum, loss_count = time.perf_counter(), step, torch.zeros((), device=dev), 0
         interrupted = False
-        bar = tqdm(total=tc.max_steps, initial=step, unit="step", mininterval=1.0, dynamic_ncols=True,
+        bar = tqdm(total=max_steps, initial=step, unit="step", mininterval=1.0, dynamic_ncols=True,
                    disable=not (dist.main and sys.stderr.isatty()))
         with _StopFlag() as flag:
             data = batches()
-            while step < tc.max_steps:
+            while step < max_steps:
                 minutes = (time.perf_counter() - start_time) / 60
-                stop = flag.signal is not None or (tc.max_minutes is not None and minutes >= tc.max_minutes)
+                stop = flag.signal is not None or (max_minutes is not None and minutes >= max_minutes)
                 # ranks agree on stopping every log_every steps: one collective, not a host sync per step
                 if (dist.world == 1 or step % tc.log_every == 0) and dist.any(stop):
                     interrupted = dist.any(flag.signal is not None)
@@ -295,7 +330,12 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                                    octaves=dc.octaves, persistence=dc.persistence, frequency=dc.frequency,
                                    standardise=dc.standardise)
                 with autocast:
-                    loss = diffusion.training_loss(net, x_start, t, noise, dc.loss)
+                    if tc.anomaly_fraction > 0:
+                        x_input = synthesize_anomalies((x_start + 1) / 2, noise_gen,
+                                                       clean_fraction=1 - tc.anomaly_fraction)[0] * 2 - 1
+                        loss = healing_loss(net, diffusion, x_start, x_input, t, noise, dc.loss, tc.heal_snr_cap)
+                    else:
+                        loss = diffusion.training_loss(net, x_start, t, noise, dc.loss)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
@@ -313,7 +353,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                 loss_sum += loss.detach().float()
                 loss_count += 1
                 bar.update(1)
-                if step % tc.log_every == 0 or step == tc.max_steps:
+                if step % tc.log_every == 0 or step == max_steps:
                     elapsed = time.perf_counter() - start_time
                     record = {"step": step, "loss": loss_sum.item() / loss_count, "lr": sched.get_last_lr()[0],
                               "images_per_s": (step - start_step) * tc.batch_size * dist.world / max(elapsed, 1e-9),
@@ -334,10 +374,17 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             atomic_write_text(Path(os.environ[HASH_ENV]) / f"rank{dist.rank}.txt", _weights_digest(model.state_dict()))
         bundle = out / "model.pt"
         if dist.main:
-            save_bundle(bundle, cfg=cfg, state_dict=ema.state_dict(), fingerprint=fingerprint)
             elapsed = time.perf_counter() - start_time
             print(f"trained {step - start_step} steps in {elapsed:.1f} s "
-                  f"({(step - start_step) / max(elapsed, 1e-9):.2f} steps/s); bundle: {bundle}", flush=True)
+                  f"({(step - start_step) / max(elapsed, 1e-9):.2f} steps/s)", flush=True)
+            head_state = None
+            if cfg.head.enabled and not interrupted:
+                head_minutes = None if tc.max_minutes is None else max(0.0, tc.max_minutes - elapsed / 60)
+                head_state = _train_head_phase(cfg, ema, diffusion, train_ds, dev, tc.max_steps - max_steps,
+                                               head_minutes, lambda r: append_jsonl(out / "log.jsonl", r))
+            save_bundle(bundle, cfg=cfg, state_dict=ema.state_dict(), fingerprint=fingerprint,
+                        head_state_dict=head_state)
+            print(f"bundle: {bundle}", flush=True)
         if interrupted:
             if dist.main:
                 print(f"interrupted at step {step}; checkpoint saved, continue with --resume",
@@ -349,6 +396,25 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         return bundle
     finally:
         dist.close()
+
+
+def _train_head_phase(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, train_ds: Any, device: torch.device,
+                      max_steps: int, max_minutes: float | None, log_fn: Any) -> dict[str, Tensor]:
+    """Train the scoring head on the frozen EMA denoiser's reconstructions; returns its state_dict."""
+    from anoddpm.detector import Detector
+    from anoddpm.head import build_head, train_head
+
+    detector = Detector(ema, diffusion, cfg.override("detect", scorer="residual")).to(device).eval()
+    torch.manual_seed(cfg.train.seed + 2)  # head init independent of how the denoiser phase ran
+    head = build_head(cfg)
+    if getattr(train_ds, "transform", None) is not None:
+        train_ds.transform.set_random_seed(cfg.train.seed + 2)
+    generator = torch.Generator(device=device).manual_seed((cfg.train.seed + 2) * 1_000_003)
+    summary = train_head(head, detector.reconstruct, train_ds, cfg, generator, max(1, max_steps), max_minutes,
+                         device, log_fn=log_fn)
+    print(f"scoring head: {summary['steps']} steps in {summary['minutes']:.1f} min, loss {summary['loss']:.4f}",
+          flush=True)
+    return head.state_dict()
 
 
 def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device) -> dict[str, Any]:

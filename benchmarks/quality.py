@@ -22,9 +22,15 @@ import numpy as np
 from anoddpm.config import Config
 
 CATEGORIES = {"magnetic_tile": ("magnetic_tile", "magnetic_tile"), "juice_bottle": ("mvtec_loco", "juice_bottle")}
+FAST = {"depth": 50, "steps": 1, "noise": "gaussian"}  # detection the head variants are trained against
+HEAL = {"anomaly_fraction": 0.5}
 TRAIN_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
-    "head": {"head": {"enabled": True}},
+    "head": {"head": {"enabled": True}, "detect": FAST},
+    "heal": {"train": HEAL},
+    "heal_texture": {"train": HEAL, "data": {"augment": "texture"}},
+    "heal_head": {"train": HEAL, "head": {"enabled": True}, "detect": FAST},
+    "texture": {"data": {"augment": "texture"}},
 }
 DETECT_VARIANTS: dict[str, dict[str, Any]] = {
     "paper": {"sampler": "ancestral", "steps": None},  # steps None -> one step per timestep (= depth)
@@ -34,6 +40,10 @@ DETECT_VARIANTS: dict[str, dict[str, Any]] = {
     "K25": {"steps": 25},
     "depth50": {"depth": 50},
     "depth50_K1_gauss": {"depth": 50, "steps": 1, "noise": "gaussian"},
+    "depth100_K1_gauss": {"depth": 100, "steps": 1, "noise": "gaussian"},
+    "depth250_K1_gauss": {"depth": 250, "steps": 1, "noise": "gaussian"},
+    "depth50_K1_gauss_topk": {"depth": 50, "steps": 1, "noise": "gaussian", "score": "topk"},
+    "depth50_K1_gauss_residual": {"depth": 50, "steps": 1, "noise": "gaussian", "scorer": "residual"},
     "topk": {"score": "topk"},
 }
 
@@ -52,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--reuse", action="store_true", help="reuse existing bundles instead of training")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the CPU is shared)")
     return p.parse_args(argv)
 
 
@@ -110,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     from anoddpm.bundle import load_bundle
     from anoddpm.device import resolve_device
 
+    import torch
+
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     for category in args.categories:
         dataset, name = CATEGORIES[category]

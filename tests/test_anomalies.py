@@ -78,3 +78,19 @@ def test_pool_supplies_patches_and_is_checked():
         synthesize_anomalies(images, torch.Generator(), pool=torch.rand(3, 3, 32, 32))
     with pytest.raises(ValueError, match="images"):
         synthesize_anomalies(images[0], torch.Generator())
+
+
+@pytest.mark.parametrize("clean_fraction", [0.0, 1.0])
+def test_clean_fraction_argument(clean_fraction):
+    images = _textures(64, 1, 32, seed=3)
+    out, masks = synthesize_anomalies(images, torch.Generator().manual_seed(2), clean_fraction=clean_fraction)
+    changed = (out != images).flatten(1).any(1).float().mean().item()
+    if clean_fraction == 1.0:
+        assert changed == 0.0 and masks.sum() == 0
+    else:
+        assert changed > 0.9  # only anomalies that came out invisible leave a sample unchanged
+
+
+def test_clean_fraction_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="clean_fraction"):
+        synthesize_anomalies(_textures(2, 1, 32), torch.Generator().manual_seed(0), clean_fraction=1.5)

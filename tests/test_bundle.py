@@ -113,3 +113,15 @@ def test_atomic_writes_replace_and_append(tmp_path):
     append_jsonl(tmp_path / "log.jsonl", {"step": 2})
     assert (tmp_path / "log.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.txt"]
+
+
+def test_head_weights_round_trip_and_are_optional(tmp_path):
+    head = {"out.weight": torch.arange(4.0).view(1, 4, 1, 1)}
+    save_bundle(tmp_path / "with.pt", cfg=_cfg(), state_dict=_weights(), fingerprint={}, head_state_dict=head)
+    save_bundle(tmp_path / "without.pt", cfg=_cfg(), state_dict=_weights(), fingerprint={})
+    assert "head_state_dict" not in torch.load(tmp_path / "without.pt", weights_only=True)
+    assert load_bundle(tmp_path / "without.pt").head_state_dict is None
+    loaded = load_bundle(tmp_path / "with.pt").head_state_dict
+    assert torch.equal(loaded["out.weight"], head["out.weight"])
+    update_threshold(tmp_path / "with.pt", {"image": 0.5})
+    assert torch.equal(load_bundle(tmp_path / "with.pt").head_state_dict["out.weight"], head["out.weight"])

@@ -126,3 +126,38 @@ def test_onnx_trace_matches_torch(tmp_path):
         t_amap, t_score, t_recon = det(images)
     np.testing.assert_allclose(recon, t_recon.numpy(), atol=1e-4)
     np.testing.assert_allclose(score, t_score.numpy(), atol=1e-4, rtol=1e-3)
+
+
+def _head_state(cfg):
+    from anoddpm.head import build_head
+
+    torch.manual_seed(3)
+    return build_head(cfg).state_dict()
+
+
+def test_head_scorer_maps_are_the_smoothed_head_probability():
+    cfg = _cfg(scorer="auto")
+    state, head_state = _randomised_state(cfg), _head_state(cfg)
+    det = Detector.from_config(cfg, state, head_state).eval()
+    plain = Detector.from_config(cfg.override("detect", scorer="residual"), state, head_state).eval()
+    assert det.head is not None and plain.head is None
+    images = _images(2)
+    with torch.inference_mode():
+        amap, score, recon = det(images)
+        p_amap, _, p_recon = plain(images)
+        expected = gaussian_blur(det.head.anomaly_map(images, recon), cfg.detect.smoothing_sigma)
+    torch.testing.assert_close(recon, p_recon, rtol=0, atol=0)
+    torch.testing.assert_close(amap, expected, rtol=0, atol=0)
+    torch.testing.assert_close(score, amap.flatten(1).amax(1), rtol=0, atol=0)
+    assert 0 <= amap.min() and amap.max() <= 1
+    assert (amap - p_amap).abs().max() > 1e-3
+
+
+def test_head_scorer_without_head_is_refused_and_auto_falls_back():
+    cfg = _cfg()
+    state = _randomised_state(cfg)
+    with pytest.raises(ValueError, match="detect.scorer='head'"):
+        Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu", scorer="head")
+    assert Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu").head is None
+    with_head = SimpleNamespace(cfg=cfg, state_dict=state, head_state_dict=_head_state(cfg))
+    assert Detector.from_bundle(with_head, "cpu").head is not None

@@ -158,3 +158,48 @@ def test_sigkill_never_leaves_a_half_written_checkpoint(data_root, tmp_path):
     assert done.returncode == 0, err
     assert not list(run.glob(".*.tmp"))
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == ckpt["step"] + 2
+
+
+def test_healing_loss_points_at_the_clean_image():
+    from anoddpm.diffusion import GaussianDiffusion
+    from anoddpm.train import healing_loss
+
+    diffusion = GaussianDiffusion.from_config(Config().diffusion)
+    g = torch.Generator().manual_seed(0)
+    clean, noise = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randn(4, 1, 8, 8, generator=g)
+    damaged = clean.clone()
+    damaged[:2, :, 2:5, 2:5] = 1.0
+    t = torch.tensor([3, 600, 10, 700])
+
+    class Oracle(torch.nn.Module):  # predicts the eps that leads from x_t back to the clean image
+        def forward(self, x_t, t_float):
+            abar = diffusion.alphas_cumprod[t_float.long()].view(-1, 1, 1, 1)
+            return (x_t - abar.sqrt() * clean) / (1 - abar).sqrt()
+
+    assert healing_loss(Oracle(), diffusion, clean, damaged, t, noise).item() < 1e-8
+    zero = torch.nn.Module()
+    zero.forward = lambda x_t, t_float: torch.zeros_like(x_t)
+    plain = diffusion.training_loss(zero, clean, t, noise)
+    torch.testing.assert_close(healing_loss(zero, diffusion, clean, clean, t, noise), plain)
+    # a damaged sample at small t (SNR ~ 3000) is weighted down to snr_cap / SNR: its loss stays O(1)
+    assert healing_loss(zero, diffusion, clean[:1], damaged[:1], t[:1], noise[:1]).item() < 10
+
+
+def test_healing_resume_is_exact_and_head_lands_in_the_bundle(data_root, tmp_path):
+    from anoddpm.detector import Detector
+
+    cfg = _cfg(8, anomaly_fraction=0.5).override("head", enabled=True, budget_fraction=0.25, batch_size=2,
+                                                   base_channels=8)
+    train(cfg, data_root, "syn", tmp_path / "whole", device="cpu")
+    train(cfg.override("train", max_steps=4), data_root, "syn", tmp_path / "split", device="cpu")
+    train(cfg, data_root, "syn", tmp_path / "split", resume=True, device="cpu")
+    logs = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "phase" not in r] == list(range(1, 7))  # 6 denoiser steps
+    assert [r["step"] for r in logs if r.get("phase") == "head"] == [1, 2]
+    whole, split = (load_bundle(tmp_path / r / "model.pt") for r in ("whole", "split"))
+    assert all(torch.equal(whole.state_dict[k], split.state_dict[k]) for k in whole.state_dict)
+    assert whole.head_state_dict is not None
+    assert all(torch.equal(whole.head_state_dict[k], split.head_state_dict[k]) for k in whole.head_state_dict)
+    assert whole.threshold["detect"]["scorer"] == "auto"
+    det = Detector.from_bundle(whole, "cpu")
+    assert det.head is not None and whole.threshold["image"] <= 1.0  # a smoothed probability
