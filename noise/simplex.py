@@ -228,7 +228,7 @@ def _mid_codes() -> list[int]:
 _MID = _mid_codes()
 
 
-def _case3(xins: Tensor, yins: Tensor, zins: Tensor, in_sum: Tensor) -> Tensor:
+def _case3(xins: Tensor, yins: Tensor, zins: Tensor, in_sum: Tensor, mid: Tensor) -> Tensor:
     """Per-point row of the extra-vertex table (float): the reference's branch analysis as arithmetic."""
     # (0,0,0) tetrahedron: the closest two of (1,0,0)=1, (0,1,0)=2, (0,0,1)=4 (the two replacements exclude).
     x_ge_y = _ge(xins, yins)
@@ -272,7 +272,6 @@ def _case3(xins: Tensor, yins: Tensor, zins: Tensor, in_sum: Tensor) -> Tensor:
     rep_b = (1 - a_le_b) * _gt(sc, b_sc)
     a_pt = _pick(rep_a, p3_pt, a_pt)
     b_pt = _pick(rep_b, p3_pt, b_pt)
-    mid = torch.tensor(_MID, dtype=xins.dtype, device=xins.device)
     code_mid = mid.index_select(0, (a_pt * 8 + b_pt).to(torch.int32).reshape(-1)).reshape(xins.shape)
     code = _pick(_ge(in_sum, 2), code_hi, code_mid)
     return _pick(_le(in_sum, 1), code_lo, code)
@@ -282,35 +281,41 @@ _EXT_CACHE: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
 
 def _ext_tables(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Two extra vertices per case: int32 [4*448] (lattice add, z offset) and shifts [6*448], column-major."""
+    """(table [10, 448], mid [64]): per case code, rows (lattice add, z add, sx, sy, sz) of both extra vertices.
+
+    One column gather fetches all ten values (cheaper than ten 1-D gathers); the lattice adds are small
+    integers, exact in float32. `mid` maps a_pt * 8 + b_pt to the octahedron's case code.
+    """
     key = (device, dtype)
     if key not in _EXT_CACHE:
-        ints, shifts = [], []
+        rows = []
         for e in (0, 3):
             ox, oy, oz = ([row[e + a] for row in _EXT3] for a in range(3))
             n = [(a + b + c) * SQUISH3 for a, b, c in zip(ox, oy, oz)]
-            ints += [[a * _PAD + b for a, b in zip(ox, oy)], oz]
-            shifts += [[a + m for a, m in zip(o, n)] for o in (ox, oy, oz)]
+            rows += [[a * _PAD + b for a, b in zip(ox, oy)], oz]
+            rows += [[a + m for a, m in zip(o, n)] for o in (ox, oy, oz)]
         _EXT_CACHE[key] = (
-            torch.tensor(ints, dtype=torch.int32, device=device).reshape(-1),
-            torch.tensor(shifts, dtype=torch.float64, device=device).to(dtype).reshape(-1),
+            torch.tensor(rows, dtype=torch.float64, device=device).to(dtype),
+            torch.tensor(_MID, dtype=dtype, device=device),
         )
     return _EXT_CACHE[key]
 
 
-def _contrib3(
-    tab: Tables, lattice: Tensor, zlattice: Tensor, dx: Tensor, dy: Tensor, dz: Tensor, keep: Tensor | None = None
-) -> Tensor:
-    attn = (dx * dx).addcmul_(dy, dy).addcmul_(dz, dz).neg_().add_(2).clamp_min_(0)
-    if keep is not None:
-        attn.mul_(keep)  # float 0/1: drops vertices the reference does not use for this point
-    attn = attn.square_().square_()
+def _gradient_dot(tab: Tables, lattice: Tensor, zlattice: Tensor, dx: Tensor, dy: Tensor, dz: Tensor) -> Tensor:
+    """g . (dx, dy, dz) with g the gradient hashed from lattice point (lattice, zlattice)."""
     h = tab.hash3.index_select(0, lattice)
     g = tab.grad3p.index_select(1, h.add_(zlattice))
-    return (g[0] * dx).addcmul_(g[1], dy).addcmul_(g[2], dz).mul_(attn)
+    return (g[0] * dx).addcmul_(g[1], dy).addcmul_(g[2], dz)
+
+
+def _add_vertex(value: Tensor, tab: Tables, lattice: Tensor, zlattice: Tensor, attn: Tensor, d: tuple) -> None:
+    """value += max(attn, 0)**4 * (g . d): one vertex's contribution, `attn` = 2 - |d|**2 (overwritten)."""
+    attn = attn.clamp_min_(0).square_().square_()
+    value.addcmul_(attn, _gradient_dot(tab, lattice, zlattice, *d))
 
 
 _CORNERS3 = [(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+_OFF = 100.0  # subtracted from attn of corners the reference skips for a point, so the clamp zeroes them
 
 
 def noise3(x: Tensor, y: Tensor, z: Tensor, tab: Tables, field: Tensor | None = None) -> Tensor:
@@ -323,9 +328,7 @@ def noise3(x: Tensor, y: Tensor, z: Tensor, tab: Tables, field: Tensor | None = 
     xins, yins, zins = xs - xsb_f, ys - ysb_f, zs - zsb_f
     in_sum = xins + yins + zins
     sq = (xsb_f + ysb_f + zsb_f) * SQUISH3
-    dx0 = (x - (xsb_f + sq)).reshape(-1)
-    dy0 = (y - (ysb_f + sq)).reshape(-1)
-    dz0 = (z - (zsb_f + sq)).reshape(-1)
+    d0 = [(c - (cb + sq)).reshape(-1) for c, cb in ((x, xsb_f), (y, ysb_f), (z, zsb_f))]
     xsb = xsb_f.to(torch.int32) & 255
     ysb = ysb_f.to(torch.int32) & 255
     zsb = zsb_f.to(torch.int32) & 255
@@ -336,22 +339,46 @@ def noise3(x: Tensor, y: Tensor, z: Tensor, tab: Tables, field: Tensor | None = 
         zbase = zbase + field * _ZPAD
     base = base.reshape(-1)
     zbase = zbase.reshape(-1)
-    # Float 0/1 masks of the two tetrahedra (bool masks and torch.where are slow on CPU).
     lower = _le(in_sum, 1).reshape(-1)
     upper = _ge(in_sum, 2).reshape(-1)
-    value = torch.zeros_like(dx0)
-    for i, j, k in _CORNERS3:
-        # The reference uses the (0,0,0)-side corners outside the upper tetrahedron and vice versa.
-        n = i + j + k
-        keep = 1 - upper if n == 1 else 1 - lower if n == 2 else lower if n == 0 else upper
-        s = n * SQUISH3
-        value += _contrib3(tab, base + (i * _PAD + j), zbase + k, dx0 - (i + s), dy0 - (j + s), dz0 - (k + s), keep)
-    code = _case3(xins, yins, zins, in_sum).to(torch.int32).reshape(-1)
-    ints, shifts = _ext_tables(x.device, x.dtype)
-    cases = len(_EXT3)
+    value = torch.zeros_like(d0[0])
+    _add_corners(value, tab, base, zbase, d0, lower, upper)
+    table, mid = _ext_tables(x.device, x.dtype)
+    code = _case3(xins, yins, zins, in_sum, mid).to(torch.int32).reshape(-1)
+    ext = table.index_select(1, code)
     for e in range(2):
-        lattice = ints.index_select(0, code + 2 * e * cases).add_(base)
-        zlattice = ints.index_select(0, code + (2 * e + 1) * cases).add_(zbase)
-        sx, sy, sz = (shifts.index_select(0, code + (3 * e + a) * cases) for a in range(3))
-        value += _contrib3(tab, lattice, zlattice, dx0 - sx, dy0 - sy, dz0 - sz)
+        lattice, zlattice, sx, sy, sz = ext[5 * e : 5 * e + 5]
+        d = (d0[0] - sx, d0[1] - sy, d0[2] - sz)
+        attn = (d[0] * d[0]).addcmul_(d[1], d[1]).addcmul_(d[2], d[2]).neg_().add_(2)
+        _add_vertex(value, tab, lattice.to(torch.int32).add_(base), zlattice.to(torch.int32).add_(zbase), attn, d)
     return (value / NORM3).reshape(shape)
+
+
+def _add_corners(value: Tensor, tab: Tables, base: Tensor, zbase: Tensor, d0: list, lower: Tensor, upper: Tensor):
+    """Add the cube corners the reference uses: (0,0,0)-side ones outside the upper tetrahedron and vice versa.
+
+    With o = c + |c|/3 the corner's offset, 2 - |d0 - o|**2 = 2 - |d0|**2 - |o|**2 + 2 c.d0 + (2|c|/3) S
+    (S = sum of d0), so per corner attn is one add on a shared base; skipped corners get -_OFF in the base.
+    """
+    s = d0[0] + d0[1] + d0[2]
+    a = (d0[0] * d0[0]).addcmul_(d0[1], d0[1]).addcmul_(d0[2], d0[2]).neg_().add_(2)
+    bases = [  # per corner weight n = |c|: 2 - |d0|**2 - |o|**2 + (2n/3) S  (|o|**2 = 0, 2, 6, 12)
+        a + (lower - 1) * _OFF,
+        torch.add(a, s, alpha=2 / 3).sub_(upper * _OFF + 2),
+        torch.add(a, s, alpha=4 / 3).sub_(lower * _OFF + 6),
+        torch.add(a, s, alpha=2).sub_(12 + (1 - upper) * _OFF),
+    ]
+    shifted: dict[tuple[int, float], Tensor] = {}
+    for c in _CORNERS3:
+        n = sum(c)
+        attn = bases[n].clone()
+        for axis, ci in enumerate(c):
+            if ci:
+                attn.add_(d0[axis], alpha=2)
+        d = []
+        for axis, ci in enumerate(c):
+            key = (axis, ci + n * SQUISH3)
+            if key not in shifted:
+                shifted[key] = d0[axis] - key[1]
+            d.append(shifted[key])
+        _add_vertex(value, tab, base + (c[0] * _PAD + c[1]), zbase + c[2], attn, tuple(d))
