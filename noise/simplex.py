@@ -96,6 +96,28 @@ def _i32(b: Tensor) -> Tensor:
     return b.to(torch.int32)
 
 
+def _gt(a: Tensor, b: Tensor | float) -> Tensor:
+    """1.0 where a > b else 0.0; float masks because bool tensors and torch.where are ~10x slower on CPU."""
+    return torch.gt(a, b, out=torch.empty_like(a))
+
+
+def _ge(a: Tensor, b: Tensor | float) -> Tensor:
+    """1.0 where a >= b else 0.0 (see _gt)."""
+    return torch.ge(a, b, out=torch.empty_like(a))
+
+
+def _le(a: Tensor, b: float) -> Tensor:
+    """1.0 where a <= b else 0.0 (see _gt)."""
+    return torch.le(a, b, out=torch.empty_like(a))
+
+
+def _pick(mask: Tensor, a: Tensor, b: Tensor | float) -> Tensor:
+    """a where mask == 1 else b; lerp returns either end bit-exactly for weights 0 and 1."""
+    if not isinstance(b, Tensor):
+        b = torch.full_like(a, b)
+    return torch.lerp(b, a, mask)
+
+
 def _lattice(xsb: Tensor, ysb: Tensor, field: Tensor | None) -> Tensor:
     """Flat index into `grad2` of lattice point (xsb, ysb) in each point's field."""
     idx = ((xsb & 255) << 8) | (ysb & 255)
@@ -125,23 +147,20 @@ def noise2(x: Tensor, y: Tensor, tab: Tables, field: Tensor | None = None) -> Te
     in_sum = xins + yins
     value = _contrib2(tab, xsb + 1, ysb, dx0 - (1 + SQUISH2), dy0 - SQUISH2, field)
     value += _contrib2(tab, xsb, ysb + 1, dx0 - SQUISH2, dy0 - (1 + SQUISH2), field)
-    lower = in_sum <= 1
-    x_gt_y = xins > yins
-    # Extra vertex offset (ox, oy) relative to (xsb, ysb), following the reference's case analysis.
-    lo_near = (1 - in_sum > xins) | (1 - in_sum > yins)
-    hi_near = (2 - in_sum < xins) | (2 - in_sum < yins)
-    one = torch.ones_like(xsb)
-    zero = torch.zeros_like(xsb)
-    ox = torch.where(lower, torch.where(lo_near, torch.where(x_gt_y, one, -one), one),
-                     torch.where(hi_near, torch.where(x_gt_y, 2 * one, zero), zero))
-    oy = torch.where(lower, torch.where(lo_near, torch.where(x_gt_y, -one, one), one),
-                     torch.where(hi_near, torch.where(x_gt_y, zero, 2 * one), zero))
-    base = (~lower).to(torch.int32)
-    oxf = ox.to(x.dtype)
-    oyf = oy.to(x.dtype)
+    # Extra vertex offset (ox, oy) relative to (xsb, ysb), following the reference's case analysis with
+    # float 0/1 masks (bool tensors and torch.where are slow on CPU).
+    lower = _le(in_sum, 1)
+    x_gt_y = _gt(xins, yins)
+    lo_near = torch.maximum(_gt(1 - in_sum, xins), _gt(1 - in_sum, yins))
+    hi_near = torch.maximum(_gt(xins, 2 - in_sum), _gt(yins, 2 - in_sum))
+    oxf = _pick(lower, 1 - 2 * lo_near * (1 - x_gt_y), 2 * hi_near * x_gt_y)
+    oyf = _pick(lower, 1 - 2 * lo_near * x_gt_y, 2 * hi_near * (1 - x_gt_y))
+    ox = oxf.to(torch.int32)
+    oy = oyf.to(torch.int32)
+    base = (1 - lower).to(torch.int32)
     shift = (oxf + oyf) * SQUISH2
     value += _contrib2(tab, xsb + ox, ysb + oy, dx0 - (oxf + shift), dy0 - (oyf + shift), field)
-    bf = base.to(x.dtype) * (1 + 2 * SQUISH2)
+    bf = (1 - lower) * (1 + 2 * SQUISH2)
     value += _contrib2(tab, xsb + base, ysb + base, dx0 - bf, dy0 - bf, field)
     return value / NORM2
 
@@ -188,28 +207,6 @@ def _ext_table3() -> list[list[int]]:
 
 
 _EXT3 = _ext_table3()
-
-
-def _gt(a: Tensor, b: Tensor | float) -> Tensor:
-    """1.0 where a > b else 0.0; float masks because bool tensors and torch.where are ~10x slower on CPU."""
-    return torch.gt(a, b, out=torch.empty_like(a))
-
-
-def _ge(a: Tensor, b: Tensor | float) -> Tensor:
-    """1.0 where a >= b else 0.0 (see _gt)."""
-    return torch.ge(a, b, out=torch.empty_like(a))
-
-
-def _le(a: Tensor, b: float) -> Tensor:
-    """1.0 where a <= b else 0.0 (see _gt)."""
-    return torch.le(a, b, out=torch.empty_like(a))
-
-
-def _pick(mask: Tensor, a: Tensor, b: Tensor | float) -> Tensor:
-    """a where mask == 1 else b; lerp returns either end bit-exactly for weights 0 and 1."""
-    if not isinstance(b, Tensor):
-        b = torch.full_like(a, b)
-    return torch.lerp(b, a, mask)
 
 
 def _mid_codes() -> list[int]:
