@@ -352,26 +352,31 @@ def noise3(x: Tensor, y: Tensor, z: Tensor, tab: Tables, field: Tensor | None = 
 
 
 def _add_corners(value: Tensor, tab: Tables, base: Tensor, zbase: Tensor, d0: list, lower: Tensor, upper: Tensor):
-    """Add the cube corners the reference uses: (0,0,0)-side ones outside the upper tetrahedron and vice versa.
+    """Add the cube corners the reference uses: (0,0,0) in the lower tetrahedron, (1,1,1) in the upper one,
+    the three |c| = 1 corners outside the upper and the three |c| = 2 corners outside the lower tetrahedron.
 
     With o = c + |c|/3 the corner's offset, 2 - |d0 - o|**2 = 2 - |d0|**2 - |o|**2 + 2 c.d0 + (2|c|/3) S
-    (S = sum of d0), so per corner attn is one add on a shared base; skipped corners get -_OFF in the base.
+    (S = sum of d0, |o|**2 = 0, 2, 6, 12 for |c| = 0..3), so each corner's attn is one add on a shared base;
+    skipped corners get -_OFF in the base so the clamp zeroes them. (0,0,0) and (1,1,1) share one slot.
     """
     s = d0[0] + d0[1] + d0[2]
     a = (d0[0] * d0[0]).addcmul_(d0[1], d0[1]).addcmul_(d0[2], d0[2]).neg_().add_(2)
-    bases = [  # per corner weight n = |c|: 2 - |d0|**2 - |o|**2 + (2n/3) S  (|o|**2 = 0, 2, 6, 12)
-        a + (lower - 1) * _OFF,
-        torch.add(a, s, alpha=2 / 3).sub_(upper * _OFF + 2),
-        torch.add(a, s, alpha=4 / 3).sub_(lower * _OFF + 6),
-        torch.add(a, s, alpha=2).sub_(12 + (1 - upper) * _OFF),
-    ]
+    # (0,0,0) or (1,1,1): at most one of lower/upper is set, so the max picks its attn (or stays negative).
+    attn = torch.maximum(a + (lower - 1) * _OFF, torch.add(a, s, alpha=4).sub_(12 + (1 - upper) * _OFF))
+    up = upper.to(torch.int32)
+    far = upper * 2  # (1,1,1) sits at offset 1 + 3 * SQUISH3 = 2 on every axis
+    _add_vertex(value, tab, base + up * (_PAD + 1), zbase + up, attn, tuple(c - far for c in d0))
+    base1 = torch.add(a, s, alpha=2 / 3).sub_(upper * _OFF + 2)
+    base2 = torch.add(a, s, alpha=2 + 4 / 3).sub_(lower * _OFF + 6)  # + 2 S, minus twice the missing axis
     shifted: dict[tuple[int, float], Tensor] = {}
     for c in _CORNERS3:
         n = sum(c)
-        attn = bases[n].clone()
-        for axis, ci in enumerate(c):
-            if ci:
-                attn.add_(d0[axis], alpha=2)
+        if n == 1:
+            attn = torch.add(base1, d0[c.index(1)], alpha=2)
+        elif n == 2:
+            attn = torch.add(base2, d0[c.index(0)], alpha=-2)
+        else:
+            continue
         d = []
         for axis, ci in enumerate(c):
             key = (axis, ci + n * SQUISH3)
