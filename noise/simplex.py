@@ -1,7 +1,9 @@
 """OpenSimplex (legacy, KdotJPG) 2-D/3-D noise in vectorised torch, value-for-value equal to `opensimplex`.
 
-The reference's per-point branches become integer case codes and table lookups: in 3-D every point
-evaluates the 8 cube corners (masked to its tetrahedron/octahedron) plus 2 extra vertices looked up by case.
+The reference's per-point branches become case codes and table lookups: in 3-D every point evaluates 9
+vertices, the 6 middle cube corners and one (0,0,0)/(1,1,1) slot (masked to its tetrahedron/octahedron
+through the attenuation clamp) plus 2 extra vertices looked up by case. Masks are float 0/1 tensors and
+selections use lerp, because bool tensors and torch.where are several times slower than arithmetic on CPU.
 The lattice hash `perm[(perm[X & 255] + Y) & 255]` is folded into padded per-field tables, so a lattice
 point costs one integer gather plus one gradient gather. Tables carry a leading field axis so `fractal.py`
 evaluates many independent fields (one permutation each) in a single pass.

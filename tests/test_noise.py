@@ -118,3 +118,17 @@ def test_cuda_matches_cpu() -> None:
     t = torch.tensor([3, 4], device="cuda")
     n = noise.make_noise("simplex", (2, 1, 32, 32), t=t, generator=g, device="cuda")
     assert n.device.type == "cuda" and n.shape == (2, 1, 32, 32)
+
+
+def test_simplex_noise_same_for_any_thread_count() -> None:
+    """CPU blocks go to a thread pool; the result must not depend on the thread count (here > 1 block)."""
+    t = torch.tensor([5, 700])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = noise.simplex_noise((2, 1, 160, 160), t, octaves=2, generator=torch.Generator().manual_seed(4))
+        torch.set_num_threads(2)
+        two = noise.simplex_noise((2, 1, 160, 160), t, octaves=2, generator=torch.Generator().manual_seed(4))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
