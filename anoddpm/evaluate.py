@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from anoddpm.cli import detect_overrides
+from anoddpm.config import DetectConfig
 from anoddpm.scoring_loop import ScoredSet, score_images
 
 
@@ -128,8 +129,13 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
 
 def same_detect_settings(stored: dict[str, Any] | None, current: dict[str, Any]) -> bool:
-    """True when a stored threshold was calibrated with the detection settings now in use."""
-    return stored is not None and all(stored.get(k) == v for k, v in current.items() if k != "threshold_quantile")
+    """True when a stored threshold was calibrated with the detection settings now in use.
+
+    A field missing from the stored dict (a bundle older than that field) counts as its default.
+    """
+    defaults = asdict(DetectConfig())
+    return stored is not None and all(stored.get(k, defaults.get(k)) == v for k, v in current.items()
+                                      if k != "threshold_quantile")
 
 
 def resolve_threshold(bundle: Any, detector: torch.nn.Module, device: torch.device, batch_size: int,

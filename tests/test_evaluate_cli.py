@@ -86,6 +86,13 @@ def test_stored_threshold_is_reused_only_for_thesame_detect_settingsion_settings
     assert same_detect_settings(None, detect) is False
 
 
+def test_stored_threshold_from_an_older_bundle_counts_missing_fields_as_defaults() -> None:
+    detect = asdict(tiny_config().detect)
+    older = {k: v for k, v in detect.items() if k != "seed"}
+    assert same_detect_settings(older, detect) is True
+    assert same_detect_settings(older, {**detect, "seed": 1}) is False
+
+
 def test_calibrate_f1_uses_labelled_defects(setup: tuple[Path, Path], tmp_path: Path) -> None:
     data, model = setup
     copy = tmp_path / "model.pt"
