@@ -60,7 +60,8 @@ class DiffusionConfig:
     persistence: float = 0.8
     frequency: float = 64.0  # simplex wavelength in pixels at the first octave (AnoDDPM meaning)
     standardise: bool = True  # simplex fields rescaled to zero mean, unit variance
-    t_max_fraction: float = 0.8  # training draws t from [0, t_max_fraction * T)
+    # 0.1 = twice the default detection depth: the budget goes to the noise levels detection uses
+    t_max_fraction: float = 0.1  # training draws t from [0, t_max_fraction * T)
     loss: str = "l2"
 
 
@@ -84,7 +85,7 @@ class TrainConfig:
     # Healing ("anomaly-aware") training: this share of training samples is noised from a synthetic
     # anomaly version of the image (anoddpm.anomalies) while the target stays the clean image, so
     # the denoiser learns to remove defects instead of reproducing them. 0 = plain AnoDDPM.
-    anomaly_fraction: float = 0.0
+    anomaly_fraction: float = 0.5  # share of samples noised from a synthetic anomaly (healing training)
     heal_snr_cap: float = 5.0  # min-SNR weight cap of the healing samples' loss (bounds small-t targets)
 
 
@@ -92,11 +93,12 @@ class TrainConfig:
 class DetectConfig:
     """Partial-diffusion reconstruction and scoring at inspection time."""
 
-    depth: int = 250  # partial-diffusion depth = the paper's lambda, in steps of T
-    steps: int = 10  # K deterministic strided steps from depth to 0 (fast path)
+    # defaults measured on magnetic_tile (docs/quality.md): shallow Gaussian noising + one step
+    depth: int = 50  # partial-diffusion depth = the paper's lambda, in steps of T
+    steps: int = 1  # K deterministic strided steps from depth to 0 (fast path)
     sampler: str = "ddim"  # ddim = fast deterministic path; ancestral = the paper's path
     samples: int = 1  # reconstructions averaged per image
-    noise: str = "simplex"  # noise kind used to noise the image at detection
+    noise: str = "gaussian"  # noise kind used to noise the image at detection
     residual: str = "l2"
     smoothing_sigma: float = 4.0  # Gaussian blur of the anomaly map, pixels; 0 = off
     score: str = "max"  # max | topk (mean of the top-k pixels)
@@ -110,7 +112,7 @@ class DetectConfig:
 class HeadConfig:
     """Optional learned scoring head trained on synthetic anomalies after the denoiser."""
 
-    enabled: bool = False
+    enabled: bool = True  # train a learned scoring head after the denoiser (detect.scorer auto uses it)
     budget_fraction: float = 0.5  # share of the training budget (steps and minutes) given to the head
     base_channels: int = 16
     batch_size: int = 8

@@ -31,6 +31,9 @@ TRAIN_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "heal_texture": {"train": HEAL, "data": {"augment": "texture"}},
     "heal_head": {"train": HEAL, "head": {"enabled": True}, "detect": FAST},
     "texture": {"data": {"augment": "texture"}},
+    "heal_t100": {"train": HEAL, "diffusion": {"t_max_fraction": 0.1}},
+    "heal_head_t100": {"train": HEAL, "diffusion": {"t_max_fraction": 0.1}, "head": {"enabled": True},
+                       "detect": FAST},
 }
 DETECT_VARIANTS: dict[str, dict[str, Any]] = {
     "paper": {"sampler": "ancestral", "steps": None},  # steps None -> one step per timestep (= depth)
@@ -39,6 +42,7 @@ DETECT_VARIANTS: dict[str, dict[str, Any]] = {
     "K5": {"steps": 5},
     "K25": {"steps": 25},
     "depth50": {"depth": 50},
+    "depth50_K1": {"depth": 50, "steps": 1},
     "depth50_K1_gauss": {"depth": 50, "steps": 1, "noise": "gaussian"},
     "depth100_K1_gauss": {"depth": 100, "steps": 1, "noise": "gaussian"},
     "depth250_K1_gauss": {"depth": 250, "steps": 1, "noise": "gaussian"},
