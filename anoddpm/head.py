@@ -112,4 +112,5 @@ def train_head(head: ScoringHead, reconstruct_fn: Callable[[Tensor], Tensor], tr
             minutes = (time.monotonic() - start) / 60
             log_fn({"phase": "head", "step": step, "loss": float(loss.detach()), "minutes": minutes})
     head.eval()
-    return {"steps": step, "minutes": (time.monotonic() - start) / 60, "loss": float(torch.stack(recent).mean())}
+    loss = float(torch.stack(recent).mean()) if recent else float("nan")  # nan: the time budget was already spent
+    return {"steps": step, "minutes": (time.monotonic() - start) / 60, "loss": loss}

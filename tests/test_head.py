@@ -77,3 +77,12 @@ def test_onnx_export_matches_torch(tmp_path):
     with torch.no_grad():
         want = head(x1, r1).numpy()
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_train_head_with_a_spent_time_budget_returns_without_steps():
+    cfg = Config().override("head", base_channels=8, batch_size=2)
+    images = [torch.rand(1, 32, 32) for _ in range(3)]
+    head = build_head(cfg.override("data", image_size=32))
+    stats = train_head(head, lambda x: x, images, cfg, torch.Generator().manual_seed(0), max_steps=5,
+                       max_minutes=0.0, device=torch.device("cpu"))
+    assert stats["steps"] == 0 and np.isnan(stats["loss"]) and not head.training
