@@ -112,7 +112,7 @@ class DetectConfig:
 class HeadConfig:
     """Optional learned scoring head trained on synthetic anomalies after the denoiser."""
 
-    enabled: bool = True  # train a learned scoring head after the denoiser (detect.scorer auto uses it)
+    enabled: bool = False  # train a learned scoring head after the denoiser (detect.scorer auto uses it)
     budget_fraction: float = 0.5  # share of the training budget (steps and minutes) given to the head
     base_channels: int = 16
     batch_size: int = 8
