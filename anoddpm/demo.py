@@ -23,15 +23,18 @@ def _step(title: str, argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def run_demo(out: Path, minutes: float, size: int, preset: str, n_train: int) -> dict:
-    """Run every step into `out`; returns the summary (metrics and seconds per step)."""
+def run_demo(out: Path, minutes: float, size: int, preset: str, n_train: int, max_steps: int | None = None) -> dict:
+    """Run every step into `out`; returns the summary (metrics and seconds per step).
+
+    Training stops at `minutes` or `max_steps`, whichever comes first."""
     data, run, report = out / "data", out / "run", out / "report"
     onnx_path, inspect_dir = out / "model.onnx", out / "inspect"
     seconds = {
         "synth": _step("generate data", ["synth", "--out", str(data), "--category", "demo", "--size", str(size),
                                           "--n-train", str(n_train), "--seed", "0"]),
         "train": _step("train", ["train", "--data", str(data), "--category", "demo", "--out", str(run),
-                                 "--image-size", str(size), "--preset", preset, "--max-minutes", str(minutes)]),
+                                 "--image-size", str(size), "--preset", preset, "--max-minutes", str(minutes),
+                                 *(["--max-steps", str(max_steps)] if max_steps else [])]),
         "evaluate": _step("evaluate", ["evaluate", "--model", str(run / "model.pt"), "--data", str(data),
                                        "--category", "demo", "--out", str(report)]),
         "export": _step("export", ["export", "--model", str(run / "model.pt"), "--out", str(onnx_path)]),
@@ -68,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--preset", default="tiny", help="UNet preset (default tiny)")
     p.add_argument("--n-train", type=int, default=60, help="generated training images (default 60)")
+    p.add_argument("--max-steps", type=int, help="also stop training after this many steps")
     args = p.parse_args(argv)
-    summary = run_demo(Path(args.out), args.minutes, args.size, args.preset, args.n_train)
+    summary = run_demo(Path(args.out), args.minutes, args.size, args.preset, args.n_train, args.max_steps)
     _print_summary(summary)
     return 0
 

@@ -1,0 +1,21 @@
+"""The demo's steps end to end through the CLI at reduced size: synth, train, evaluate, export, inspect."""
+from __future__ import annotations
+
+import json
+
+from anoddpm.demo import run_demo
+from eval.metrics import METRIC_KEYS
+
+
+def test_demo_steps_end_to_end(tmp_path):
+    summary = run_demo(tmp_path, minutes=2.0, size=32, preset="tiny", n_train=12, max_steps=4)
+    metrics = summary["metrics"]
+    assert set(METRIC_KEYS) <= metrics.keys()
+    assert metrics["n_images"] == 50  # synth's default 20 good + 30 defective test images
+    assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["threshold"] > 0
+    assert (tmp_path / "report" / "index.html").is_file()
+    assert (tmp_path / "model.onnx").stat().st_size > 0
+    records = summary["inspections"]
+    assert len(records) == 5 and all({"pred_score", "pred_label", "latency_ms"} <= r.keys() for r in records)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log if "step" in r) == 4
