@@ -33,20 +33,20 @@ class DataConfig:
     resize_policy: str = "resize"  # resize | crop (short side, centre crop) | pad (long side, pad)
     augment: str = "none"  # none | texture (flips + rot90, for textures)
     val_fraction: float = 0.1  # share of train/good held back for threshold calibration
-    min_val_images: int = 4
+    min_val_images: int = 4  # validation images kept at least (when the data has twice as many)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The eps-predicting UNet; fields left at None are filled from ``preset``."""
 
-    preset: str = "small"
-    base_channels: int | None = None
-    channel_mults: tuple[int, ...] | None = None
-    num_res_blocks: int | None = None
+    preset: str = "small"  # tiny | small | base | paper (see benchmarks/presets.py)
+    base_channels: int | None = None  # channels of the first level (None = preset)
+    channel_mults: tuple[int, ...] | None = None  # channel multiplier per level (None = preset)
+    num_res_blocks: int | None = None  # residual blocks per level (None = preset)
     attention_resolutions: tuple[int, ...] | None = None  # feature-map sides with attention
-    num_heads: int = 4
-    dropout: float = 0.0
+    num_heads: int = 4  # attention heads
+    dropout: float = 0.0  # dropout in residual blocks
 
 
 @dataclass(frozen=True)
@@ -54,34 +54,34 @@ class DiffusionConfig:
     """Forward process and the noise used in it."""
 
     timesteps: int = 1000  # T
-    beta_schedule: str = "linear"
+    beta_schedule: str = "linear"  # linear | cosine
     noise: str = "simplex"  # noise kind used for training
-    octaves: int = 6
-    persistence: float = 0.8
+    octaves: int = 6  # simplex octaves (each halves the wavelength)
+    persistence: float = 0.8  # amplitude factor from one octave to the next
     frequency: float = 64.0  # simplex wavelength in pixels at the first octave (AnoDDPM meaning)
     standardise: bool = True  # simplex fields rescaled to zero mean, unit variance
     # 0.1 = twice the default detection depth: the budget goes to the noise levels detection uses
     t_max_fraction: float = 0.1  # training draws t from [0, t_max_fraction * T)
-    loss: str = "l2"
+    loss: str = "l2"  # eps loss: l2 | l1
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation budget and bookkeeping."""
 
-    batch_size: int = 8
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    max_steps: int = 10_000
-    max_minutes: float | None = None
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 200
-    sample_every: int = 500
+    batch_size: int = 8  # images per optimizer step (per process under torchrun)
+    lr: float = 2e-4  # AdamW learning rate after warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 100  # linear learning-rate warm-up, steps
+    max_steps: int = 10_000  # total optimizer steps of the run (a resumed run counts from its start)
+    max_minutes: float | None = None  # wall-clock budget in minutes (None = no limit); stops cleanly and saves
+    ema_decay: float = 0.999  # EMA decay of the weights saved in the bundle
+    grad_clip: float = 1.0  # gradient-norm clipping (0 = off)
+    seed: int = 0  # seed of weights, data order, augmentation and noise
+    num_workers: int = 0  # DataLoader worker processes
+    log_every: int = 10  # steps between log.jsonl lines
+    checkpoint_every: int = 200  # steps between atomic checkpoints
+    sample_every: int = 500  # steps between sample grids in RUN_DIR/samples
     # Healing ("anomaly-aware") training: this share of training samples is noised from a synthetic
     # anomaly version of the image (anoddpm.anomalies) while the target stays the clean image, so
     # the denoiser learns to remove defects instead of reproducing them. 0 = plain AnoDDPM.
@@ -99,10 +99,10 @@ class DetectConfig:
     sampler: str = "ddim"  # ddim = fast deterministic path; ancestral = the paper's path
     samples: int = 1  # reconstructions averaged per image
     noise: str = "gaussian"  # noise kind used to noise the image at detection
-    residual: str = "l2"
+    residual: str = "l2"  # l2 | l1 | ssim (1 - local SSIM)
     smoothing_sigma: float = 4.0  # Gaussian blur of the anomaly map, pixels; 0 = off
     score: str = "max"  # max | topk (mean of the top-k pixels)
-    topk: int = 100
+    topk: int = 100  # pixels averaged by the topk score
     threshold_quantile: float = 0.99  # default threshold: this quantile of held-back good scores
     seed: int = 0  # fixes the detection noise, so the same image gives the same score
     scorer: str = "auto"  # auto = learned head when the bundle has one, else residual | residual | head
@@ -114,9 +114,9 @@ class HeadConfig:
 
     enabled: bool = False  # train a learned scoring head after the denoiser (detect.scorer auto uses it)
     budget_fraction: float = 0.5  # share of the training budget (steps and minutes) given to the head
-    base_channels: int = 16
-    batch_size: int = 8
-    lr: float = 1e-3
+    base_channels: int = 16  # channels of the head's first level
+    batch_size: int = 8  # images per head step
+    lr: float = 1e-3  # head learning rate (AdamW)
 
 
 @dataclass(frozen=True)
