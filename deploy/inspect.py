@@ -31,6 +31,8 @@ from deploy.watch import Snapshot, snapshot, watch_folder
 
 LOG_NAME = "inspections.jsonl"
 
+UNREADABLE_GRACE_NS = 2_000_000_000  # watch mode: an undecodable file must be this old to be logged
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -102,7 +104,8 @@ def inspect_paths(recorder: Recorder, paths: Sequence[Path],
     """Inspect files in batches; unreadable ones are logged and skipped. Returns the snapshots done with.
 
     With `snapshots` (watch mode) a file deleted before it was read, or changed while it was read,
-    is neither logged nor returned, so the watcher offers it again when it is stable.
+    is neither logged nor returned, so the watcher offers it again when it is stable; an undecodable
+    file is logged only once it has been unchanged for UNREADABLE_GRACE_NS (a slow writer may pause).
     """
     inspector = recorder.inspector
     snapshots = list(snapshots) if snapshots is not None else [None] * len(paths)
@@ -121,6 +124,8 @@ def inspect_paths(recorder: Recorder, paths: Sequence[Path],
                     print(f"skipped {path}: deleted before it was read", file=sys.stderr)
                 continue
             except ValueError as err:
+                if snap is not None and time.time_ns() - snap.mtime_ns < UNREADABLE_GRACE_NS:
+                    continue  # a stalled writer may still finish it: retry until it has settled
                 if snap is None or snapshot(path) == snap:
                     recorder.error(path, err, snap)
                     done.append(snap)

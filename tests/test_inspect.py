@@ -170,3 +170,21 @@ def test_watch_stops_cleanly_on_signal_without_torch(toy, tmp_path, sig):
     assert "inspected 1 image(s): 1 ok, 0 ng" in stderr
     line = (out / "inspections.jsonl").read_text().splitlines()[0]
     assert KEYS <= json.loads(line).keys()
+
+
+def test_watch_logs_a_corrupt_file_once_it_has_settled(toy, tmp_path):
+    folder, out = tmp_path / "hot", tmp_path / "out"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    log = out / "inspections.jsonl"
+    stop, thread = _run_watch(toy, folder, out)
+    try:
+        time.sleep(10 * POLL)  # stable but younger than the grace period: not logged yet
+        assert read_log(log) == []
+        _wait_for(lambda: len(read_log(log)) == 1)
+        time.sleep(5 * POLL)
+    finally:
+        stop.set()
+        thread.join(5)
+    records = read_log(log)
+    assert len(records) == 1 and "error" in records[0] and records[0]["path"].endswith("broken.png")
