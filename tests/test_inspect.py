@@ -62,7 +62,7 @@ def _run_watch(toy: Path, folder: Path, out: Path, sort: bool = False):
     return stop, thread
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> None:
+def _wait_for(predicate, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < end, "timed out"
