@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (checkpoints, log, model.pt)")
     p.add_argument("--image-size", type=int, help="model input side in pixels (default 128)")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="1 = grey, 3 = RGB (default 1)")
+    p.add_argument("--channels", type=int, choices=(1, 3),
+                   help="1 = grey, 3 = RGB (default: 3 when the first training image has colour, else 1)")
     p.add_argument("--preset", choices=PRESETS, help="UNet size (default small)")
     p.add_argument("--noise", choices=NOISE_KINDS, help="training noise (default simplex)")
     p.add_argument("--augment", choices=("none", "texture"), help="training augmentation (default none)")

@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from anoddpm.config import Config
-from anoddpm.imageio import IMAGE_SUFFIXES, image_hw, list_images, load_image, preprocess, preprocess_mask, read_mask
+from anoddpm.imageio import (IMAGE_SUFFIXES, image_hw, list_images, load_image, preprocess, preprocess_mask,
+                             read_image, read_mask)
 
 MIN_SLICE_AREA = 0.3  # NFBS: keep axial slices with at least this share of the largest brain area
 NFBS_BRAIN = "_T1w_brain.nii.gz"
@@ -160,6 +161,20 @@ def _train_files(cat_root: Path, kind: str) -> list[Path]:
     if kind == "nfbs":
         return sorted(cat_root.glob(f"*/sub-*{NFBS_BRAIN}"))
     return list_images([cat_root])[0]
+
+
+def infer_channels(root: str | Path, category: str | None) -> int:
+    """3 when the first training image has colour, else 1 (NFBS volumes are grey)."""
+    cat_root = resolve_category_root(root, category)
+    kind = _kind(cat_root)
+    if kind == "nfbs":
+        return 1
+    files = _train_files(cat_root, kind)
+    if not files:
+        raise ValueError(f"{cat_root} holds no training images ({', '.join(IMAGE_SUFFIXES)})")
+    rgb = read_image(files[0], channels=3)
+    grey = np.allclose(rgb[..., 0], rgb[..., 1]) and np.allclose(rgb[..., 0], rgb[..., 2])
+    return 1 if grey else 3
 
 
 def _n_val(n: int, cfg: Config) -> int:

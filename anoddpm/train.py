@@ -437,6 +437,12 @@ def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device)
 def train_command(args: argparse.Namespace) -> int:
     """CLI handler of `anoddpm train`."""
     from anoddpm.cli import resolve_train_config
+    from anoddpm.data import infer_channels
 
-    train(resolve_train_config(args), args.data, args.category, args.out, resume=args.resume, device=args.device)
+    cfg = resolve_train_config(args)
+    if args.channels is None and args.config is None:
+        channels = infer_channels(args.data, args.category)
+        print(f"channels: {channels} (from the training images; set --channels to override)", file=sys.stderr)
+        cfg = cfg.override("data", channels=channels).validate()
+    train(cfg, args.data, args.category, args.out, resume=args.resume, device=args.device)
     return 0

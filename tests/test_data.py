@@ -185,3 +185,19 @@ def test_test_samples_pickle(synth_root, nfbs_root):
         copy = pickle.loads(pickle.dumps(s))
         np.testing.assert_array_equal(copy.image, s.image)
         np.testing.assert_array_equal(copy.mask, s.mask)
+
+
+def test_infer_channels_follows_the_training_images(synth_root, tmp_path):
+    from PIL import Image
+
+    from anoddpm.data import infer_channels
+
+    assert infer_channels(synth_root, "synthetic") == 1
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).save(colour / "a.png")
+    assert infer_channels(colour, None) == 3
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(colour / "0.png")  # grey stored as RGB sorts first
+    assert infer_channels(colour, None) == 1
