@@ -80,7 +80,9 @@ class Recorder:
         map_path = unique_path(self.out_dir / "maps" / f"{path.stem}.png") if self.save_maps else None
         if map_path is not None:
             record["map"] = str(map_path)
-        destination = unique_path(self.out_dir / label / path.name) if self.sort else None
+        # A file replaced under the same name since it was read is a new image: leave it to be inspected.
+        replaced = snap is not None and snapshot(path) != snap
+        destination = unique_path(self.out_dir / label / path.name) if self.sort and not replaced else None
         if destination is not None:
             record["moved_to"] = str(destination)
         append_jsonl(self.log_path, record)
