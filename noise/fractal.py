@@ -3,8 +3,9 @@
 Design: every (sample, channel) pair is an independent field with its own random 256-entry permutation
 (drawn on `device` from `generator` via argsort of uniforms), evaluated on the pixel grid at octave o as
 noise3(x / f_o, y / f_o, t / f_o) with f_o = frequency / 2**o and amplitude persistence**o, exactly like
-AnoDDPM's `rand_3d_fixed_T_octaves` (without `t`: noise2(x / f_o, y / f_o)). Compute is float32 unless
-float64 is requested.
+AnoDDPM's `rand_3d_fixed_T_octaves` (without `t`: noise2(x / f_o, y / f_o)). On the CPU the numba
+kernels of `noise.cpu` compute it (float64, all octaves per pixel row); elsewhere, or without numba, eager
+torch does (float32 unless float64 is requested).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from noise import cpu
 from noise.simplex import Tables, noise2, noise3
 
 NOISE_KINDS = ("simplex", "gaussian")
@@ -91,18 +93,36 @@ def simplex_noise(
     b, c, h, w = (int(s) for s in shape)
     device = _default_device(device, t, generator)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if t is not None and t.shape != (b,):
+        raise ValueError(f"t must have shape ({b},) matching the batch, got {tuple(t.shape)}")
     fields = b * c
     perm = torch.argsort(torch.rand(fields, 256, generator=generator, device=device), dim=1)
-    tab = Tables(perm, compute, dims=(2,) if t is None else (3,))
+    tf = None if t is None else t.to(device).repeat_interleave(c)  # [F] timestep of each field
+    out = None
+    if device.type == "cpu" and cpu.available():
+        out = cpu.fractal_noise(perm, h, w, tf, octaves, persistence, frequency)
+    if out is None:
+        out = _torch_fractal(perm, h, w, tf, octaves, persistence, frequency, compute)
+    out = out.to(compute)
+    if standardise:
+        mean = out.mean(dim=(1, 2), keepdim=True)
+        std = out.std(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(compute).tiny)
+        out = (out - mean) / std
+    return out.view(b, c, h, w).to(dtype)
+
+
+def _torch_fractal(
+    perm: Tensor, h: int, w: int, tf: Tensor | None, octaves: int, persistence: float, frequency: float,
+    compute: torch.dtype,
+) -> Tensor:
+    """Fractal noise [F, h, w] in eager torch on perm's device; tf: [F] timesteps or None (2-D)."""
+    fields, device = perm.shape[0], perm.device
+    tab = Tables(perm, compute, dims=(2,) if tf is None else (3,))
     field = torch.arange(fields, dtype=torch.int32, device=device).view(fields, 1, 1)
     xs = torch.arange(w, dtype=compute, device=device).view(1, 1, w)
     ys = torch.arange(h, dtype=compute, device=device).view(1, h, 1)
-    if t is not None:
-        if t.shape != (b,):
-            raise ValueError(f"t must have shape ({b},) matching the batch, got {tuple(t.shape)}")
-        zs = t.to(device=device, dtype=compute).repeat_interleave(c).view(fields, 1, 1)
     field = field.expand(fields, h, w).reshape(-1)
-    coords = [xs, ys] if t is None else [xs, ys, zs]
+    coords = [xs, ys] if tf is None else [xs, ys, tf.to(compute).view(fields, 1, 1)]
     coords = [coord.expand(fields, h, w).reshape(-1) for coord in coords]
     out = torch.empty(fields * h * w, dtype=compute, device=device)
 
@@ -110,12 +130,7 @@ def simplex_noise(
         out[part] = _octave_sum([coord[part] for coord in coords], tab, field[part], octaves, persistence, frequency)
 
     _run_blocks(fill, out.numel(), device)
-    out = out.view(fields, h, w)
-    if standardise:
-        mean = out.mean(dim=(1, 2), keepdim=True)
-        std = out.std(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(compute).tiny)
-        out = (out - mean) / std
-    return out.view(b, c, h, w).to(dtype)
+    return out.view(fields, h, w)
 
 
 def make_noise(
