@@ -1,12 +1,14 @@
 """Fractal simplex noise on the CPU with numba: the same OpenSimplex formulation as `simplex.py`, per point.
 
 Why: eager torch pays one memory pass per op (~300 ops per point and octave); here the pixel loop of a
-row is branch-free enough for LLVM to vectorise it (AVX2/AVX-512 gathers) and rows are spread over
-torch.get_num_threads() threads with numba's prange (parallel=True is also what lets LLVM vectorise:
-numba then marks the arrays as not aliasing). Computed in float64 whatever the output dtype; tables are
-those of `simplex.Tables` (one permutation per field). Compiled once per machine (numba's on-disk cache,
-~5 s cold). `available()` is False (callers use the torch path) without numba, after a failure, with
-ANODDPM_NOISE_NUMBA=0, or in a process forked after the kernels ran (GNU OpenMP is not fork-safe).
+row is branch-free enough for LLVM to vectorise it (AVX2/AVX-512 gathers). The kernels are parallel=True
+only because numba then marks the arrays as not aliasing, which vectorisation needs; they run with one
+numba thread each (a second OpenMP pool beside torch's makes both spin against each other: 50x slower on
+2 cores) and row ranges are spread over torch.get_num_threads() Python threads (kernels release the GIL).
+Computed in float64 whatever the output dtype; tables are those of `simplex.Tables` (one permutation per
+field). Compiled once per machine (numba's on-disk cache, ~5-10 s cold). `available()` is False (callers
+use the torch path) without numba, after a failure, with ANODDPM_NOISE_NUMBA=0, or in a process forked
+after the kernels ran (numba's GNU OpenMP layer is not fork-safe).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from noise.simplex import _EXT3, _MID, _PAD, _ZPAD, NORM2, NORM3, SQUISH2, SQUISH3, STRETCH2, STRETCH3, Tables
+from noise.simplex import (
+    _EXT3, _GRADIENTS2, _GRADIENTS3, _MID, _PAD, _ZPAD, NORM2, NORM3, SQUISH2, SQUISH3, STRETCH2, STRETCH3,
+)
 
 try:
     import numba
@@ -27,6 +32,8 @@ except ImportError:  # optional: the torch path covers everything
     numba = None
 
 _OFF = 100.0  # subtracted from attn of vertices the reference skips, so the clamp zeroes them
+_MIN_TASK_POINTS = 8192  # pixels per thread task: below this, thread hand-off costs more than it saves
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 _STATE = {"failed": False, "pid": None}  # pid of the process whose threading layer has started
 
 if numba is not None:
@@ -115,10 +122,10 @@ if numba is not None:
         return v / NORM3
 
     @_jit
-    def _fractal3_rows(out, h, zf, wavelengths, amps, hash3, grad, ext, mid):
-        """out[r, :] += sum_o amps[o] * noise3(x / wl_o, y / wl_o, t_f / wl_o) for rows r = f * h + y."""
+    def _fractal3_rows(out, start, stop, h, zf, wavelengths, amps, hash3, grad, ext, mid):
+        """out[r, :] += sum_o amps[o] * noise3(x / wl_o, y / wl_o, t_f / wl_o), rows r = f * h + y in [start, stop)."""
         w = out.shape[1]
-        for r in numba.prange(out.shape[0]):
+        for r in numba.prange(start, stop):
             f = r // h
             yi = r - f * h
             for o in range(wavelengths.size):
@@ -128,15 +135,15 @@ if numba is not None:
                     out[r, xi] += amp * _noise3(xi / wl, y, z, f, hash3, grad, ext, mid)
 
     @_inline
-    def _vertex2(value, grad2, frow, xsb, ysb, dx, dy):
-        """value + max(2 - |d|^2, 0)^4 * (g . d) for lattice point (xsb, ysb) of the field at frow."""
+    def _vertex2(value, perm, prow, grad2, xsb, ysb, dx, dy):
+        """value + max(2 - |d|^2, 0)^4 * (g . d), g hashed from lattice point (xsb, ysb) by perm[prow:prow + 256]."""
         attn = max(2.0 - dx * dx - dy * dy, 0.0)
         attn *= attn
-        g = frow + ((np.int64(xsb) & 255) << 8) + (np.int64(ysb) & 255)
+        g = perm[prow + ((perm[prow + (np.int64(xsb) & 255)] + np.int64(ysb)) & 255)] >> 1 & 7
         return value + attn * attn * (grad2[g, 0] * dx + grad2[g, 1] * dy)
 
     @_inline
-    def _noise2(x, y, frow, grad2):
+    def _noise2(x, y, perm, prow, grad2):
         """OpenSimplex 2-D at (x, y): (1,0), (0,1), the base corner (0,0)/(1,1) and one extra vertex."""
         so = (x + y) * STRETCH2
         xsb, ysb = math.floor(x + so), math.floor(y + so)
@@ -144,37 +151,35 @@ if numba is not None:
         in_sum = xins + yins
         sq = (xsb + ysb) * SQUISH2
         dx0, dy0 = x - (xsb + sq), y - (ysb + sq)
-        v = _vertex2(0.0, grad2, frow, xsb + 1, ysb, dx0 - (1 + SQUISH2), dy0 - SQUISH2)
-        v = _vertex2(v, grad2, frow, xsb, ysb + 1, dx0 - SQUISH2, dy0 - (1 + SQUISH2))
-        x_gt_y = xins > yins
-        if in_sum <= 1.0:
-            base = 0.0
-            near = (1.0 - in_sum > xins) or (1.0 - in_sum > yins)
-            ox = 1.0 - 2.0 * (near and not x_gt_y)
-            oy = 1.0 - 2.0 * (near and x_gt_y)
-        else:
-            base = 1.0
-            near = (xins > 2.0 - in_sum) or (yins > 2.0 - in_sum)
-            ox = 2.0 * (near and x_gt_y)
-            oy = 2.0 * (near and not x_gt_y)
+        v = _vertex2(0.0, perm, prow, grad2, xsb + 1, ysb, dx0 - (1 + SQUISH2), dy0 - SQUISH2)
+        v = _vertex2(v, perm, prow, grad2, xsb, ysb + 1, dx0 - SQUISH2, dy0 - (1 + SQUISH2))
+        # Extra vertex (ox, oy) and base corner (0,0)/(1,1) by region, as selects so the loop vectorises.
+        lower = in_sum <= 1.0
+        gt = 1.0 if xins > yins else 0.0
+        near_lo = 1.0 if 1.0 - in_sum > min(xins, yins) else 0.0
+        near_hi = 1.0 if max(xins, yins) > 2.0 - in_sum else 0.0
+        ox = 1.0 - 2.0 * near_lo * (1.0 - gt) if lower else 2.0 * near_hi * gt
+        oy = 1.0 - 2.0 * near_lo * gt if lower else 2.0 * near_hi * (1.0 - gt)
+        base = 0.0 if lower else 1.0
         shift = (ox + oy) * SQUISH2
-        v = _vertex2(v, grad2, frow, xsb + ox, ysb + oy, dx0 - (ox + shift), dy0 - (oy + shift))
+        v = _vertex2(v, perm, prow, grad2, xsb + ox, ysb + oy, dx0 - (ox + shift), dy0 - (oy + shift))
         bf = base * (1 + 2 * SQUISH2)
-        v = _vertex2(v, grad2, frow, xsb + base, ysb + base, dx0 - bf, dy0 - bf)
+        v = _vertex2(v, perm, prow, grad2, xsb + base, ysb + base, dx0 - bf, dy0 - bf)
         return v / NORM2
 
     @_jit
-    def _fractal2_rows(out, h, wavelengths, amps, grad2):
-        """out[r, :] += sum_o amps[o] * noise2(x / wl_o, y / wl_o) for rows r = f * h + y."""
+    def _fractal2_rows(out, start, stop, h, wavelengths, amps, perm, grad2):
+        """out[r, :] += sum_o amps[o] * noise2(x / wl_o, y / wl_o), rows r = f * h + y in [start, stop)."""
         w = out.shape[1]
-        for r in numba.prange(out.shape[0]):
+        for r in numba.prange(start, stop):
             f = r // h
             yi = r - f * h
+            prow = f * 256
             for o in range(wavelengths.size):
                 wl, amp = wavelengths[o], amps[o]
                 y = yi / wl
                 for xi in range(w):
-                    out[r, xi] += amp * _noise2(xi / wl, y, f << 16, grad2)
+                    out[r, xi] += amp * _noise2(xi / wl, y, perm, prow, grad2)
 
 
 def available() -> bool:
@@ -196,32 +201,68 @@ def _octave_arrays(octaves: int, persistence: float, frequency: float) -> tuple[
     return np.array(wavelengths), np.array(amps)
 
 
-def fractal_noise(
-    perm: Tensor, h: int, w: int, t: Tensor | None, octaves: int, persistence: float, frequency: float
-) -> Tensor | None:
-    """Fractal noise [F, h, w] float64 for F fields (perm: int64 [F, 256] on the CPU), t: [F] or None (2-D).
+def _tables3(perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hash3 [F*PAD*PAD], grad [F*ZPAD, 3]): the padded 3-D tables of `simplex.Tables`, laid out per point."""
+    fields = perm.shape[0]
+    a = np.arange(-1, _PAD - 1) & 255
+    padded = perm[:, a][:, :, None] + a
+    hash3 = np.take_along_axis(perm, (padded & 255).reshape(fields, -1), 1).reshape(-1)
+    final = perm[:, np.arange(-1, _ZPAD - 1) & 255] % 24
+    return hash3, np.array(_GRADIENTS3, dtype=np.float64).reshape(24, 3)[final.reshape(-1)]
 
-    Returns None (caller falls back to torch) if the kernels fail to compile or run.
+
+def _run_rows(kernel, out: np.ndarray, args: tuple) -> None:
+    """kernel(out, start, stop, *args) over all rows of out, on up to torch.get_num_threads() threads."""
+    rows, w = out.shape
+    threads = torch.get_num_threads()
+    # A few tasks per thread so a thread descheduled on a busy machine does not hold up the rest.
+    tasks = max(1, min(rows, 4 * threads if threads > 1 else 1, rows * w // _MIN_TASK_POINTS))
+    bounds = [rows * i // tasks for i in range(tasks + 1)]
+
+    def run(i: int) -> None:
+        numba.set_num_threads(1)  # per calling thread; see the module docstring
+        kernel(out, bounds[i], bounds[i + 1], *args)
+
+    if tasks == 1:
+        run(0)
+        return
+    with ThreadPoolExecutor(min(threads, tasks)) as pool:
+        list(pool.map(run, range(tasks)))
+
+
+def fractal_noise(
+    perm: Tensor, h: int, w: int, t: Tensor | None, octaves: int, persistence: float, frequency: float,
+    standardise: bool, dtype: torch.dtype,
+) -> Tensor | None:
+    """Fractal noise [F, h, w] of `dtype` for F fields (perm: int64 [F, 256], CPU), t: [F] timesteps or None (2-D).
+
+    With `standardise` every field is shifted/scaled to mean 0, std 1 (unbiased). All in numpy/numba:
+    torch ops on large CPU tensors would start torch's thread pool, whose barriers cost more than the op
+    on a busy machine. Returns None (caller falls back to torch) if the kernels fail to compile or run.
     """
     fields = perm.shape[0]
     wavelengths, amps = _octave_arrays(octaves, persistence, frequency)
+    perm_np = perm.numpy()
     out = np.zeros((fields * h, w))
     try:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         _STATE["pid"] = os.getpid()
         if t is None:
-            grad2 = Tables(perm, torch.float64, dims=(2,)).grad2.numpy()
-            _fractal2_rows(out, h, wavelengths, amps, grad2)
+            grad2 = np.array(_GRADIENTS2, dtype=np.float64).reshape(8, 2)
+            _run_rows(_fractal2_rows, out, (h, wavelengths, amps, perm_np.reshape(-1), grad2))
         else:
-            tab = Tables(perm, torch.float64, dims=(3,))
+            hash3, grad = _tables3(perm_np)
             zf = t.to(torch.float64).numpy()
-            hash3 = tab.hash3.to(torch.int64).numpy()
-            grad = tab.grad3p.T.contiguous().numpy()
             ext = np.array(_EXT3, dtype=np.int64)
             mid = np.array(_MID, dtype=np.int64)
-            _fractal3_rows(out, h, zf, wavelengths, amps, hash3, grad, ext, mid)
+            _run_rows(_fractal3_rows, out, (h, zf, wavelengths, amps, hash3, grad, ext, mid))
     except Exception as err:  # a broken numba/LLVM install must not break training: use the torch path
         _STATE["failed"] = True
         warnings.warn(f"numba noise kernels unavailable ({err!r}); using the torch path", RuntimeWarning)
         return None
-    return torch.from_numpy(out).view(fields, h, w)
+    out = out.reshape(fields, h * w)
+    if standardise:
+        out -= out.mean(axis=1, keepdims=True)
+        out /= np.maximum(out.std(axis=1, ddof=1, keepdims=True), np.finfo(np.float64).tiny)
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    result = torch.from_numpy(out) if np_dtype is None else torch.from_numpy(out.astype(np_dtype))
+    return result.to(dtype).view(fields, h, w)

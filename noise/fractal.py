@@ -98,12 +98,11 @@ def simplex_noise(
     fields = b * c
     perm = torch.argsort(torch.rand(fields, 256, generator=generator, device=device), dim=1)
     tf = None if t is None else t.to(device).repeat_interleave(c)  # [F] timestep of each field
-    out = None
     if device.type == "cpu" and cpu.available():
-        out = cpu.fractal_noise(perm, h, w, tf, octaves, persistence, frequency)
-    if out is None:
-        out = _torch_fractal(perm, h, w, tf, octaves, persistence, frequency, compute)
-    out = out.to(compute)
+        out = cpu.fractal_noise(perm, h, w, tf, octaves, persistence, frequency, standardise, dtype)
+        if out is not None:
+            return out.view(b, c, h, w)
+    out = _torch_fractal(perm, h, w, tf, octaves, persistence, frequency, compute)
     if standardise:
         mean = out.mean(dim=(1, 2), keepdim=True)
         std = out.std(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(compute).tiny)
