@@ -220,8 +220,12 @@ def _run_rows(kernel, out: np.ndarray, args: tuple) -> None:
     bounds = [rows * i // tasks for i in range(tasks + 1)]
 
     def run(i: int) -> None:
+        before = numba.get_num_threads()
         numba.set_num_threads(1)  # per calling thread; see the module docstring
-        kernel(out, bounds[i], bounds[i + 1], *args)
+        try:
+            kernel(out, bounds[i], bounds[i + 1], *args)
+        finally:
+            numba.set_num_threads(before)
 
     if tasks == 1:
         run(0)

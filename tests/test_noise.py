@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import noise
+from noise import cpu
 from noise.simplex import Tables, noise3
 
 SEEDS = [0, 1, 42, 2**31 - 1, -123456789]
@@ -132,3 +133,49 @@ def test_simplex_noise_same_for_any_thread_count() -> None:
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+needs_numba = pytest.mark.skipif(not cpu.available(), reason="numba kernels unavailable")
+
+
+def _field_perm(seed: int) -> np.ndarray:
+    """The permutation simplex_noise draws for its first field from Generator().manual_seed(seed)."""
+    return torch.argsort(torch.rand(1, 256, generator=torch.Generator().manual_seed(seed)), dim=1)[0].numpy()
+
+
+@needs_numba
+@pytest.mark.parametrize("use_t", [True, False])
+def test_cpu_kernels_equal_opensimplex_with_the_fields_permutation(use_t: bool) -> None:
+    """One octave of the numba path, pixel by pixel, against opensimplex's own noise2/noise3 with our perm."""
+    from opensimplex.internals import _noise2, _noise3
+
+    wl, t = 2.5, 37  # short wavelength: the 24 x 20 grid crosses many cells and hits ties (x == y, lattice points)
+    got = noise.simplex_noise((1, 1, 20, 24), torch.tensor([t]) if use_t else None, octaves=1, frequency=wl,
+                              standardise=False, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # fmt: skip
+    perm = _field_perm(5).astype(np.int64)
+    grad_index = (perm % 24) * 3
+    want = np.array([[_noise3(x / wl, y / wl, t / wl, perm, grad_index) if use_t else _noise2(x / wl, y / wl, perm)
+                      for x in range(24)] for y in range(20)])  # fmt: skip
+    assert np.abs(got[0, 0].numpy() - want).max() <= 1e-12
+
+
+@needs_numba
+@pytest.mark.parametrize("use_t", [True, False])
+def test_cpu_kernels_equal_torch_path(use_t: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba (default on CPU) and eager torch (ANODDPM_NOISE_NUMBA=0) give the same fields, raw and standardised."""
+    t = torch.tensor([3, 640]) if use_t else None
+
+    def both(**kw):
+        out = []
+        for flag, dtype in (("1", torch.float32), ("1", torch.float64), ("0", torch.float64)):
+            monkeypatch.setenv("ANODDPM_NOISE_NUMBA", flag)
+            assert cpu.available() == (flag == "1")
+            g = torch.Generator().manual_seed(9)
+            out.append(noise.simplex_noise((2, 2, 21, 34), t, generator=g, dtype=dtype, **kw))
+        return out
+
+    fast32, fast, slow = both(octaves=4, persistence=0.6, frequency=7.5, standardise=False)
+    assert (fast - slow).abs().max() <= 1e-12
+    assert fast32.dtype == torch.float32 and (fast32 - slow).abs().max() <= 1e-6  # float64 inside, then rounded
+    fast32, fast, slow = both()
+    assert (fast - slow).abs().max() <= 1e-10 and (fast32 - slow).abs().max() <= 1e-5
