@@ -1,24 +1,41 @@
-"""`python -m noise.bench`: our torch noise vs opensimplex(+numba) on the same grids; prints one JSON line.
+"""`python -m noise.bench`: our noise vs opensimplex(+numba) on the same grids; prints one JSON line.
 
 Cases: fractal 3-D noise (batch 16, 1 channel, 256x256, 6 octaves, one timestep per sample; the reference
 loops octaves x samples over noise3array as AnoDDPM does) and single-octave 2-D noise (256x256,
 noise2array). Each figure is the median of `--repeats` runs after one warm-up (numba JIT excluded), as wall
 seconds and process CPU seconds: the machine may be shared, so compare ratios within one run. Ours is timed
 with 1 torch thread and with the default thread count; opensimplex's noise*array is single-threaded.
+`backend` says which CPU path ran (numba kernels of noise.cpu, or eager torch); `ours_warmup_s` is our
+first call in this process (numba compile, or loading it from numba's disk cache), `cold_compile_s` the
+same in a fresh process with an empty numba cache (the one-off cost on a new machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from noise import cpu
 from noise.fractal import simplex_noise
+
+_COLD_SNIPPET = """
+import time, torch
+from noise.fractal import simplex_noise
+start = time.perf_counter()
+simplex_noise((1, 1, 8, 8), torch.tensor([1]))
+simplex_noise((1, 1, 8, 8), None)
+print(time.perf_counter() - start)
+"""
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> dict[str, float]:
@@ -44,6 +61,18 @@ def _reference_fractal3(opensimplex, size: int, t: np.ndarray, octaves: int, per
             f /= 2
             amplitude *= persistence
     return out
+
+
+def _cold_compile_seconds() -> float | None:
+    """Seconds of the first 3-D + 2-D calls in a fresh process with an empty numba cache (None: no numba)."""
+    if not cpu.available():
+        return None
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cmd = [sys.executable, "-c", _COLD_SNIPPET]
+        done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True)
+    return round(float(done.stdout.split()[-1]), 3)
 
 
 def _ratios(ref: dict[str, float], ours: dict[str, float]) -> dict[str, float]:
@@ -77,6 +106,10 @@ def run(batch: int = 16, size: int = 256, octaves: int = 6, repeats: int = 3) ->
     t = torch.randint(0, 1000, (batch,), generator=gen)
     t_np = t.numpy().astype(np.float64)
     coords = np.arange(size, dtype=np.float64) / 64.0
+    start = time.perf_counter()
+    simplex_noise((batch, 1, size, size), t, octaves, generator=gen)
+    simplex_noise((1, 1, size, size), None, 1, generator=gen)
+    warmup = round(time.perf_counter() - start, 3)
     fractal3d = _case(
         lambda: simplex_noise((batch, 1, size, size), t, octaves, generator=gen),
         lambda: _reference_fractal3(opensimplex, size, t_np, octaves, 0.8, 64.0),
@@ -93,6 +126,9 @@ def run(batch: int = 16, size: int = 256, octaves: int = 6, repeats: int = 3) ->
         "fractal3d": {"shape": [batch, 1, size, size], "octaves": octaves, **fractal3d},
         "single2d": {"shape": [size, size], **single2d},
         "numba": numba_on,
+        "backend": "numba" if cpu.available() else "torch",
+        "ours_warmup_s": warmup,
+        "cold_compile_s": _cold_compile_seconds(),
         "ref_threads": 1,
         "ref_note": "opensimplex noise*array (numba) runs single-threaded",
         "torch_default_threads": threads,

@@ -150,8 +150,9 @@ def test_cpu_kernels_equal_opensimplex_with_the_fields_permutation(use_t: bool) 
     from opensimplex.internals import _noise2, _noise3
 
     wl, t = 2.5, 37  # short wavelength: the 24 x 20 grid crosses many cells and hits ties (x == y, lattice points)
+    g = torch.Generator().manual_seed(5)
     got = noise.simplex_noise((1, 1, 20, 24), torch.tensor([t]) if use_t else None, octaves=1, frequency=wl,
-                              standardise=False, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # fmt: skip
+                              standardise=False, generator=g, dtype=torch.float64)  # fmt: skip
     perm = _field_perm(5).astype(np.int64)
     grad_index = (perm % 24) * 3
     want = np.array([[_noise3(x / wl, y / wl, t / wl, perm, grad_index) if use_t else _noise2(x / wl, y / wl, perm)
