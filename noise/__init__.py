@@ -1,4 +1,8 @@
-"""Simplex and Gaussian noise for AnoDDPM: exact OpenSimplex in torch plus batched fractal noise."""
+"""Simplex and Gaussian noise for AnoDDPM: exact OpenSimplex in torch plus batched fractal noise.
+
+Fractal noise runs in numba kernels on the CPU (`noise.cpu`; ANODDPM_NOISE_NUMBA=0 forces torch) and in
+eager torch on any other device.
+"""
 
 from __future__ import annotations
 

@@ -182,6 +182,24 @@ if numba is not None:
                     out[r, xi] += amp * _noise2(xi / wl, y, perm, prow, grad2)
 
 
+    @numba.njit(nogil=True, cache=True)
+    def _tables3(perm, g3):
+        """(hash3 [F*PAD*PAD], grad [F*ZPAD, 3]): the padded 3-D tables of `simplex.Tables`, in one pass."""
+        fields = perm.shape[0]
+        hash3 = np.empty(fields * _PAD * _PAD, dtype=np.int64)
+        grad = np.empty((fields * _ZPAD, 3))
+        for f in range(fields):
+            p = perm[f]
+            for i in range(_PAD):  # lattice x = i - 1
+                px = p[(i - 1) & 255]
+                row = (f * _PAD + i) * _PAD
+                for j in range(_PAD):  # lattice y = j - 1
+                    hash3[row + j] = p[(px + j - 1) & 255]
+            for m in range(_ZPAD):  # final hash m - 1
+                grad[f * _ZPAD + m] = g3[p[(m - 1) & 255] % 24]
+        return hash3, grad
+
+
 def available() -> bool:
     """True if the numba kernels can be used (numba importable, not disabled, no earlier failure)."""
     if numba is None or _STATE["failed"] or os.environ.get("ANODDPM_NOISE_NUMBA", "1") == "0":
@@ -199,16 +217,6 @@ def _octave_arrays(octaves: int, persistence: float, frequency: float) -> tuple[
         f /= 2
         amplitude *= persistence
     return np.array(wavelengths), np.array(amps)
-
-
-def _tables3(perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(hash3 [F*PAD*PAD], grad [F*ZPAD, 3]): the padded 3-D tables of `simplex.Tables`, laid out per point."""
-    fields = perm.shape[0]
-    a = np.arange(-1, _PAD - 1) & 255
-    padded = perm[:, a][:, :, None] + a
-    hash3 = np.take_along_axis(perm, (padded & 255).reshape(fields, -1), 1).reshape(-1)
-    final = perm[:, np.arange(-1, _ZPAD - 1) & 255] % 24
-    return hash3, np.array(_GRADIENTS3, dtype=np.float64).reshape(24, 3)[final.reshape(-1)]
 
 
 def _run_rows(kernel, out: np.ndarray, args: tuple) -> None:
@@ -254,7 +262,7 @@ def fractal_noise(
             grad2 = np.array(_GRADIENTS2, dtype=np.float64).reshape(8, 2)
             _run_rows(_fractal2_rows, out, (h, wavelengths, amps, perm_np.reshape(-1), grad2))
         else:
-            hash3, grad = _tables3(perm_np)
+            hash3, grad = _tables3(perm_np, np.array(_GRADIENTS3, dtype=np.float64).reshape(24, 3))
             zf = t.to(torch.float64).numpy()
             ext = np.array(_EXT3, dtype=np.int64)
             mid = np.array(_MID, dtype=np.int64)
