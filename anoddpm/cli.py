@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, choices=(1, 3),
                    help="1 = grey, 3 = RGB (default: 3 when the first training image has colour, else 1)")
     p.add_argument("--preset", choices=PRESETS, help="UNet size (default small)")
-    p.add_argument("--noise", choices=NOISE_KINDS, help="training noise (default simplex)")
+    p.add_argument("--noise", choices=NOISE_KINDS, help="training noise (default gaussian; simplex = the paper's)")
     p.add_argument("--augment", choices=("none", "texture"), help="training augmentation (default none)")
     p.add_argument("--batch-size", dest="train_batch_size", type=int, help="images per step (default 8)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4)")

@@ -31,7 +31,7 @@ def test_round_trip_keeps_config_weights_and_metadata(tmp_path):
     raw = torch.load(path, weights_only=True)  # must not need pickle of custom objects
     assert raw["format_version"] == BUNDLE_FORMAT_VERSION
     assert raw["preprocessing"] == {"image_size": 32, "channels": 1, "resize_policy": "resize"}
-    assert raw["noise"]["kind"] == "simplex"
+    assert raw["noise"]["kind"] == _cfg().diffusion.noise == "gaussian"
     b = load_bundle(path)
     assert b.cfg == _cfg()
     assert b.fingerprint == {"n_train": 12, "hash": "abc", "root": str(tmp_path)}
