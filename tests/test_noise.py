@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import opensimplex
 import pytest
@@ -121,8 +123,10 @@ def test_cuda_matches_cpu() -> None:
     assert n.device.type == "cuda" and n.shape == (2, 1, 32, 32)
 
 
-def test_simplex_noise_same_for_any_thread_count() -> None:
-    """CPU blocks go to a thread pool; the result must not depend on the thread count (here > 1 block)."""
+@pytest.mark.parametrize("backend", ["1", "0"])
+def test_simplex_noise_same_for_any_thread_count(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU blocks go to a thread pool (numba and torch paths); the result must not depend on the thread count."""
+    monkeypatch.setenv("ANODDPM_NOISE_NUMBA", backend)
     t = torch.tensor([5, 700])
     before = torch.get_num_threads()
     try:
@@ -180,3 +184,23 @@ def test_cpu_kernels_equal_torch_path(use_t: bool, monkeypatch: pytest.MonkeyPat
     assert fast32.dtype == torch.float32 and (fast32 - slow).abs().max() <= 1e-6  # float64 inside, then rounded
     fast32, fast, slow = both()
     assert (fast - slow).abs().max() <= 1e-10 and (fast32 - slow).abs().max() <= 1e-5
+
+
+def _available_in_child(queue) -> None:
+    queue.put(cpu.available())
+
+
+@needs_numba
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_cpu_kernels_not_used_in_a_forked_child() -> None:
+    """numba's GNU OpenMP layer kills a forked child that uses it, so a child falls back to torch."""
+    import multiprocessing
+
+    noise.simplex_noise((1, 1, 8, 8), torch.tensor([1]))
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_available_in_child, args=(queue,))
+    child.start()
+    in_child = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert cpu.available() and not in_child
