@@ -11,6 +11,7 @@ import math
 import numba
 import numpy as np
 
+# Frozen into numba's on-disk cache, which is keyed on this file only: touch this file if they change.
 from noise.simplex import _PAD, _ZPAD, NORM2, NORM3, SQUISH2, SQUISH3, STRETCH2, STRETCH3
 
 _OFF = 100.0  # subtracted from attn of vertices the reference skips, so the clamp zeroes them
