@@ -4,8 +4,9 @@ Cases: fractal 3-D noise (batch 16, 1 channel, 256x256, 6 octaves, one timestep 
 loops octaves x samples over noise3array as AnoDDPM does) and single-octave 2-D noise (256x256,
 noise2array). Each figure is the median of `--repeats` runs after one warm-up (numba JIT excluded), as wall
 seconds and process CPU seconds: the machine may be shared, so compare ratios within one run. Ours is timed
-with 1 torch thread and with the default thread count. opensimplex's noise3array parallelises over z only,
-so the 3-D reference (one z per call) is single-threaded; noise2array's rows use numba's threads.
+with 1 torch thread and with the default thread count. The reference runs with one numba thread:
+noise3array parallelises over z only (one z per call here), yet with more numba threads each call still
+starts an OpenMP team, which on a busy machine costs 2-3x (it would flatter our ratio).
 `backend` says which CPU path ran (numba kernels of noise.cpu, or eager torch); `ours_warmup_s` is our
 first call in this process (numba compile, or loading it from numba's disk cache), `cold_compile_s` the
 same in a fresh process with an empty numba cache (the one-off cost on a new machine).
@@ -81,9 +82,27 @@ def _ratios(ref: dict[str, float], ours: dict[str, float]) -> dict[str, float]:
     return {f"ratio_{k}": round(ref[k] / ours[k], 3) for k in ("wall_s", "cpu_s")}
 
 
+def _single_threaded(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with one numba thread (the reference's parallel=True loops otherwise start an OpenMP team)."""
+    try:
+        import numba
+    except ImportError:
+        return fn
+
+    def run() -> object:
+        before = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            numba.set_num_threads(before)
+
+    return run
+
+
 def _case(ours: Callable[[], object], ref: Callable[[], object], repeats: int, threads: int) -> dict:
-    """Time the reference once and ours at 1 thread and at `threads` threads."""
-    result = {"ref": _median_seconds(ref, repeats)}
+    """Time the reference (one numba thread) once and ours at 1 thread and at `threads` threads."""
+    result = {"ref": _median_seconds(_single_threaded(ref), repeats)}
     for label, n in (("ours_1thread", 1), ("ours_default_threads", threads)):
         torch.set_num_threads(n)
         timing = _median_seconds(ours, repeats)
@@ -97,11 +116,11 @@ def run(batch: int = 16, size: int = 256, octaves: int = 6, repeats: int = 3) ->
     import opensimplex
 
     try:
-        import numba
+        import numba  # noqa: F401
 
         numba_on = True
     except ImportError:
-        numba, numba_on = None, False
+        numba_on = False
     threads = torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
     t = torch.randint(0, 1000, (batch,), generator=gen)
@@ -131,8 +150,7 @@ def run(batch: int = 16, size: int = 256, octaves: int = 6, repeats: int = 3) ->
         "ours_warmup_s": warmup,
         "cold_compile_s": _cold_compile_seconds(),
         "ref_threads": 1,
-        "ref_threads_single2d": numba.get_num_threads() if numba_on else 1,
-        "ref_note": "fractal3d: noise3array (numba) is single-threaded for one z; single2d: noise2array is not",
+        "ref_note": "opensimplex noise*array (numba) run with numba.set_num_threads(1)",
         "torch_default_threads": threads,
         "ratio_at_default_threads_cpu": fractal3d["ours_default_threads"]["ratio_cpu_s"],
         "ratio_at_default_threads_wall": fractal3d["ours_default_threads"]["ratio_wall_s"],
