@@ -2,7 +2,8 @@
 
 The file is a `torch.save`d dict of tensors and builtins only (format_version, versions, the
 resolved config, EMA weights, preprocessing, noise parameters, data fingerprint, threshold, and
-optionally ``head_state_dict``, the learned scoring head's weights), so
+optionally ``head_state_dict``, the learned scoring head's weights, and ``map_reference``, the
+per-pixel reference map [1, 1, S, S] fitted with the threshold), so
 it loads with `torch.load(weights_only=True)`: a crafted pickle cannot run code on load.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Bundle:
     versions: dict[str, Any]
     path: Path
     head_state_dict: dict[str, torch.Tensor] | None = None  # learned scoring head, if one was trained
+    map_reference: torch.Tensor | None = None  # [1, 1, S, S] reference map from calibration, if fitted
 
 
 def _plain(obj: Any) -> Any:
@@ -119,12 +121,18 @@ def load_bundle(path: str | Path, map_location: Any = "cpu") -> Bundle:
     versions = {"format_version": raw["format_version"], "anoddpm": raw.get("anoddpm_version"),
                 "torch": raw.get("torch_version")}
     return Bundle(cfg=cfg, state_dict=raw["state_dict"], fingerprint=raw["fingerprint"],
-                  threshold=raw["threshold"], versions=versions, path=path, head_state_dict=raw.get("head_state_dict"))
+                  threshold=raw["threshold"], versions=versions, path=path, head_state_dict=raw.get("head_state_dict"),
+                  map_reference=raw.get("map_reference"))
 
 
-def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None) -> Path:
-    """Replace the threshold stored in model.pt (atomic rewrite, everything else kept)."""
+def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
+                     map_reference: torch.Tensor | None = None) -> Path:
+    """Replace the calibration stored in model.pt: the threshold and the reference map [1, 1, S, S]
+    fitted with it (None removes it); atomic rewrite, everything else kept."""
     path = Path(path)
     raw = _read_raw(path, "cpu")
     raw["threshold"] = None if threshold is None else _plain(dict(threshold))
+    raw.pop("map_reference", None)
+    if map_reference is not None:
+        raw["map_reference"] = map_reference.detach().to("cpu", torch.float32, copy=True)
     return atomic_torch_save(raw, path)

@@ -10,8 +10,8 @@ import sys
 from typing import Callable, Sequence
 
 from anoddpm import __version__
-from anoddpm.config import (NOISE_KINDS, PRESETS, RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, SCORERS, Config,
-                            load_config_file)
+from anoddpm.config import (MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, SCORERS,
+                            Config, load_config_file)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,8 @@ def _add_detect_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score", choices=SCORE_REDUCTIONS, help="image score from the map: max or top-k mean")
     g.add_argument("--scorer", choices=SCORERS,
                    help="anomaly map: learned head (auto = when the bundle has one) or plain residual")
+    g.add_argument("--map-reference", choices=MAP_REFERENCES,
+                   help="good_mean = divide the map by the mean map of held-back good images (fitted by calibrate)")
     g.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
 
 
@@ -50,6 +52,7 @@ def detect_overrides(args: argparse.Namespace) -> dict:
         "residual": getattr(args, "residual", None),
         "score": getattr(args, "score", None),
         "scorer": getattr(args, "scorer", None),
+        "map_reference": getattr(args, "map_reference", None),
     }
 
 

@@ -10,6 +10,11 @@ Scoring (``cfg.detect.scorer``): 'residual' is the plain AnoDDPM map (``eval.sco
 'head' is the learned scoring head's anomaly probability (``anoddpm.head``) smoothed with the same
 Gaussian; 'auto' picks the head when one is given (a bundle trained with ``head.enabled``).
 
+Map reference (``cfg.detect.map_reference`` 'good_mean'): the map is divided per pixel by a
+reference map [1, 1, S, S] fitted at calibration on held-back good images (``set_map_reference``;
+stored in the bundle as ``map_reference``). Without one (uncalibrated or older bundles) the map is
+left as it is.
+
 Paper path (sampler 'ancestral'): ``depth`` DDPM steps with fresh noise per step from a
 generator re-seeded with ``cfg.detect.seed`` at every call (deterministic per batch).
 """
@@ -33,6 +38,7 @@ class Detector(nn.Module):
     forward(images) -> (anomaly_map, pred_score, reconstruction)."""
 
     detection_noise: Tensor
+    map_reference: Tensor
 
     def __init__(self, unet: UNet, diffusion: GaussianDiffusion, cfg: Config, head: ScoringHead | None = None) -> None:
         super().__init__()
@@ -49,6 +55,21 @@ class Detector(nn.Module):
         generator = torch.Generator().manual_seed(cfg.detect.seed)
         t = torch.full((shape[0],), float(cfg.detect.depth - 1))
         self.register_buffer("detection_noise", self._noise(shape, t, generator, torch.device("cpu")), persistent=False)
+        self.register_buffer("map_reference", torch.ones(1, 1, d.image_size, d.image_size), persistent=False)
+        self.has_map_reference = False
+
+    def set_map_reference(self, reference: Tensor | None) -> None:
+        """Divide future maps by `reference` [S, S] or [1, 1, S, S] (> 0); None = no reference."""
+        if reference is None:
+            self.map_reference.fill_(1.0)
+            self.has_map_reference = False
+            return
+        size = self.cfg.data.image_size
+        reference = torch.as_tensor(reference, dtype=self.map_reference.dtype).reshape(-1)
+        if reference.numel() != size * size or not bool((reference > 0).all()):
+            raise ValueError(f"map reference must hold {size}x{size} positive values, got {reference.numel()} values")
+        self.map_reference.copy_(reference.view(1, 1, size, size))
+        self.has_map_reference = True
 
     def _noise(self, shape: tuple[int, ...], t: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
         diff = self.cfg.diffusion
@@ -89,6 +110,8 @@ class Detector(nn.Module):
             amap = anomaly_map(images, reconstruction, det.residual, det.smoothing_sigma)
         else:
             amap = gaussian_blur(self.head.anomaly_map(images, reconstruction), det.smoothing_sigma)
+        if self.has_map_reference and det.map_reference == "good_mean":
+            amap = amap / self.map_reference
         return amap, image_score(amap, det.score, det.topk), reconstruction
 
     @classmethod
@@ -108,10 +131,12 @@ class Detector(nn.Module):
     @classmethod
     def from_bundle(cls, bundle: Any, device: torch.device | str = "cpu", **detect_overrides: Any) -> "Detector":
         """Detector in eval mode on `device` from a loaded bundle (.cfg, .state_dict = EMA UNet weights,
-        optional .head_state_dict = scoring head weights).
+        optional .head_state_dict = scoring head weights, optional .map_reference [1, 1, S, S]).
 
         detect_overrides replace cfg.detect fields (None values keep the bundle's).
         """
         cfg = bundle.cfg.override("detect", **detect_overrides).validate()
         head_state = getattr(bundle, "head_state_dict", None)
-        return cls.from_config(cfg, bundle.state_dict, head_state).to(device).eval()
+        detector = cls.from_config(cfg, bundle.state_dict, head_state)
+        detector.set_map_reference(getattr(bundle, "map_reference", None))
+        return detector.to(device).eval()

@@ -58,13 +58,36 @@ def _training_root(bundle: Any, data: str | None, category: str | None) -> tuple
 
 def score_validation(bundle: Any, detector: torch.nn.Module, root: Path, category: str | None,
                      device: torch.device, batch_size: int) -> ScoredSet:
-    """Score the held-back good images of the training split (same split as training)."""
+    """Score the held-back good images of the training split (same split as training); fits the map reference."""
     from anoddpm.data import load_training_data
 
     _, val_ds, _ = load_training_data(bundle.cfg, root, category, bundle.cfg.train.seed)
     if len(val_ds) == 0:
         raise ValueError(f"no held-back validation images under {root} (category {category}) to calibrate on")
-    return score_images(detector, val_ds, device, batch_size, desc="validation")
+    return score_good_and_fit_reference(detector, val_ds, device, batch_size)
+
+
+def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.device, batch_size: int) -> ScoredSet:
+    """Score good images [C, S, S]; with detect.map_reference 'good_mean', fit the detector's reference map on
+    them first and return their scores and maps as the detector now computes them (map / reference)."""
+    from eval.scoring import image_score
+    from eval.threshold import reference_map
+
+    det = detector.cfg.detect
+    detector.set_map_reference(None)
+    scored = score_images(detector, good_images, device, batch_size, desc="validation")
+    if det.map_reference == "none":
+        return scored
+    reference = reference_map(scored.maps)
+    detector.set_map_reference(torch.from_numpy(reference))
+    maps = (scored.maps / reference).astype(np.float32)
+    scores = image_score(torch.from_numpy(maps)[:, None], det.score, det.topk).double().numpy()
+    return ScoredSet(scores=scores, maps=maps, reconstructions=None, seconds_per_image=scored.seconds_per_image)
+
+
+def fitted_reference(detector: Any) -> torch.Tensor | None:
+    """The detector's reference map [1, 1, S, S] on the CPU, or None when it has none."""
+    return detector.map_reference.detach().cpu() if detector.has_map_reference else None
 
 
 def _test_arrays(cfg: Any, root: Path, category: str | None) -> dict[str, Any]:
@@ -120,7 +143,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     quantile = args.quantile if args.quantile is not None else detector.cfg.detect.threshold_quantile
     threshold = calibrate_threshold(bundle, detector, device, args.batch_size, root, category, quantile,
                                     getattr(args, "method", "quantile"))
-    update_threshold(args.model, threshold)
+    update_threshold(args.model, threshold, fitted_reference(detector))
     pixel = threshold["pixel"]
     print(f"calibrated {args.model}: image threshold {threshold['image']:.6g} ({threshold['method']}, "
           f"{threshold['n_good']} good images), pixel threshold "
@@ -160,9 +183,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
     bundle, detector, device = _load(args)
     root = Path(args.data)
     test = _test_arrays(bundle.cfg, root, args.category)
+    threshold, source = resolve_threshold(bundle, detector, device, args.batch_size, root, args.category)
     scored = score_images(detector, test["images"], device, args.batch_size, keep_reconstructions=True,
                           desc="evaluate")
-    threshold, source = resolve_threshold(bundle, detector, device, args.batch_size, root, args.category)
     image_t, pixel_t = float(threshold["image"]), threshold.get("pixel")
     metrics = compute_metrics(scored.scores, test["labels"], scored.maps, test["masks"],
                               image_threshold=image_t, pixel_threshold=pixel_t)

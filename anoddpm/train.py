@@ -421,15 +421,15 @@ def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device)
     """Score held-back good images with the bundle's Detector and store the threshold in the bundle."""
     from anoddpm.bundle import load_bundle
     from anoddpm.detector import Detector
-    from anoddpm.scoring_loop import score_images
+    from anoddpm.evaluate import fitted_reference, score_good_and_fit_reference
     from eval.threshold import calibrate
 
     bundle = load_bundle(bundle_path, map_location=device)
     detector = Detector.from_bundle(bundle, device).eval()
-    scored = score_images(detector, val_ds, device, batch_size=bundle.cfg.train.batch_size, keep_maps=True)
+    scored = score_good_and_fit_reference(detector, val_ds, device, batch_size=bundle.cfg.train.batch_size)
     threshold = calibrate(scored.scores, scored.maps, quantile=bundle.cfg.detect.threshold_quantile)
     threshold["detect"] = bundle.cfg.to_dict()["detect"]
-    update_threshold(bundle_path, threshold)
+    update_threshold(bundle_path, threshold, fitted_reference(detector))
     print(f"calibrated on {len(val_ds)} held-back good images: image threshold {threshold['image']:.6g}", flush=True)
     return threshold
 

@@ -115,3 +115,17 @@ def calibrate(good_scores: np.ndarray, good_maps: np.ndarray | None = None,
         pixel = pixel_threshold(good_maps, pixel_quantile)
     return {"image": image, "pixel": pixel, "method": method, "quantile": float(quantile),
             "n_good": int(good_scores.size)}
+
+
+REFERENCE_FLOOR = 0.1  # share of the reference map's mean added everywhere: no pixel's residual is amplified > 10x
+
+
+def reference_map(good_maps: np.ndarray, floor: float = REFERENCE_FLOOR) -> np.ndarray:
+    """Per-pixel reference [H, W] from good images' anomaly maps [M, H, W]: their mean + floor * its mean (> 0)."""
+    maps = np.asarray(good_maps, dtype=np.float64)
+    if maps.ndim != 3 or maps.shape[0] == 0:
+        raise ValueError(f"good_maps must be [M, H, W] with M >= 1, got shape {maps.shape}")
+    if not np.all(np.isfinite(maps)):
+        raise ValueError("good_maps contains NaN or inf")
+    mean = maps.mean(axis=0)
+    return (mean + floor * max(float(mean.mean()), np.finfo(np.float32).tiny)).astype(np.float32)

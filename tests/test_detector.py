@@ -109,6 +109,25 @@ def test_from_bundle_applies_overrides_and_weights():
         Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu", steps=500)
 
 
+def test_map_reference_divides_the_map_unless_turned_off():
+    cfg = _cfg()
+    state = _randomised_state(cfg)
+    size = cfg.data.image_size
+    reference = torch.linspace(0.5, 2.0, size * size).view(1, 1, size, size)
+    images = torch.rand(2, cfg.data.channels, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        plain_map, _, _ = Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu")(images)
+        with_ref = Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state, map_reference=reference), "cpu")
+        amap, score, _ = with_ref(images)
+        off = Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state, map_reference=reference), "cpu",
+                                   map_reference="none")(images)[0]
+    torch.testing.assert_close(amap, plain_map / reference)
+    torch.testing.assert_close(score, amap.flatten(1).amax(1))
+    torch.testing.assert_close(off, plain_map)
+    with pytest.raises(ValueError, match="positive"):
+        with_ref.set_map_reference(torch.zeros(size, size))
+
+
 def test_onnx_trace_matches_torch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     cfg = _cfg(steps=2, residual="ssim", score="topk", topk=10)

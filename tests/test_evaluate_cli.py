@@ -78,6 +78,32 @@ def test_calibrate_stores_threshold_that_evaluate_uses(setup: tuple[Path, Path],
     assert metrics["threshold"] == pytest.approx(stored["image"], rel=0, abs=0)
 
 
+def test_calibrate_fits_a_map_reference_that_every_later_map_is_divided_by(setup: tuple[Path, Path],
+                                                                           tmp_path: Path) -> None:
+    from anoddpm.data import load_training_data
+    from anoddpm.detector import Detector
+    from eval.threshold import reference_map
+
+    data, model = setup
+    copy = tmp_path / "model.pt"
+    copy.write_bytes(model.read_bytes())
+    assert main(["calibrate", "--model", str(copy), "--quantile", "1.0"]) == 0
+    bundle = load_bundle(copy)
+    assert bundle.map_reference is not None and tuple(bundle.map_reference.shape) == (1, 1, 32, 32)
+    _, val_ds, _ = load_training_data(bundle.cfg, data, "cat", bundle.cfg.train.seed)
+    good = torch.stack([torch.as_tensor(np.asarray(val_ds[i])) for i in range(len(val_ds))])
+    plain = Detector.from_bundle(bundle, "cpu", map_reference="none")
+    with torch.inference_mode():
+        raw_maps = plain(good)[0]
+        maps, scores, _ = Detector.from_bundle(bundle, "cpu")(good)
+    expected = reference_map(raw_maps[:, 0].numpy())
+    assert np.allclose(bundle.map_reference[0, 0].numpy(), expected, rtol=1e-5)
+    assert torch.allclose(maps, raw_maps / bundle.map_reference, rtol=1e-5)
+    # quantile 1.0 = the largest held-back good score, computed on the divided maps
+    assert bundle.threshold["image"] == pytest.approx(float(scores.max()), rel=1e-5)
+    assert bundle.threshold["detect"]["map_reference"] == "good_mean"
+
+
 @pytest.mark.parametrize("change, reused", [({}, True), ({"steps": 3}, False), ({"threshold_quantile": 0.5}, True),
                                             ({"sampler": "ancestral"}, False)])
 def test_stored_threshold_is_reused_only_for_thesame_detect_settingsion_settings(change: dict, reused: bool) -> None:

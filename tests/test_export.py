@@ -25,6 +25,7 @@ def _bundle(path: Path, threshold: dict | None) -> Path:
     """Tiny random UNet (every weight perturbed, so no layer is zero) saved as a bundle."""
     cfg = Config().override("model", preset="tiny").override("data", image_size=SIZE).validate()
     gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # build_unet's initialisation: the same weights on every call
     state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
              for k, v in build_unet(cfg).state_dict().items()}
     return save_bundle(path, cfg=cfg, state_dict=state, fingerprint={"source": "random", "n": 0}, threshold=threshold)

@@ -72,3 +72,17 @@ def test_errors_are_readable():
         T.f1_threshold(np.ones(3), np.ones(3))
     with pytest.raises(ValueError, match="NaN"):
         T.calibrate(np.array([0.1, np.nan]))
+
+
+def test_reference_map_is_the_good_mean_plus_a_floor():
+    from eval.threshold import reference_map
+
+    maps = np.stack([np.full((2, 3), 1.0), np.full((2, 3), 3.0)])
+    maps[:, 0, 0] = 0.0  # a pixel no good image has residual at: the floor keeps it from dividing by 0
+    ref = reference_map(maps, floor=0.1)
+    mean = maps.mean(axis=0)
+    assert ref.shape == (2, 3) and ref.dtype == np.float32
+    assert np.allclose(ref, mean + 0.1 * mean.mean())
+    assert ref[0, 0] == pytest.approx(0.1 * mean.mean())
+    with pytest.raises(ValueError, match="good_maps"):
+        reference_map(np.zeros((0, 2, 3)))
