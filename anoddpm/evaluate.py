@@ -68,19 +68,24 @@ def score_validation(bundle: Any, detector: torch.nn.Module, root: Path, categor
 
 
 def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.device, batch_size: int) -> ScoredSet:
-    """Score good images [C, S, S]; with detect.map_reference 'good_mean', fit the detector's reference map on
-    them first and return their scores and maps as the detector now computes them (map / reference)."""
+    """Score good images [C, S, S]; with detect.map_reference 'good_mean' and at least MIN_REFERENCE_IMAGES
+    of them, fit the detector's reference map on them and return each image's map divided by the reference
+    fitted on the others (unbiased thresholds); otherwise the plain maps and no reference."""
     from eval.scoring import image_score
-    from eval.threshold import reference_map
+    from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised, reference_map
 
     det = detector.cfg.detect
     detector.set_map_reference(None)
     scored = score_images(detector, good_images, device, batch_size, desc="validation")
     if det.map_reference == "none":
         return scored
+    if len(scored.scores) < MIN_REFERENCE_IMAGES:
+        print(f"map reference: not fitted, {len(scored.scores)} held-back good images are fewer than "
+              f"{MIN_REFERENCE_IMAGES}; maps stay plain residuals", file=sys.stderr)
+        return scored
     reference = reference_map(scored.maps)
     detector.set_map_reference(torch.from_numpy(reference))
-    maps = (scored.maps / reference).astype(np.float32)
+    maps = held_out_normalised(scored.maps)
     scores = image_score(torch.from_numpy(maps)[:, None], det.score, det.topk).double().numpy()
     return ScoredSet(scores=scores, maps=maps, reconstructions=None, seconds_per_image=scored.seconds_per_image)
 

@@ -117,7 +117,8 @@ def calibrate(good_scores: np.ndarray, good_maps: np.ndarray | None = None,
             "n_good": int(good_scores.size)}
 
 
-REFERENCE_FLOOR = 0.1  # share of the reference map's mean added everywhere: no pixel's residual is amplified > 10x
+MIN_REFERENCE_IMAGES = 20  # fewer held-back good images give a per-pixel mean too noisy to divide by
+REFERENCE_FLOOR = 1.0  # the reference map's mean is added everywhere: a map value of 1 is a typical good residual
 
 
 def reference_map(good_maps: np.ndarray, floor: float = REFERENCE_FLOOR) -> np.ndarray:
@@ -127,5 +128,24 @@ def reference_map(good_maps: np.ndarray, floor: float = REFERENCE_FLOOR) -> np.n
         raise ValueError(f"good_maps must be [M, H, W] with M >= 1, got shape {maps.shape}")
     if not np.all(np.isfinite(maps)):
         raise ValueError("good_maps contains NaN or inf")
-    mean = maps.mean(axis=0)
+    return _reference_from_mean(maps.mean(axis=0), floor)
+
+
+def _reference_from_mean(mean: np.ndarray, floor: float) -> np.ndarray:
     return (mean + floor * max(float(mean.mean()), np.finfo(np.float32).tiny)).astype(np.float32)
+
+
+def held_out_normalised(good_maps: np.ndarray, floor: float = REFERENCE_FLOOR) -> np.ndarray:
+    """Each good map [M, H, W] divided by the reference fitted on the *other* maps (all of them if M == 1).
+
+    Thresholds calibrated on these are unbiased: a map divided by a reference it helped to fit is
+    too low at its own hot spots, which with few held-back images would set the threshold too low.
+    """
+    maps = np.asarray(good_maps, dtype=np.float64)
+    reference_map(maps, floor)  # validates
+    m = maps.shape[0]
+    if m == 1:
+        return (maps / _reference_from_mean(maps[0], floor)).astype(np.float32)
+    total = maps.sum(axis=0)
+    return np.stack([maps[i] / _reference_from_mean((total - maps[i]) / (m - 1), floor)
+                     for i in range(m)]).astype(np.float32)

@@ -78,17 +78,26 @@ def test_calibrate_stores_threshold_that_evaluate_uses(setup: tuple[Path, Path],
     assert metrics["threshold"] == pytest.approx(stored["image"], rel=0, abs=0)
 
 
-def test_calibrate_fits_a_map_reference_that_every_later_map_is_divided_by(setup: tuple[Path, Path],
-                                                                           tmp_path: Path) -> None:
-    from anoddpm.data import load_training_data
-    from anoddpm.detector import Detector
-    from eval.threshold import reference_map
-
-    data, model = setup
+def test_few_held_back_images_fit_no_map_reference(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model = setup  # 2 held-back good images
     copy = tmp_path / "model.pt"
     copy.write_bytes(model.read_bytes())
+    assert main(["calibrate", "--model", str(copy)]) == 0
+    assert load_bundle(copy).map_reference is None
+
+
+def test_calibrate_fits_a_map_reference_that_every_later_map_is_divided_by(tmp_path: Path) -> None:
+    from anoddpm.data import load_training_data
+    from anoddpm.detector import Detector
+    from eval.threshold import MIN_REFERENCE_IMAGES, reference_map
+
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, category="cat", size=32, n_train=10 * MIN_REFERENCE_IMAGES, n_test_good=1,
+                           n_test_defect=1)
+    copy = make_bundle(tmp_path / "model.pt", data, "cat")
     assert main(["calibrate", "--model", str(copy), "--quantile", "1.0"]) == 0
     bundle = load_bundle(copy)
+    assert bundle.threshold["n_good"] == MIN_REFERENCE_IMAGES
     assert bundle.map_reference is not None and tuple(bundle.map_reference.shape) == (1, 1, 32, 32)
     _, val_ds, _ = load_training_data(bundle.cfg, data, "cat", bundle.cfg.train.seed)
     good = torch.stack([torch.as_tensor(np.asarray(val_ds[i])) for i in range(len(val_ds))])
@@ -96,11 +105,14 @@ def test_calibrate_fits_a_map_reference_that_every_later_map_is_divided_by(setup
     with torch.inference_mode():
         raw_maps = plain(good)[0]
         maps, scores, _ = Detector.from_bundle(bundle, "cpu")(good)
-    expected = reference_map(raw_maps[:, 0].numpy())
+    raw = raw_maps[:, 0].numpy()
+    expected = reference_map(raw)
     assert np.allclose(bundle.map_reference[0, 0].numpy(), expected, rtol=1e-5)
     assert torch.allclose(maps, raw_maps / bundle.map_reference, rtol=1e-5)
-    # quantile 1.0 = the largest held-back good score, computed on the divided maps
-    assert bundle.threshold["image"] == pytest.approx(float(scores.max()), rel=1e-5)
+    # quantile 1.0 = the largest held-back good score, each map divided by the reference of the others
+    held_out = [(raw[i] / reference_map(np.delete(raw, i, axis=0))).max() for i in range(len(raw))]
+    assert bundle.threshold["image"] == pytest.approx(float(max(held_out)), rel=1e-5)
+    assert bundle.threshold["image"] > float(scores.max())  # the unbiased threshold is the higher one
     assert bundle.threshold["detect"]["map_reference"] == "good_mean"
 
 

@@ -86,3 +86,14 @@ def test_reference_map_is_the_good_mean_plus_a_floor():
     assert ref[0, 0] == pytest.approx(0.1 * mean.mean())
     with pytest.raises(ValueError, match="good_maps"):
         reference_map(np.zeros((0, 2, 3)))
+
+
+def test_held_out_normalised_divides_each_map_by_the_others_reference():
+    from eval.threshold import held_out_normalised, reference_map
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((4, 5, 6))
+    out = held_out_normalised(maps)
+    for i in range(4):
+        assert np.allclose(out[i], maps[i] / reference_map(np.delete(maps, i, axis=0)), rtol=1e-6)
+    assert np.allclose(held_out_normalised(maps[:1]), maps[:1] / reference_map(maps[:1]), rtol=1e-6)
