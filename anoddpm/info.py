@@ -8,13 +8,18 @@ from typing import Any
 
 
 def describe_bundle(path: Path) -> dict[str, Any]:
-    """Summary of a model.pt: versions, config, threshold, fingerprint, parameter count."""
+    """Summary of a model.pt: versions, config, threshold, map reference, fingerprint, parameter count."""
     from anoddpm.bundle import load_bundle
 
     bundle = load_bundle(path)
     n_params = sum(int(t.numel()) for t in bundle.state_dict.values() if t.is_floating_point())
+    reference = None
+    if bundle.map_reference is not None:
+        ref = bundle.map_reference.float()
+        reference = {"shape": list(ref.shape), "min": float(ref.min()), "mean": float(ref.mean()), "max": float(ref.max())}
     return {"file": str(path), "kind": "bundle", "versions": bundle.versions, "parameters": n_params,
-            "threshold": bundle.threshold, "fingerprint": bundle.fingerprint, "config": bundle.cfg.to_dict()}
+            "threshold": bundle.threshold, "map_reference": reference, "fingerprint": bundle.fingerprint,
+            "config": bundle.cfg.to_dict()}
 
 
 def describe_onnx(path: Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from anoddpm.bundle import save_bundle
+from anoddpm.bundle import save_bundle, update_threshold
 from anoddpm.cli import main as cli
 from anoddpm.config import Config
 from anoddpm.unet import build_unet
@@ -29,6 +29,12 @@ def test_info_bundle_and_onnx(bundle, tmp_path, capsys):
     assert out["fingerprint"]["sha256"] == "abc"
     assert out["config"] == cfg.to_dict()
     assert out["parameters"] == sum(p.numel() for p in build_unet(cfg).parameters())
+    assert out["map_reference"] is None
+
+    update_threshold(path, {"image": 0.25, "pixel": 0.5}, torch.full((1, 1, 32, 32), 2.0))
+    assert cli(["info", str(path)]) == 0
+    described = json.loads(capsys.readouterr().out)["map_reference"]
+    assert described == {"shape": [1, 1, 32, 32], "min": 2.0, "mean": 2.0, "max": 2.0}
 
     onnx_path = tmp_path / "model.onnx"
     assert cli(["export", "--model", str(path), "--out", str(onnx_path), "--steps", "1"]) == 0
