@@ -20,6 +20,7 @@ generator re-seeded with ``cfg.detect.seed`` at every call (deterministic per ba
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -131,12 +132,19 @@ class Detector(nn.Module):
     @classmethod
     def from_bundle(cls, bundle: Any, device: torch.device | str = "cpu", **detect_overrides: Any) -> "Detector":
         """Detector in eval mode on `device` from a loaded bundle (.cfg, .state_dict = EMA UNet weights,
-        optional .head_state_dict = scoring head weights, optional .map_reference [1, 1, S, S]).
+        optional .head_state_dict = scoring head weights, optional .map_reference [1, 1, S, S], applied only
+        when .threshold was calibrated with the detection settings now in use).
 
         detect_overrides replace cfg.detect fields (None values keep the bundle's).
         """
         cfg = bundle.cfg.override("detect", **detect_overrides).validate()
         head_state = getattr(bundle, "head_state_dict", None)
         detector = cls.from_config(cfg, bundle.state_dict, head_state)
-        detector.set_map_reference(getattr(bundle, "map_reference", None))
+        reference = getattr(bundle, "map_reference", None)
+        if reference is not None:
+            from anoddpm.evaluate import same_detect_settings
+
+            calibrated = (getattr(bundle, "threshold", None) or {}).get("detect")
+            if same_detect_settings(calibrated, asdict(cfg.detect)):  # a reference belongs to its calibration
+                detector.set_map_reference(reference)
         return detector.to(device).eval()

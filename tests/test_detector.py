@@ -1,4 +1,5 @@
 """Detector: shapes, determinism, batch independence, blob sensitivity, bundle loading, ONNX trace."""
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -117,13 +118,16 @@ def test_map_reference_divides_the_map_unless_turned_off():
     images = torch.rand(2, cfg.data.channels, size, size, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         plain_map, _, _ = Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu")(images)
-        with_ref = Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state, map_reference=reference), "cpu")
+        bundle = SimpleNamespace(cfg=cfg, state_dict=state, map_reference=reference,
+                                 threshold={"image": 1.0, "detect": asdict(cfg.detect)})
+        with_ref = Detector.from_bundle(bundle, "cpu")
         amap, score, _ = with_ref(images)
-        off = Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state, map_reference=reference), "cpu",
-                                   map_reference="none")(images)[0]
+        off = Detector.from_bundle(bundle, "cpu", map_reference="none")(images)[0]
+        other_settings = Detector.from_bundle(bundle, "cpu", depth=cfg.detect.depth // 2)
     torch.testing.assert_close(amap, plain_map / reference)
     torch.testing.assert_close(score, amap.flatten(1).amax(1))
     torch.testing.assert_close(off, plain_map)
+    assert with_ref.has_map_reference and not other_settings.has_map_reference  # fitted for other settings
     with pytest.raises(ValueError, match="positive"):
         with_ref.set_map_reference(torch.zeros(size, size))
 
