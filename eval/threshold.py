@@ -121,18 +121,25 @@ MIN_REFERENCE_IMAGES = 20  # fewer held-back good images give a per-pixel mean t
 REFERENCE_FLOOR = 1.0  # the reference map's mean is added everywhere: a map value of 1 is a typical good residual
 
 
-def reference_map(good_maps: np.ndarray, floor: float = REFERENCE_FLOOR) -> np.ndarray:
-    """Per-pixel reference [H, W] from good images' anomaly maps [M, H, W]: their mean + floor * its mean (> 0)."""
+def _good_maps(good_maps: np.ndarray) -> np.ndarray:
+    """good_maps as float64 [M, H, W], M >= 1, all finite; ValueError otherwise."""
     maps = np.asarray(good_maps, dtype=np.float64)
     if maps.ndim != 3 or maps.shape[0] == 0:
         raise ValueError(f"good_maps must be [M, H, W] with M >= 1, got shape {maps.shape}")
     if not np.all(np.isfinite(maps)):
         raise ValueError("good_maps contains NaN or inf")
-    return _reference_from_mean(maps.mean(axis=0), floor)
+    return maps
 
 
-def _reference_from_mean(mean: np.ndarray, floor: float) -> np.ndarray:
-    return (mean + floor * max(float(mean.mean()), np.finfo(np.float32).tiny)).astype(np.float32)
+def _reference_from_means(means: np.ndarray, floor: float) -> np.ndarray:
+    """References [..., H, W] from mean maps [..., H, W]: mean + floor * its spatial mean (kept > 0)."""
+    spatial = np.maximum(means.mean(axis=(-2, -1), keepdims=True), np.finfo(np.float32).tiny)
+    return means + floor * spatial
+
+
+def reference_map(good_maps: np.ndarray, floor: float = REFERENCE_FLOOR) -> np.ndarray:
+    """Per-pixel reference [H, W] from good images' anomaly maps [M, H, W]: their mean + floor * its mean (> 0)."""
+    return _reference_from_means(_good_maps(good_maps).mean(axis=0), floor).astype(np.float32)
 
 
 def held_out_normalised(good_maps: np.ndarray, floor: float = REFERENCE_FLOOR) -> np.ndarray:
@@ -141,11 +148,7 @@ def held_out_normalised(good_maps: np.ndarray, floor: float = REFERENCE_FLOOR) -
     Thresholds calibrated on these are unbiased: a map divided by a reference it helped to fit is
     too low at its own hot spots, which with few held-back images would set the threshold too low.
     """
-    maps = np.asarray(good_maps, dtype=np.float64)
-    reference_map(maps, floor)  # validates
+    maps = _good_maps(good_maps)
     m = maps.shape[0]
-    if m == 1:
-        return (maps / _reference_from_mean(maps[0], floor)).astype(np.float32)
-    total = maps.sum(axis=0)
-    return np.stack([maps[i] / _reference_from_mean((total - maps[i]) / (m - 1), floor)
-                     for i in range(m)]).astype(np.float32)
+    others = (maps.sum(axis=0) - maps) / (m - 1) if m > 1 else maps  # [M, H, W] leave-one-out means
+    return (maps / _reference_from_means(others, floor)).astype(np.float32)
