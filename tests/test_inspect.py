@@ -83,7 +83,7 @@ def test_watch_slow_writer_deleted_file_and_repeated_name(toy, tmp_path):
         (folder / "gone.png").write_bytes(data)
         (folder / "gone.png").unlink()  # deleted before it was stable
         log = out / "inspections.jsonl"
-        _wait_for(lambda: len(read_log(log)) == 1)
+        _wait_for(lambda: len(read_log(log)) == 1 and (out / "ng" / "slow.png").exists())
         (folder / "slow.png").write_bytes(data)  # the same name again, after it was moved
         _wait_for(lambda: len(read_log(log)) == 2)
         time.sleep(5 * POLL)
