@@ -10,8 +10,8 @@ import sys
 from typing import Callable, Sequence
 
 from anoddpm import __version__
-from anoddpm.config import (MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, SCORERS,
-                            Config, load_config_file)
+from anoddpm.config import (INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUALS, SAMPLERS,
+                            SCORE_REDUCTIONS, SCORERS, Config, load_config_file)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,8 @@ def detect_overrides(args: argparse.Namespace) -> dict:
 def resolve_train_config(args: argparse.Namespace) -> Config:
     """Defaults <- config file <- flags; validated."""
     cfg = load_config_file(args.config) if args.config else Config()
-    cfg = cfg.override("data", image_size=args.image_size, channels=args.channels, augment=args.augment)
+    cfg = cfg.override("data", image_size=args.image_size, channels=args.channels, augment=args.augment,
+                       train_crop=args.train_crop, intensity=args.intensity)
     cfg = cfg.override("model", preset=args.preset)
     cfg = cfg.override("diffusion", noise=args.noise)
     cfg = cfg.override("train", batch_size=args.train_batch_size, lr=args.lr, max_steps=args.max_steps,
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=PRESETS, help="UNet size (default small)")
     p.add_argument("--noise", choices=NOISE_KINDS, help="training noise (default gaussian; simplex = the paper's)")
     p.add_argument("--augment", choices=("none", "texture"), help="training augmentation (default none)")
+    p.add_argument("--intensity", choices=INTENSITY_MODES,
+                   help="per_image: normalise each image's brightness and contrast before the model (default none)")
+    p.add_argument("--train-crop", type=int, metavar="PX",
+                   help="train on random square crops of this side (multiple of 8; default 0 = whole images)")
     p.add_argument("--batch-size", dest="train_batch_size", type=int, help="images per step (default 8)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps of the run (default 10000)")

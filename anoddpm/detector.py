@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from anoddpm.config import Config
 from anoddpm.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
 from anoddpm.head import ScoringHead, build_head
+from anoddpm.intensity import denormalise, intensity_stats, normalise
 from anoddpm.unet import UNet, build_unet
 from eval.scoring import anomaly_map, gaussian_blur, image_score
 from noise import make_noise
@@ -81,8 +82,9 @@ class Detector(nn.Module):
 
     def reconstruct(self, images: Tensor) -> Tensor:
         """Reconstruction [B, C, S, S] in [0, 1] of images [B, C, S, S] in [0, 1], averaged over detect.samples."""
-        det = self.cfg.detect
-        x_start = images * 2.0 - 1.0
+        det, mode = self.cfg.detect, self.cfg.data.intensity
+        stats = intensity_stats(images, mode) if mode != "none" else None
+        x_start = (images if stats is None else normalise(images, stats)) * 2.0 - 1.0
         generator = None
         if det.sampler == "ancestral":
             generator = torch.Generator(device=images.device).manual_seed(det.seed)
@@ -97,7 +99,8 @@ class Detector(nn.Module):
             total = total + partial_diffusion_reconstruct(
                 self.unet, self.diffusion, x_start, det.depth, det.steps, det.sampler, noise, step_noise
             )
-        return ((total / det.samples + 1.0) / 2.0).clamp(0.0, 1.0)
+        reconstruction = (total / det.samples + 1.0) / 2.0
+        return (reconstruction if stats is None else denormalise(reconstruction, stats)).clamp(0.0, 1.0)
 
     def _step_noise(self, x: Tensor, t: int, generator: torch.Generator) -> Tensor:
         return self._noise(tuple(x.shape), torch.full((x.shape[0],), float(t)), generator, x.device).to(x.dtype)
@@ -108,7 +111,11 @@ class Detector(nn.Module):
         det = self.cfg.detect
         reconstruction = self.reconstruct(images)
         if self.head is None:
-            amap = anomaly_map(images, reconstruction, det.residual, det.smoothing_sigma)
+            seen, rebuilt = images, reconstruction
+            if self.cfg.data.intensity != "none":  # the residual in the units the model worked in
+                stats = intensity_stats(images, self.cfg.data.intensity)
+                seen, rebuilt = normalise(images, stats), normalise(reconstruction, stats)
+            amap = anomaly_map(seen, rebuilt, det.residual, det.smoothing_sigma)
         else:
             amap = gaussian_blur(self.head.anomaly_map(images, reconstruction), det.smoothing_sigma)
         if self.has_map_reference and det.map_reference == "good_mean":

@@ -42,11 +42,22 @@ from anoddpm.config import Config
 from anoddpm.device import resolve_device
 from anoddpm.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
 from anoddpm.imageio import save_png
+from anoddpm.intensity import model_inputs
 from anoddpm.unet import build_unet
 
 CHECKPOINT_FORMAT = 1
 BUDGET_FIELDS = ("max_steps", "max_minutes")  # the only train fields a resume may change
 HASH_ENV = "ANODDPM_WEIGHT_HASH_DIR"  # tests: each rank writes a digest of its final weights here
+
+
+def random_crops(images: Tensor, side: int, seed: int, step: int, rank: int) -> Tensor:
+    """A random side x side crop of each image [B, C, S, S] (same dtype/device); offsets are a pure function
+    of (seed, step, rank), so a resumed run sees the same crops."""
+    size = images.shape[-1]
+    if side <= 0 or side >= size:
+        return images
+    offsets = np.random.default_rng([seed, step, rank, 1]).integers(0, size - side + 1, size=(images.shape[0], 2))
+    return torch.stack([img[:, y:y + side, x:x + side] for img, (y, x) in zip(images, offsets.tolist())])
 
 
 def batch_indices(seed: int, n: int, start: int, count: int) -> list[int]:
@@ -169,19 +180,19 @@ def _weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def _sample_grid(path: Path, cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor) -> None:
-    """PNG rows of input | noised (t=depth-1) | EMA reconstruction with a few DDIM steps; own generator."""
+    """PNG rows of input as the model sees it | noised (t=depth-1) | EMA reconstruction with a few DDIM steps."""
     from noise import make_noise
 
     d, depth = cfg.diffusion, cfg.detect.depth
     gen = torch.Generator(device=images.device).manual_seed(cfg.detect.seed)
-    x_start = images * 2 - 1
+    x_start = model_inputs(images, images, cfg.data.intensity)[0]
     t = torch.full((x_start.shape[0],), depth - 1, device=images.device)
     noise = make_noise(cfg.detect.noise, tuple(x_start.shape), t=t, generator=gen, device=images.device,
                        octaves=d.octaves, persistence=d.persistence, frequency=d.frequency, standardise=d.standardise)
     with torch.no_grad():
         noised = diffusion.q_sample(x_start, depth - 1, noise)
         recon = partial_diffusion_reconstruct(ema, diffusion, x_start, depth, min(5, depth), "ddim", noise)
-    cols = [images, (noised.clamp(-1, 1) + 1) / 2, (recon.clamp(-1, 1) + 1) / 2]
+    cols = [(v.clamp(-1, 1) + 1) / 2 for v in (x_start, noised, recon)]
     grid = torch.cat([torch.cat(list(c), dim=-1) for c in zip(*cols)], dim=-2)  # [C, rows*S, 3*S]
     save_png(path, grid.float().cpu().numpy())
 
@@ -262,6 +273,9 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         train_ds, val_ds, fingerprint = load_training_data(cfg, data_root, category, tc.seed)
         n = len(train_ds)
         model = build_unet(cfg).to(dev)
+        if cfg.data.train_crop % model.size_multiple:
+            raise ValueError(f"data.train_crop={cfg.data.train_crop} must be a multiple of {model.size_multiple} "
+                             f"for model.preset={cfg.model.preset}")
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         diffusion = GaussianDiffusion.from_config(dc).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -305,7 +319,8 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                 idx = batch_indices(tc.seed, n, start, tc.batch_size)
                 if getattr(train_ds, "transform", None) is not None:  # augmentation as a pure function of the step
                     train_ds.transform.set_random_seed(int(np.random.SeedSequence([tc.seed, s, dist.rank]).generate_state(1)[0]))
-                yield torch.stack([torch.as_tensor(train_ds[i]) for i in idx]).to(dev, non_blocking=True)
+                images = torch.stack([torch.as_tensor(train_ds[i]) for i in idx])
+                yield random_crops(images, cfg.data.train_crop, tc.seed, s, dist.rank).to(dev, non_blocking=True)
                 s += 1
 
         preview = torch.stack([torch.as_tensor(val_ds[i]) for i in range(min(4, len(val_ds)))]).to(dev)
@@ -324,17 +339,18 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                 if (dist.world == 1 or step % tc.log_every == 0) and dist.any(stop):
                     interrupted = dist.any(flag.signal is not None)
                     break
-                x_start = next(data) * 2 - 1
-                t = torch.randint(0, t_max, (x_start.shape[0],), generator=noise_gen, device=dev)
-                noise = make_noise(dc.noise, tuple(x_start.shape), t=t, generator=noise_gen, device=dev,
+                images = next(data)
+                t = torch.randint(0, t_max, (images.shape[0],), generator=noise_gen, device=dev)
+                noise = make_noise(dc.noise, tuple(images.shape), t=t, generator=noise_gen, device=dev,
                                    octaves=dc.octaves, persistence=dc.persistence, frequency=dc.frequency,
                                    standardise=dc.standardise)
                 with autocast:
                     if tc.anomaly_fraction > 0:
-                        x_input = synthesize_anomalies((x_start + 1) / 2, noise_gen,
-                                                       clean_fraction=1 - tc.anomaly_fraction)[0] * 2 - 1
+                        damaged = synthesize_anomalies(images, noise_gen, clean_fraction=1 - tc.anomaly_fraction)[0]
+                        x_start, x_input = model_inputs(images, damaged, cfg.data.intensity)
                         loss = healing_loss(net, diffusion, x_start, x_input, t, noise, dc.loss, tc.heal_snr_cap)
                     else:
+                        x_start = model_inputs(images, images, cfg.data.intensity)[0]
                         loss = diffusion.training_loss(net, x_start, t, noise, dc.loss)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

@@ -152,6 +152,7 @@ class UNet(nn.Module):
                 f"data.image_size={image_size} must be divisible by {factor} for model.channel_mults={channel_mults}"
             )
         self.in_channels = in_channels
+        self.size_multiple = factor  # input sides must be multiples of this
         self.base_channels = base_channels
         emb_dim = 4 * base_channels
         self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

@@ -28,6 +28,8 @@ def test_unknown_keys_are_named():
 @pytest.mark.parametrize("section, field, value, pattern", [
     ("data", "channels", 2, "data.channels"),
     ("data", "image_size", 100, "data.image_size"),
+    ("data", "train_crop", 12, "data.train_crop"),
+    ("data", "train_crop", 136, "data.train_crop"),
     ("detect", "depth", 0, "detect.depth"),
     ("detect", "steps", 300, "detect.steps"),
     ("detect", "sampler", "euler", "detect.sampler"),

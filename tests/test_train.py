@@ -16,7 +16,7 @@ import torch
 from anoddpm.bundle import load_bundle
 from anoddpm.config import Config
 from anoddpm.synth import make_synthetic_dataset
-from anoddpm.train import batch_indices, train
+from anoddpm.train import batch_indices, random_crops, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +61,25 @@ def test_batch_indices_are_epoch_permutations_and_position_independent():
     assert batch_indices(4, 7, 0, 7) != whole[:7]
 
 
+def test_random_crops_are_slices_fixed_by_seed_step_and_rank():
+    images = torch.arange(3 * 2 * 32 * 32, dtype=torch.float32).view(3, 2, 32, 32)
+    crops = random_crops(images, 16, seed=0, step=5, rank=0)
+    assert crops.shape == (3, 2, 16, 16)
+    for img, crop in zip(images, crops):
+        y, x = divmod(int(crop[0, 0, 0]) % (32 * 32), 32)  # the crop's first value gives its offset
+        assert torch.equal(crop, img[:, y:y + 16, x:x + 16])
+    assert torch.equal(crops, random_crops(images, 16, seed=0, step=5, rank=0))
+    others = [random_crops(images, 16, seed=0, step=6, rank=0), random_crops(images, 16, seed=0, step=5, rank=1)]
+    assert all(not torch.equal(crops, other) for other in others)
+    assert random_crops(images, 0, 0, 0, 0) is images and random_crops(images, 32, 0, 0, 0) is images
+
+
+def test_train_crop_must_fit_the_unet(data_root, tmp_path):
+    cfg = _cfg(2).override("data", train_crop=24).override("model", preset="base")  # base halves the side 4 times
+    with pytest.raises(ValueError, match="train_crop=24 must be a multiple of 16"):
+        train(cfg, data_root, "syn", tmp_path / "run", device="cpu")
+
+
 def test_loss_falls_and_run_dir_is_complete(data_root, tmp_path):
     cfg = _cfg(40, sample_every=40).override("diffusion", noise="gaussian")
     bundle_path = train(cfg, data_root, "syn", tmp_path / "run", device="cpu")
@@ -77,7 +96,8 @@ def test_loss_falls_and_run_dir_is_complete(data_root, tmp_path):
 
 
 def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(data_root, tmp_path):
-    cfg = _cfg(10).override("data", augment="texture")  # augmentation and simplex noise must be restored too
+    # augmentation, crops and simplex noise must be restored too
+    cfg = _cfg(10).override("data", augment="texture", train_crop=16)
     train(cfg.override("train", max_steps=10), data_root, "syn", tmp_path / "whole", device="cpu")
     train(cfg.override("train", max_steps=6), data_root, "syn", tmp_path / "split", device="cpu")
     train(cfg, data_root, "syn", tmp_path / "split", resume=True, device="cpu")
