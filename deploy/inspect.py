@@ -27,7 +27,7 @@ import numpy as np
 from anoddpm.atomic import append_jsonl
 from anoddpm.imageio import list_images, save_png
 from deploy.runtime import Inspector
-from deploy.watch import Snapshot, snapshot, watch_folder
+from deploy.watch import Snapshot, claim, free_name, restore_claims, snapshot, watch_folder
 
 LOG_NAME = "inspections.jsonl"
 
@@ -36,15 +36,6 @@ UNREADABLE_GRACE_NS = 2_000_000_000  # watch mode: an undecodable file must be t
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def unique_path(path: Path) -> Path:
-    """`path` if free, else the first free `stem_N.suffix` (N = 1, 2, ...)."""
-    candidate, n = path, 0
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-    return candidate
 
 
 class Recorder:
@@ -77,19 +68,19 @@ class Recorder:
                                   "pred_label": result["pred_label"], "latency_ms": round(latency_ms, 3)}
         if snap is not None:
             record.update(size=snap.size, mtime_ns=snap.mtime_ns)
-        map_path = unique_path(self.out_dir / "maps" / f"{path.stem}.png") if self.save_maps else None
+        map_path = free_name(self.out_dir / "maps" / f"{path.stem}.png") if self.save_maps else None
         if map_path is not None:
             record["map"] = str(map_path)
         # A file replaced under the same name since it was read is a new image: leave it to be inspected.
-        replaced = snap is not None and snapshot(path) != snap
-        destination = unique_path(self.out_dir / label / path.name) if self.sort and not replaced else None
+        source = path if snap is None or not self.sort else claim(snap)
+        destination = free_name(self.out_dir / label / path.name) if self.sort and source is not None else None
         if destination is not None:
             record["moved_to"] = str(destination)
         append_jsonl(self.log_path, record)
         if map_path is not None:
             save_png(map_path, np.clip(result["anomaly_map"] / (2.0 * self.inspector.pixel_threshold), 0.0, 1.0))
-        if destination is not None:
-            move(path, destination)
+        if source is not None and destination is not None:
+            move(source, destination)
         self.counts[label] += 1
         print(f"{label.upper()}  {result['pred_score']:.6f}  {latency_ms:7.1f} ms  {path}", flush=True)
         return record
@@ -98,7 +89,7 @@ class Recorder:
 def move(source: Path, destination: Path) -> None:
     """Move without overwriting (a clash at the last moment gets a suffix)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(source), str(unique_path(destination)))
+    shutil.move(str(source), str(free_name(destination)))
 
 
 def inspect_paths(recorder: Recorder, paths: Sequence[Path],
@@ -198,6 +189,8 @@ def watch(recorder: Recorder, folder: str | Path, poll_interval: float, stop: th
         done = inspect_paths(recorder, [Path(s.path) for s in ready], ready)
         return [s for s in done if s is not None]
 
+    for path in restore_claims(folder):
+        print(f"restored {path}: claimed for moving by a run that stopped before moving it", file=sys.stderr)
     watch_folder(folder, handle, poll_interval=poll_interval, stop=stop, seen=_previous_snapshots(recorder))
 
 

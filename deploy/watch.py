@@ -2,7 +2,10 @@
 
 A file is identified by its ``Snapshot`` (path, size, mtime_ns): it is ready when the same snapshot
 is seen at two consecutive polls. A name written again (after the file was moved away, or
-rewritten in place) has a new snapshot and is therefore a new file. numpy/torch-free.
+rewritten in place) has a new snapshot and is therefore a new file. Before an inspected file is
+moved it is claimed: renamed to a hidden name in its folder (atomic) and checked to still be the
+snapshot that was inspected, so a file that took the name in the meantime is never moved
+uninspected. numpy/torch-free.
 """
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
 from anoddpm.imageio import IMAGE_SUFFIXES
+
+
+CLAIM_PREFIX = ".anoddpm-claim."  # hidden name of a file claimed for moving (scan skips hidden files)
 
 
 class Snapshot(NamedTuple):
@@ -73,3 +79,38 @@ def watch_folder(folder: str | Path, handle: Callable[[list[Snapshot]], Iterable
             done = {s for s in done if snapshot(s.path) == s}
         previous = current
         stop.wait(poll_interval)
+
+
+def free_name(path: Path) -> Path:
+    """`path` if free, else the first free `stem_N.suffix` (N = 1, 2, ...)."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
+
+
+def claim(snap: Snapshot) -> Path | None:
+    """Rename the file `snap` names to a hidden claim name beside it and return that path, if what was
+    renamed is still `snap`; otherwise put it back (under a free name) and return None."""
+    path = Path(snap.path)
+    claimed = path.with_name(CLAIM_PREFIX + path.name)
+    try:
+        os.rename(path, claimed)
+    except FileNotFoundError:
+        return None
+    st = os.stat(claimed)
+    if (st.st_size, st.st_mtime_ns) == (snap.size, snap.mtime_ns):
+        return claimed
+    os.rename(claimed, free_name(path))  # a newer file under the same name: it will be inspected
+    return None
+
+
+def restore_claims(folder: str | Path) -> list[Path]:
+    """Give files claimed by a run that crashed before moving them their names back; returns them."""
+    restored = []
+    for claimed in sorted(Path(folder).glob(CLAIM_PREFIX + "*")):
+        target = free_name(claimed.with_name(claimed.name[len(CLAIM_PREFIX):]))
+        os.rename(claimed, target)
+        restored.append(target)
+    return restored

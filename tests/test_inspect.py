@@ -15,7 +15,7 @@ import pytest
 from anoddpm.cli import main as cli
 from deploy.inspect import Recorder, inspect_paths, read_log, watch
 from deploy.runtime import Inspector
-from deploy.watch import snapshot
+from deploy.watch import CLAIM_PREFIX, claim, restore_claims, snapshot
 from onnx_toy import defect_image, good_image, make_toy_onnx, write_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +125,32 @@ def test_deleted_before_read_is_skipped_silently(toy, tmp_path):
     recorder = Recorder(Inspector(toy), tmp_path / "out")
     assert inspect_paths(recorder, [path], [snap]) == []
     assert read_log(recorder.log_path) == []
+
+
+def test_claim_holds_only_the_inspected_version_and_a_crash_leaves_it_restorable(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(b"first")
+    inspected = snapshot(path)
+    path.write_bytes(b"second, longer")  # replaced between the check and the move
+    assert claim(inspected) is None
+    assert path.read_bytes() == b"second, longer" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+    claimed = claim(snapshot(path))
+    assert claimed == tmp_path / (CLAIM_PREFIX + "a.png") and not path.exists()
+    assert restore_claims(tmp_path) == [path] and path.read_bytes() == b"second, longer"
+
+
+def test_sorting_never_moves_a_file_that_replaced_the_inspected_one(toy, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    path = write_png(folder / "x.png", good_image())
+    inspected = snapshot(path)
+    recorder = Recorder(Inspector(toy), tmp_path / "out", sort=True)
+    result = recorder.inspector.results(recorder.inspector.load(path)[None])[0]
+    write_png(path, defect_image())  # a new image under the same name, after the last check
+    os.utime(path, ns=(inspected.mtime_ns + 10**9, inspected.mtime_ns + 10**9))
+    monkeypatch.setattr("deploy.inspect.snapshot", lambda p: inspected)  # the check saw the old version
+    record = recorder.result(path, result, 1.0, inspected)
+    assert "moved_to" not in record and not (tmp_path / "out" / "ok").exists()
+    assert [p.name for p in folder.iterdir()] == ["x.png"] and snapshot(path) != inspected
 
 
 BLOCK_TORCH = """
