@@ -17,10 +17,7 @@ MIN_STD = 1e-3  # floor of the std, in [0, 1] grey levels (flat images are not b
 
 
 def intensity_stats(images: Tensor, mode: str) -> tuple[Tensor, Tensor]:
-    """(offset, scale) [B, 1, 1, 1] of images [B, C, H, W] in [0, 1]: per-image mean and SPAN * std, or (0.5, 1)."""
-    if mode == "none":
-        ones = images.new_ones(images.shape[0], 1, 1, 1)
-        return 0.5 * ones, ones
+    """(offset, scale) [B, 1, 1, 1] of images [B, C, H, W] in [0, 1] for mode 'per_image': mean and SPAN * std."""
     if mode != "per_image":
         raise ValueError(f"data.intensity={mode!r} is not allowed; choose one of {', '.join(INTENSITY_MODES)}")
     flat = images.flatten(1)

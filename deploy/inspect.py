@@ -72,14 +72,16 @@ class Recorder:
         if map_path is not None:
             record["map"] = str(map_path)
         # A file replaced under the same name since it was read is a new image: leave it to be inspected.
-        source = path if snap is None or not self.sort else claim(snap)
-        destination = free_name(self.out_dir / label / path.name) if self.sort and source is not None else None
+        source = None
+        if self.sort:
+            source = path if snap is None else claim(snap)
+        destination = free_name(self.out_dir / label / path.name) if source is not None else None
         if destination is not None:
             record["moved_to"] = str(destination)
         append_jsonl(self.log_path, record)
         if map_path is not None:
             save_png(map_path, np.clip(result["anomaly_map"] / (2.0 * self.inspector.pixel_threshold), 0.0, 1.0))
-        if source is not None and destination is not None:
+        if destination is not None:
             move(source, destination)
         self.counts[label] += 1
         print(f"{label.upper()}  {result['pred_score']:.6f}  {latency_ms:7.1f} ms  {path}", flush=True)
