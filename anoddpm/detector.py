@@ -80,10 +80,16 @@ class Detector(nn.Module):
             persistence=diff.persistence, frequency=diff.frequency, standardise=diff.standardise,
         )
 
+    def _intensity_stats(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
+        mode = self.cfg.data.intensity
+        return None if mode == "none" else intensity_stats(images, mode)
+
     def reconstruct(self, images: Tensor) -> Tensor:
         """Reconstruction [B, C, S, S] in [0, 1] of images [B, C, S, S] in [0, 1], averaged over detect.samples."""
-        det, mode = self.cfg.detect, self.cfg.data.intensity
-        stats = intensity_stats(images, mode) if mode != "none" else None
+        return self._reconstruct(images, self._intensity_stats(images))
+
+    def _reconstruct(self, images: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
+        det = self.cfg.detect
         x_start = (images if stats is None else normalise(images, stats)) * 2.0 - 1.0
         generator = None
         if det.sampler == "ancestral":
@@ -109,11 +115,11 @@ class Detector(nn.Module):
         """images [B, C, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], pred_score [B],
         reconstruction [B, C, S, S] in [0, 1])."""
         det = self.cfg.detect
-        reconstruction = self.reconstruct(images)
+        stats = self._intensity_stats(images)
+        reconstruction = self._reconstruct(images, stats)
         if self.head is None:
             seen, rebuilt = images, reconstruction
-            if self.cfg.data.intensity != "none":  # the residual in the units the model worked in
-                stats = intensity_stats(images, self.cfg.data.intensity)
+            if stats is not None:  # the residual in the units the model worked in
                 seen, rebuilt = normalise(images, stats), normalise(reconstruction, stats)
             amap = anomaly_map(seen, rebuilt, det.residual, det.smoothing_sigma)
         else:
