@@ -31,7 +31,7 @@ class Bundle:
     versions: dict[str, Any]
     path: Path
     head_state_dict: dict[str, torch.Tensor] | None = None  # learned scoring head, if one was trained
-    map_reference: torch.Tensor | None = None  # [1, 1, S, S] reference map from calibration, if fitted
+    map_reference: torch.Tensor | None = None  # [1, K, S, S] reference map per component map (K = 2 for fused), if fitted
 
 
 def _plain(obj: Any) -> Any:

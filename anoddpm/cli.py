@@ -35,7 +35,8 @@ def _add_detect_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--residual", choices=RESIDUALS, help="how the residual becomes an anomaly map")
     g.add_argument("--score", choices=SCORE_REDUCTIONS, help="image score from the map: max or top-k mean")
     g.add_argument("--scorer", choices=SCORERS,
-                   help="anomaly map: learned head (auto = when the bundle has one) or plain residual")
+                   help="anomaly map: plain residual, learned head, or fused = both, each over its good-image "
+                        "reference (auto = fused when the bundle has a head, else residual)")
     g.add_argument("--map-reference", choices=MAP_REFERENCES,
                    help="good_mean = divide the map by the mean map of held-back good images (fitted by calibrate)")
     g.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
@@ -65,6 +66,7 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
     cfg = cfg.override("diffusion", noise=args.noise)
     cfg = cfg.override("train", batch_size=args.train_batch_size, lr=args.lr, max_steps=args.max_steps,
                        max_minutes=args.max_minutes, seed=args.seed)
+    cfg = cfg.override("head", enabled=args.head)
     return cfg.validate()
 
 
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per_image: normalise each image's brightness and contrast before the model (default none)")
     p.add_argument("--train-crop", type=int, metavar="PX",
                    help="train on random square crops of this side (multiple of 8; default 0 = whole images)")
+    p.add_argument("--head", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the learned scoring head on synthetic anomalies, with head.budget_fraction "
+                   "of the budget; its bundle scores with the fused map (default: off)")
     p.add_argument("--batch-size", dest="train_batch_size", type=int, help="images per step (default 8)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps of the run (default 10000)")

@@ -8,12 +8,13 @@ reconstruction is then exactly the one the map was computed from.
 
 Scoring (``cfg.detect.scorer``): 'residual' is the plain AnoDDPM map (``eval.scoring.anomaly_map``);
 'head' is the learned scoring head's anomaly probability (``anoddpm.head``) smoothed with the same
-Gaussian; 'auto' picks the head when one is given (a bundle trained with ``head.enabled``).
+Gaussian; 'fused' is the sum of both, each divided by its own reference; 'auto' picks 'fused' when a
+head is given (a bundle trained with ``head.enabled``), else 'residual'.
 
-Map reference (``cfg.detect.map_reference`` 'good_mean'): the map is divided per pixel by a
-reference map [1, 1, S, S] fitted at calibration on held-back good images (``set_map_reference``;
-stored in the bundle as ``map_reference``). Without one (uncalibrated or older bundles) the map is
-left as it is.
+Map reference (``cfg.detect.map_reference`` 'good_mean'): each component map (one, two for 'fused')
+is divided per pixel by a reference map [1, K, S, S] fitted at calibration on held-back good images
+(``set_map_reference``; stored in the bundle as ``map_reference``). Without one (uncalibrated or
+older bundles) the components are summed as they are.
 
 Paper path (sampler 'ancestral'): ``depth`` DDPM steps with fresh noise per step from a
 generator re-seeded with ``cfg.detect.seed`` at every call (deterministic per batch).
@@ -48,29 +49,46 @@ class Detector(nn.Module):
         self.unet = unet
         self.diffusion = diffusion
         scorer = cfg.detect.scorer
-        if scorer == "head" and head is None:
-            raise ValueError("detect.scorer='head' needs a learned scoring head; this model has none "
+        if scorer in ("head", "fused") and head is None:
+            raise ValueError(f"detect.scorer={scorer!r} needs a learned scoring head; this model has none "
                              "(train with head.enabled, or use detect.scorer 'residual' or 'auto')")
-        self.head = head if scorer in ("head", "auto") else None
+        self.head = head if scorer != "residual" else None
+        self.components = self._components(scorer, self.head is not None)
         d = cfg.data
         shape = (cfg.detect.samples, d.channels, d.image_size, d.image_size)
         generator = torch.Generator().manual_seed(cfg.detect.seed)
         t = torch.full((shape[0],), float(cfg.detect.depth - 1))
         self.register_buffer("detection_noise", self._noise(shape, t, generator, torch.device("cpu")), persistent=False)
-        self.register_buffer("map_reference", torch.ones(1, 1, d.image_size, d.image_size), persistent=False)
+        shape = (1, len(self.components), d.image_size, d.image_size)
+        self.register_buffer("map_reference", torch.ones(shape), persistent=False)
         self.has_map_reference = False
 
+    @staticmethod
+    def _components(scorer: str, has_head: bool) -> tuple[str, ...]:
+        if scorer == "fused" or (scorer == "auto" and has_head):
+            return ("residual", "head")
+        return ("head",) if scorer == "head" else ("residual",)
+
+    def component_detectors(self) -> list["Detector"]:
+        """One single-map Detector per component map ('residual', 'head'), sharing this one's modules."""
+        if len(self.components) == 1:
+            return [self]
+        return [Detector(self.unet, self.diffusion, self.cfg.override("detect", scorer=name), self.head).to(
+            self.detection_noise.device).eval() for name in self.components]
+
     def set_map_reference(self, reference: Tensor | None) -> None:
-        """Divide future maps by `reference` [S, S] or [1, 1, S, S] (> 0); None = no reference."""
+        """Divide future component maps by `reference` [K, S, S] or [1, K, S, S] (> 0; [S, S] when K = 1);
+        None = no reference."""
         if reference is None:
             self.map_reference.fill_(1.0)
             self.has_map_reference = False
             return
-        size = self.cfg.data.image_size
+        shape = self.map_reference.shape
         reference = torch.as_tensor(reference, dtype=self.map_reference.dtype).reshape(-1)
-        if reference.numel() != size * size or not bool((reference > 0).all()):
-            raise ValueError(f"map reference must hold {size}x{size} positive values, got {reference.numel()} values")
-        self.map_reference.copy_(reference.view(1, 1, size, size))
+        if reference.numel() != self.map_reference.numel() or not bool((reference > 0).all()):
+            raise ValueError(f"map reference must hold {shape[1]} x {shape[2]}x{shape[3]} positive values "
+                             f"(one map per component: {', '.join(self.components)}), got {reference.numel()} values")
+        self.map_reference.copy_(reference.view(shape))
         self.has_map_reference = True
 
     def _noise(self, shape: tuple[int, ...], t: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -117,15 +135,19 @@ class Detector(nn.Module):
         det = self.cfg.detect
         stats = self._intensity_stats(images)
         reconstruction = self._reconstruct(images, stats)
-        if self.head is None:
-            seen, rebuilt = images, reconstruction
-            if stats is not None:  # the residual in the units the model worked in
-                seen, rebuilt = normalise(images, stats), normalise(reconstruction, stats)
-            amap = anomaly_map(seen, rebuilt, det.residual, det.smoothing_sigma)
-        else:
-            amap = gaussian_blur(self.head.anomaly_map(images, reconstruction), det.smoothing_sigma)
+        maps = []
+        for name in self.components:
+            if name == "residual":
+                seen, rebuilt = images, reconstruction
+                if stats is not None:  # the residual in the units the model worked in
+                    seen, rebuilt = normalise(images, stats), normalise(reconstruction, stats)
+                maps.append(anomaly_map(seen, rebuilt, det.residual, det.smoothing_sigma))
+            else:
+                maps.append(gaussian_blur(self.head.anomaly_map(images, reconstruction), det.smoothing_sigma))
+        components = torch.cat(maps, dim=1)  # [B, K, S, S]
         if self.has_map_reference and det.map_reference == "good_mean":
-            amap = amap / self.map_reference
+            components = components / self.map_reference
+        amap = components.sum(dim=1, keepdim=True)
         return amap, image_score(amap, det.score, det.topk), reconstruction
 
     @classmethod

@@ -76,18 +76,23 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
 
     det = detector.cfg.detect
     detector.set_map_reference(None)
-    scored = score_images(detector, good_images, device, batch_size, desc="validation")
     if det.map_reference == "none":
-        return scored
-    if len(scored.scores) < MIN_REFERENCE_IMAGES:
-        print(f"map reference: not fitted, {len(scored.scores)} held-back good images are fewer than "
-              f"{MIN_REFERENCE_IMAGES}; maps stay plain residuals", file=sys.stderr)
-        return scored
-    reference = reference_map(scored.maps)
-    detector.set_map_reference(torch.from_numpy(reference))
-    maps = held_out_normalised(scored.maps)
+        return score_images(detector, good_images, device, batch_size, desc="validation")
+    # one scoring pass per component map ('fused' has two), each fitting its own reference
+    parts = [score_images(part, good_images, device, batch_size, desc=f"validation ({name})")
+             for part, name in zip(detector.component_detectors(), detector.components)]
+    seconds = sum(part.seconds_per_image for part in parts)
+    if len(parts[0].scores) < MIN_REFERENCE_IMAGES:
+        print(f"map reference: not fitted, {len(parts[0].scores)} held-back good images are fewer than "
+              f"{MIN_REFERENCE_IMAGES}; maps stay unnormalised", file=sys.stderr)
+        if len(parts) == 1:
+            return parts[0]
+        maps = np.sum([part.maps for part in parts], axis=0)
+    else:
+        detector.set_map_reference(torch.from_numpy(np.stack([reference_map(part.maps) for part in parts])))
+        maps = np.sum([held_out_normalised(part.maps) for part in parts], axis=0)
     scores = image_score(torch.from_numpy(maps)[:, None], det.score, det.topk).double().numpy()
-    return ScoredSet(scores=scores, maps=maps, reconstructions=None, seconds_per_image=scored.seconds_per_image)
+    return ScoredSet(scores=scores, maps=maps, reconstructions=None, seconds_per_image=seconds)
 
 
 def fitted_reference(detector: Any) -> torch.Tensor | None:

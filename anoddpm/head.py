@@ -7,6 +7,7 @@ and Resize ops, so it exports to ONNX with the rest of the detector.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -81,8 +82,10 @@ def train_head(head: ScoringHead, reconstruct_fn: Callable[[Tensor], Tensor], tr
     """Train ``head`` in place on synthetic anomalies of ``train_ds`` good images ([C,S,S] in [0,1]).
 
     reconstruct_fn: frozen denoiser, [B,C,S,S] in [0,1] -> [B,C,S,S] in [0,1]. Stops after
-    ``max_steps`` or ``max_minutes`` (None = no time limit), whichever comes first. Returns
-    {"steps", "minutes", "loss"} (loss = mean of the last 20 steps); the head is left in eval mode.
+    ``max_steps`` or ``max_minutes`` (None = no time limit), whichever comes first; the learning rate
+    follows a cosine from ``cfg.head.lr`` to 0 over whichever of the two budgets is used up faster,
+    so the head ends on small steps whichever budget stops it. Returns {"steps", "minutes", "loss"}
+    (loss = mean of the last 20 steps); the head is left in eval mode.
     """
     if len(train_ds) < 2:
         raise ValueError(f"train_head needs at least 2 training images, got {len(train_ds)}")
@@ -95,6 +98,12 @@ def train_head(head: ScoringHead, reconstruct_fn: Callable[[Tensor], Tensor], tr
     recent: list[float] = []
     step = 0
     while step < max_steps and (max_minutes is None or time.monotonic() - start < 60 * max_minutes):
+        progress = step / max_steps
+        if max_minutes is not None:
+            progress = max(progress, (time.monotonic() - start) / (60 * max_minutes))
+        lr = cfg.head.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        for group in optimiser.param_groups:
+            group["lr"] = lr
         idx = torch.randint(len(train_ds), (2 * batch,), generator=generator, device=generator.device).tolist()
         images = torch.stack([train_ds[i] for i in idx]).to(device)
         good, pool = images[:batch], images[batch:]
@@ -110,7 +119,7 @@ def train_head(head: ScoringHead, reconstruct_fn: Callable[[Tensor], Tensor], tr
         recent = (recent + [loss.detach()])[-20:]
         if log_fn is not None and (step % cfg.train.log_every == 0 or step == max_steps):
             minutes = (time.monotonic() - start) / 60
-            log_fn({"phase": "head", "step": step, "loss": float(loss.detach()), "minutes": minutes})
+            log_fn({"phase": "head", "step": step, "loss": float(loss.detach()), "lr": lr, "minutes": minutes})
     head.eval()
     loss = float(torch.stack(recent).mean()) if recent else float("nan")  # nan: the time budget was already spent
     return {"steps": step, "minutes": (time.monotonic() - start) / 60, "loss": loss}

@@ -159,7 +159,7 @@ def _head_state(cfg):
 
 
 def test_head_scorer_maps_are_the_smoothed_head_probability():
-    cfg = _cfg(scorer="auto")
+    cfg = _cfg(scorer="head")
     state, head_state = _randomised_state(cfg), _head_state(cfg)
     det = Detector.from_config(cfg, state, head_state).eval()
     plain = Detector.from_config(cfg.override("detect", scorer="residual"), state, head_state).eval()
@@ -179,8 +179,46 @@ def test_head_scorer_maps_are_the_smoothed_head_probability():
 def test_head_scorer_without_head_is_refused_and_auto_falls_back():
     cfg = _cfg()
     state = _randomised_state(cfg)
-    with pytest.raises(ValueError, match="detect.scorer='head'"):
-        Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu", scorer="head")
-    assert Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu").head is None
+    for scorer in ("head", "fused"):
+        with pytest.raises(ValueError, match=f"detect.scorer='{scorer}'"):
+            Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu", scorer=scorer)
+    plain = Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu")
+    assert plain.head is None and plain.components == ("residual",)
     with_head = SimpleNamespace(cfg=cfg, state_dict=state, head_state_dict=_head_state(cfg))
-    assert Detector.from_bundle(with_head, "cpu").head is not None
+    auto = Detector.from_bundle(with_head, "cpu")
+    assert auto.head is not None and auto.components == ("residual", "head")
+    assert Detector.from_bundle(with_head, "cpu", scorer="head").components == ("head",)
+
+
+def test_fused_map_is_the_sum_of_both_maps_each_over_its_own_reference(tmp_path):
+    from anoddpm.evaluate import score_good_and_fit_reference
+    from eval.threshold import MIN_REFERENCE_IMAGES, reference_map
+
+    cfg = _cfg(scorer="fused")
+    state, head_state = _randomised_state(cfg), _head_state(cfg)
+    fused = Detector.from_config(cfg, state, head_state).eval()
+    residual, head = fused.component_detectors()
+    assert (residual.cfg.detect.scorer, head.cfg.detect.scorer) == ("residual", "head")
+    good = _images(MIN_REFERENCE_IMAGES + 2, seed=11)
+    scored = score_good_and_fit_reference(fused, good, torch.device("cpu"), batch_size=3)
+    images = _images(3, seed=12)
+    with torch.inference_mode():
+        r_good, h_good = residual(good)[0][:, 0].numpy(), head(good)[0][:, 0].numpy()
+        r_map, h_map = residual(images)[0], head(images)[0]
+        amap, score, _ = fused(images)
+    reference = np.stack([reference_map(r_good), reference_map(h_good)])[None]
+    np.testing.assert_allclose(fused.map_reference.numpy(), reference, rtol=1e-5)
+    r_part, h_part = r_map / torch.from_numpy(reference[:, :1]), h_map / torch.from_numpy(reference[:, 1:])
+    torch.testing.assert_close(amap, r_part + h_part, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(score, amap.flatten(1).amax(1))
+    assert scored.maps.shape == (len(good), SIZE, SIZE) and np.isfinite(scored.scores).all()
+    assert 0.2 < float(r_part.mean() / h_part.mean()) < 5  # after its own reference neither map dominates
+    path = tmp_path / "fused.onnx"
+    torch.onnx.export(fused, (_images(2),), str(path), dynamo=False, opset_version=17, input_names=["images"],
+                      output_names=["anomaly_map", "pred_score", "reconstruction"],
+                      dynamic_axes={n: {0: "batch"} for n in ("images", "anomaly_map", "pred_score", "reconstruction")})
+    ort = pytest.importorskip("onnxruntime")
+    o_map, o_score, _ = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"images": images.numpy()})
+    np.testing.assert_allclose(o_map, amap.numpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(o_score, score.numpy(), rtol=1e-3, atol=1e-4)

@@ -1,4 +1,6 @@
 """Learned scoring head: shapes, loss, learning a tiny task, train_head plumbing, ONNX export."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,18 @@ def test_train_head_runs_on_a_dataset():
     assert logs and logs[-1]["step"] == 3
     with pytest.raises(ValueError, match="max_steps"):
         train_head(head, lambda x: x, images, cfg, torch.Generator(), 0, None, torch.device("cpu"))
+
+
+def test_head_learning_rate_decays_to_zero_over_its_step_budget():
+    cfg = Config().override("head", base_channels=8, batch_size=2).override("train", log_every=1)
+    images = [torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    head = build_head(cfg.override("data", image_size=32))
+    records = []
+    train_head(head, lambda x: x, images, cfg, torch.Generator().manual_seed(0), max_steps=8, max_minutes=60.0,
+               device=torch.device("cpu"), log_fn=records.append)
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == pytest.approx(cfg.head.lr) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(cfg.head.lr * 0.5 * (1 + math.cos(math.pi * 7 / 8)), rel=1e-6)
 
 
 def test_onnx_export_matches_torch(tmp_path):
