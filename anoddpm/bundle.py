@@ -127,7 +127,7 @@ def load_bundle(path: str | Path, map_location: Any = "cpu") -> Bundle:
 
 def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
                      map_reference: torch.Tensor | None = None) -> Path:
-    """Replace the calibration stored in model.pt: the threshold and the reference map [1, 1, S, S]
+    """Replace the calibration stored in model.pt: the threshold and the reference maps [1, K, S, S]
     fitted with it (None removes it); atomic rewrite, everything else kept."""
     path = Path(path)
     raw = _read_raw(path, "cpu")

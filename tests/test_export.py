@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from anoddpm.bundle import load_bundle, save_bundle
+from anoddpm.bundle import load_bundle, save_bundle, update_threshold
 from anoddpm.cli import main as cli
 from anoddpm.config import Config
 from anoddpm.detector import Detector
@@ -97,3 +97,30 @@ def test_uncalibrated_bundle_is_refused(tmp_path):
     with pytest.raises(ValueError, match="anoddpm calibrate"):
         export_onnx(bundle, tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_fused_bundle_exports_with_both_references(tmp_path, images):
+    """A bundle with a learned head scores with the fused map; its [1, 2, S, S] reference is in the graph."""
+    from dataclasses import asdict
+
+    from anoddpm.head import build_head
+
+    cfg = Config().override("model", preset="tiny").override("data", image_size=SIZE).validate()
+    plain = load_bundle(_bundle(tmp_path / "plain.pt", None))
+    torch.manual_seed(1)
+    head = build_head(cfg).state_dict()
+    reference = torch.linspace(0.5, 2.0, 2 * SIZE * SIZE).view(1, 2, SIZE, SIZE)
+    threshold = {"image": 1.0, "pixel": None, "method": "quantile", "detect": asdict(cfg.detect)}
+    path = save_bundle(tmp_path / "model.pt", cfg=cfg, state_dict=plain.state_dict, fingerprint={},
+                       threshold=None, head_state_dict=head)
+    update_threshold(path, threshold, reference)
+    detector = Detector.from_bundle(load_bundle(path))
+    assert detector.components == ("residual", "head") and detector.has_map_reference
+    onnx_path = export_onnx(path, tmp_path / "model.onnx")
+    with torch.inference_mode():
+        amap, score, _ = detector(images)
+        r_map = Detector.from_bundle(load_bundle(path), scorer="residual", map_reference="none")(images)[0]
+    head_part = amap - r_map / reference[:, :1]  # a probability over its reference: >= 0, and present
+    assert head_part.min() > -1e-5 and head_part.max() > 1e-3
+    o_map, o_score = Inspector(onnx_path).run(images.numpy())
+    assert np.abs(o_map - amap[:, 0].numpy()).max() < 1e-4 and np.abs(o_score - score.numpy()).max() < 1e-4

@@ -224,4 +224,4 @@ def test_healing_resume_is_exact_and_head_lands_in_the_bundle(data_root, tmp_pat
     assert all(torch.equal(whole.head_state_dict[k], split.head_state_dict[k]) for k in whole.head_state_dict)
     assert whole.threshold["detect"]["scorer"] == "auto"
     det = Detector.from_bundle(whole, "cpu")
-    assert det.head is not None and whole.threshold["image"] <= 1.0  # a smoothed probability
+    assert det.head is not None and det.components == ("residual", "head")  # auto = the fused map
