@@ -8,13 +8,14 @@ reconstruction is then exactly the one the map was computed from.
 
 Scoring (``cfg.detect.scorer``): 'residual' is the plain AnoDDPM map (``eval.scoring.anomaly_map``);
 'head' is the learned scoring head's anomaly probability (``anoddpm.head``) smoothed with the same
-Gaussian; 'fused' is the sum of both, each divided by its own reference; 'auto' picks 'fused' when a
-head is given (a bundle trained with ``head.enabled``), else 'residual'.
+Gaussian; 'fused' is the per-pixel geometric mean of both, each divided by its own reference
+(``combine_component_maps``); 'auto' picks 'fused' when a head is given (a bundle trained with
+``head.enabled``), else 'residual'.
 
 Map reference (``cfg.detect.map_reference`` 'good_mean'): each component map (one, two for 'fused')
 is divided per pixel by a reference map [1, K, S, S] fitted at calibration on held-back good images
 (``set_map_reference``; stored in the bundle as ``map_reference``). Without one (uncalibrated or
-older bundles) the components are summed as they are.
+older bundles) the components are combined as they are.
 
 Paper path (sampler 'ancestral'): ``depth`` DDPM steps with fresh noise per step from a
 generator re-seeded with ``cfg.detect.seed`` at every call (deterministic per batch).
@@ -34,6 +35,17 @@ from anoddpm.intensity import denormalise, intensity_stats, normalise
 from anoddpm.unet import UNet, build_unet
 from eval.scoring import anomaly_map, gaussian_blur, image_score
 from noise import make_noise
+
+
+def combine_component_maps(components: Tensor) -> Tensor:
+    """Component maps [B, K, S, S] (>= 0) -> their per-pixel geometric mean [B, 1, S, S] (K = 1: unchanged).
+
+    A pixel scores high only where every component finds it, and rescaling one component (its units,
+    its reference) rescales the result without changing any ranking: no weights to tune.
+    """
+    if components.shape[1] == 1:
+        return components
+    return components.clamp_min(0).prod(dim=1, keepdim=True).pow(1.0 / components.shape[1])
 
 
 class Detector(nn.Module):
@@ -147,7 +159,7 @@ class Detector(nn.Module):
         components = torch.cat(maps, dim=1)  # [B, K, S, S]
         if self.has_map_reference and det.map_reference == "good_mean":
             components = components / self.map_reference
-        amap = components.sum(dim=1, keepdim=True)
+        amap = combine_component_maps(components)
         return amap, image_score(amap, det.score, det.topk), reconstruction
 
     @classmethod

@@ -71,6 +71,7 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
     """Score good images [C, S, S]; with detect.map_reference 'good_mean' and at least MIN_REFERENCE_IMAGES
     of them, fit the detector's reference map on them and return each image's map divided by the reference
     fitted on the others (unbiased thresholds); otherwise the plain maps and no reference."""
+    from anoddpm.detector import combine_component_maps
     from eval.scoring import image_score
     from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised, reference_map
 
@@ -87,11 +88,13 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
               f"{MIN_REFERENCE_IMAGES}; maps stay unnormalised", file=sys.stderr)
         if len(parts) == 1:
             return parts[0]
-        maps = np.sum([part.maps for part in parts], axis=0)
+        components = np.stack([part.maps for part in parts], axis=1)
     else:
         detector.set_map_reference(torch.from_numpy(np.stack([reference_map(part.maps) for part in parts])))
-        maps = np.sum([held_out_normalised(part.maps) for part in parts], axis=0)
-    scores = image_score(torch.from_numpy(maps)[:, None], det.score, det.topk).double().numpy()
+        components = np.stack([held_out_normalised(part.maps) for part in parts], axis=1)
+    maps = combine_component_maps(torch.from_numpy(components))
+    scores = image_score(maps, det.score, det.topk).double().numpy()
+    maps = maps[:, 0].numpy()
     return ScoredSet(scores=scores, maps=maps, reconstructions=None, seconds_per_image=seconds)
 
 

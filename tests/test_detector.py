@@ -190,9 +190,9 @@ def test_head_scorer_without_head_is_refused_and_auto_falls_back():
     assert Detector.from_bundle(with_head, "cpu", scorer="head").components == ("head",)
 
 
-def test_fused_map_is_the_sum_of_both_maps_each_over_its_own_reference(tmp_path):
+def test_fused_map_is_the_geometric_mean_of_both_maps_each_over_its_own_reference(tmp_path):
     from anoddpm.evaluate import score_good_and_fit_reference
-    from eval.threshold import MIN_REFERENCE_IMAGES, reference_map
+    from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised, reference_map
 
     cfg = _cfg(scorer="fused")
     state, head_state = _randomised_state(cfg), _head_state(cfg)
@@ -209,10 +209,12 @@ def test_fused_map_is_the_sum_of_both_maps_each_over_its_own_reference(tmp_path)
     reference = np.stack([reference_map(r_good), reference_map(h_good)])[None]
     np.testing.assert_allclose(fused.map_reference.numpy(), reference, rtol=1e-5)
     r_part, h_part = r_map / torch.from_numpy(reference[:, :1]), h_map / torch.from_numpy(reference[:, 1:])
-    torch.testing.assert_close(amap, r_part + h_part, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(amap, (r_part * h_part).sqrt(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(score, amap.flatten(1).amax(1))
     assert scored.maps.shape == (len(good), SIZE, SIZE) and np.isfinite(scored.scores).all()
-    assert 0.2 < float(r_part.mean() / h_part.mean()) < 5  # after its own reference neither map dominates
+    # calibration scores held-back images with references fitted without them, combined the same way
+    r_held, h_held = held_out_normalised(r_good), held_out_normalised(h_good)
+    np.testing.assert_allclose(scored.maps, np.sqrt(r_held * h_held), rtol=1e-5, atol=1e-7)
     path = tmp_path / "fused.onnx"
     torch.onnx.export(fused, (_images(2),), str(path), dynamo=False, opset_version=17, input_names=["images"],
                       output_names=["anomaly_map", "pred_score", "reconstruction"],

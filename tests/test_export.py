@@ -120,7 +120,7 @@ def test_fused_bundle_exports_with_both_references(tmp_path, images):
     with torch.inference_mode():
         amap, score, _ = detector(images)
         r_map = Detector.from_bundle(load_bundle(path), scorer="residual", map_reference="none")(images)[0]
-    head_part = amap - r_map / reference[:, :1]  # a probability over its reference: >= 0, and present
-    assert head_part.min() > -1e-5 and head_part.max() > 1e-3
+        h_map = Detector.from_bundle(load_bundle(path), scorer="head", map_reference="none")(images)[0]
+    torch.testing.assert_close(amap, (r_map / reference[:, :1] * h_map / reference[:, 1:]).sqrt())
     o_map, o_score = Inspector(onnx_path).run(images.numpy())
     assert np.abs(o_map - amap[:, 0].numpy()).max() < 1e-4 and np.abs(o_score - score.numpy()).max() < 1e-4
