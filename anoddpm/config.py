@@ -117,7 +117,7 @@ class DetectConfig:
     topk: int = 100  # pixels averaged by the topk score
     threshold_quantile: float = 0.99  # default threshold: this quantile of held-back good scores
     seed: int = 0  # fixes the detection noise, so the same image gives the same score
-    # fused: the head finds what the residual misses and the reverse (30 min: magnetic_tile residual 0.72,
+    # fused: the head finds what the residual misses and the reverse (30 min: magnetic_tile residual 0.71,
     # head 0.76, fused 0.77 image AUROC; juice_bottle 0.73, 0.59, 0.73; docs/quality.md, session 4)
     scorer: str = "auto"  # auto = fused when the bundle has a learned head, else residual | residual | head | fused (geometric mean of residual and head maps, each over its reference)
 
@@ -126,7 +126,7 @@ class DetectConfig:
 class HeadConfig:
     """Optional learned scoring head trained on synthetic anomalies after the denoiser."""
 
-    # off: fused with it, magnetic_tile gains 0.72 -> 0.77 image AUROC in 30 min, juice_bottle holds (0.73), but a
+    # off: fused with it, magnetic_tile gains 0.71 -> 0.77 image AUROC in 30 min, juice_bottle holds (0.73), but a
     # briefly trained tiny model on generated defects falls from 1.00 to 0.88 (docs/quality.md, session 4)
     enabled: bool = False  # train a learned scoring head after the denoiser (detect.scorer auto fuses it with the residual)
     # the head is best early: on magnetic_tile its own image AUROC fell from 0.74 after 200 steps to 0.63
