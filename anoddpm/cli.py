@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-crop", type=int, metavar="PX",
                    help="train on random square crops of this side (multiple of 8; default 0 = whole images)")
     p.add_argument("--head", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train the learned scoring head on synthetic anomalies, with head.budget_fraction "
-                   "of the budget; its bundle scores with the fused map (default: off; recommended for textures "
-                   "with 15+ minutes of training, docs/quality.md)")
+                   help="train the learned scoring head on synthetic anomalies after the denoiser, with "
+                   "head.budget_fraction of the budget; its bundle scores with the fused map (default: on; skipped "
+                   "when its share of --max-steps is under head.min_steps, dropped when it does not beat the "
+                   "residual on held-back synthetic anomalies; docs/quality.md)")
     p.add_argument("--batch-size", dest="train_batch_size", type=int, help="images per step (default 8)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps of the run (default 10000)")

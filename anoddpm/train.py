@@ -14,11 +14,15 @@ budget; the learned scoring head (`anoddpm.head`) is then trained on the main pr
 rest, on synthetic anomalies reconstructed by the frozen EMA denoiser's Detector. The checkpoint
 covers the denoiser phase: a resumed run re-trains the head from its fixed seed after the last
 denoiser step (identical to an uninterrupted run when the head budget is bounded by steps).
+Runs whose head share of ``max_steps`` is under ``head.min_steps`` give the denoiser the whole
+budget instead, and a head whose fused map does not beat the residual on held-back synthetic
+anomalies (`anoddpm.head_check`) is left out of the bundle.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import random
@@ -253,7 +257,8 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
     try:
         dev, tc, dc = dist.device, cfg.train, cfg.diffusion
         max_steps, max_minutes = tc.max_steps, tc.max_minutes
-        if cfg.head.enabled:  # the denoiser's share of the budget; the head gets the rest
+        with_head = head_is_trained(cfg)
+        if with_head:  # the denoiser's share of the budget; the head gets the rest
             max_steps = max(1, round(tc.max_steps * (1 - cfg.head.budget_fraction)))
             max_minutes = None if tc.max_minutes is None else tc.max_minutes * (1 - cfg.head.budget_fraction)
         ckpt_path = out / "checkpoint.pt"
@@ -394,10 +399,12 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             print(f"trained {step - start_step} steps in {elapsed:.1f} s "
                   f"({(step - start_step) / max(elapsed, 1e-9):.2f} steps/s)", flush=True)
             head_state = None
-            if cfg.head.enabled and not interrupted:
+            if with_head and not interrupted:
                 head_minutes = None if tc.max_minutes is None else max(0.0, tc.max_minutes - elapsed / 60)
+                log_fn = functools.partial(append_jsonl, out / "log.jsonl")
                 head_state = _train_head_phase(cfg, ema, diffusion, train_ds, dev, tc.max_steps - max_steps,
-                                               head_minutes, lambda r: append_jsonl(out / "log.jsonl", r))
+                                               head_minutes, log_fn)
+                head_state = _checked_head(cfg, ema, diffusion, head_state, val_ds, dev, log_fn)
             save_bundle(bundle, cfg=cfg, state_dict=ema.state_dict(), fingerprint=fingerprint,
                         head_state_dict=head_state)
             print(f"bundle: {bundle}", flush=True)
@@ -412,6 +419,40 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         return bundle
     finally:
         dist.close()
+
+
+def head_is_trained(cfg: Config) -> bool:
+    """Whether training ends with a scoring head: head.enabled and its share of max_steps >= head.min_steps."""
+    if not cfg.head.enabled:
+        return False
+    head_steps = cfg.train.max_steps - max(1, round(cfg.train.max_steps * (1 - cfg.head.budget_fraction)))
+    return head_steps >= cfg.head.min_steps
+
+
+def _checked_head(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, head_state: dict[str, Tensor],
+                  val_ds: Any, device: torch.device, log_fn: Any) -> dict[str, Tensor] | None:
+    """The head's weights if the fused map beats the residual on held-back synthetic anomalies (or the
+    scorer names the head explicitly, or there are too few held-back images to check); else None."""
+    from anoddpm.detector import Detector
+    from anoddpm.head import build_head
+    from anoddpm.head_check import MIN_CHECK_IMAGES, compare_scorers_on_synthetic, head_earns_its_place
+
+    if len(val_ds) < MIN_CHECK_IMAGES:
+        print(f"scoring head: kept unchecked, {len(val_ds)} held-back good images are fewer than "
+              f"{MIN_CHECK_IMAGES}", file=sys.stderr, flush=True)
+        return head_state
+    head = build_head(cfg)
+    head.load_state_dict(head_state)
+    detector = Detector(ema, diffusion, cfg.override("detect", scorer="fused"), head).to(device).eval()
+    check = compare_scorers_on_synthetic(detector, val_ds, device, cfg.train.batch_size)
+    kept = head_earns_its_place(check) or cfg.detect.scorer in ("head", "fused")
+    log_fn({"head_check": check, "head_kept": kept})
+    figures = ", ".join(f"{name} image / pixel AUROC {check[name]['image_auroc']:.3f} / {check[name]['pixel_auroc']:.3f}"
+                        for name in ("fused", "residual"))
+    verdict = "kept" if kept else "dropped, the bundle scores with the residual"
+    print(f"scoring head: {verdict} ({check['n_anomalous']} synthetic anomalies on {check['n_good']} held-back "
+          f"good images: {figures})", flush=True)
+    return head_state if kept else None
 
 
 def _train_head_phase(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, train_ds: Any, device: torch.device,

@@ -47,13 +47,13 @@ def test_config_file_then_flags_override(tmp_path):
     args = build_parser().parse_args(["train", "--data", "x", "--out", "y", "--config", str(path), "--seed", "7"])
     cfg = resolve_train_config(args)
     assert (cfg.data.image_size, cfg.train.lr, cfg.train.seed) == (64, 0.001, 7)
-    assert not cfg.head.enabled
+    assert cfg.head.enabled  # the default, which neither the file nor a flag changed
 
 
-@pytest.mark.parametrize("flag, enabled", [(["--head"], True), (["--no-head"], False), ([], True)])
+@pytest.mark.parametrize("flag, enabled", [(["--head"], True), (["--no-head"], False), ([], False)])
 def test_head_flag_overrides_the_config_file(tmp_path, flag, enabled):
     path = tmp_path / "cfg.yaml"
-    path.write_text("head:\n  enabled: true\n")
+    path.write_text("head:\n  enabled: false\n")
     args = build_parser().parse_args(["train", "--data", "x", "--out", "y", "--config", str(path), *flag])
     assert resolve_train_config(args).head.enabled is enabled
 

@@ -211,7 +211,7 @@ def test_healing_resume_is_exact_and_head_lands_in_the_bundle(data_root, tmp_pat
     from anoddpm.detector import Detector
 
     cfg = _cfg(8, anomaly_fraction=0.5).override("head", enabled=True, budget_fraction=0.25, batch_size=2,
-                                                   base_channels=8)
+                                                   base_channels=8, min_steps=2)
     train(cfg, data_root, "syn", tmp_path / "whole", device="cpu")
     train(cfg.override("train", max_steps=4), data_root, "syn", tmp_path / "split", device="cpu")
     train(cfg, data_root, "syn", tmp_path / "split", resume=True, device="cpu")
@@ -225,3 +225,25 @@ def test_healing_resume_is_exact_and_head_lands_in_the_bundle(data_root, tmp_pat
     assert whole.threshold["detect"]["scorer"] == "auto"
     det = Detector.from_bundle(whole, "cpu")
     assert det.head is not None and det.components == ("residual", "head")  # auto = the fused map
+
+
+def test_short_runs_skip_the_head_and_a_head_that_fails_its_check_is_left_out(data_root, tmp_path, monkeypatch):
+    import anoddpm.head_check
+    from anoddpm.detector import Detector
+
+    cfg = _cfg(8).override("head", enabled=True, budget_fraction=0.25, batch_size=2, base_channels=8, min_steps=3)
+    train(cfg, data_root, "syn", tmp_path / "short", device="cpu")  # head share 2 steps < 3: the denoiser gets all 8
+    logs = [json.loads(line) for line in (tmp_path / "short" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(1, 9))
+    assert load_bundle(tmp_path / "short" / "model.pt").head_state_dict is None
+
+    monkeypatch.setattr(anoddpm.head_check, "head_earns_its_place", lambda check: False)
+    cfg = cfg.override("head", min_steps=2).override("data", min_val_images=4)
+    train(cfg, data_root, "syn", tmp_path / "dropped", device="cpu")
+    logs = [json.loads(line) for line in (tmp_path / "dropped" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if r.get("phase") == "head"] == [1, 2]
+    check = next(r for r in logs if "head_check" in r)
+    assert check["head_kept"] is False and check["head_check"]["n_good"] == 4
+    assert 0 <= check["head_check"]["fused"]["pixel_auroc"] <= 1
+    bundle = load_bundle(tmp_path / "dropped" / "model.pt")
+    assert bundle.head_state_dict is None and Detector.from_bundle(bundle, "cpu").components == ("residual",)
