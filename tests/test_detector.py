@@ -10,6 +10,7 @@ from anoddpm.config import Config
 from anoddpm.detector import Detector
 from anoddpm.diffusion import GaussianDiffusion
 from anoddpm.unet import build_unet
+from blur_denoiser import BlurDenoiser
 from eval.scoring import gaussian_blur
 
 SIZE = 32
@@ -35,19 +36,6 @@ def _randomised_state(cfg):
 
 def _images(n, seed=0):
     return torch.rand(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-
-
-class _Smoother(torch.nn.Module):
-    """eps model whose x0 estimate is a heavy blur of the rescaled x_t: it 'knows' only smooth images."""
-
-    def __init__(self, diffusion):
-        super().__init__()
-        self.diffusion = diffusion
-
-    def forward(self, x, t):
-        a = self.diffusion.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
-        x0 = gaussian_blur(x / a.sqrt(), 3.0)
-        return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
 
 @pytest.mark.parametrize("sampler,samples", [("ddim", 1), ("ddim", 2), ("ancestral", 1)])
@@ -88,7 +76,7 @@ def test_detection_noise_fixed_by_seed():
 def test_blob_raises_score_with_smoothing_model(residual):
     cfg = _cfg(depth=20, steps=2, residual=residual)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
-    det = Detector(_Smoother(diffusion), diffusion, cfg).eval()
+    det = Detector(BlurDenoiser(diffusion, 3.0), diffusion, cfg).eval()
     yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
     good = (0.3 + 0.4 * xx / SIZE).float().view(1, 1, SIZE, SIZE)
     bad = good.clone()

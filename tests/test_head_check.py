@@ -10,22 +10,10 @@ from anoddpm.detector import Detector
 from anoddpm.diffusion import GaussianDiffusion
 from anoddpm.head_check import compare_scorers_on_synthetic, head_earns_its_place
 from anoddpm.unet import build_unet
+from blur_denoiser import BlurDenoiser
 from eval.scoring import gaussian_blur
 
 SIZE = 32
-
-
-class _Smoother(torch.nn.Module):
-    """eps model whose x0 estimate is a blur of the rescaled x_t: it reconstructs smooth images, heals sharp marks."""
-
-    def __init__(self, diffusion: GaussianDiffusion) -> None:
-        super().__init__()
-        self.diffusion = diffusion
-
-    def forward(self, x, t):
-        a = self.diffusion.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
-        x0 = gaussian_blur(x / a.sqrt(), 2.0)
-        return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
 
 class _ConstantHead(torch.nn.Module):
@@ -48,7 +36,7 @@ def _detector(head: torch.nn.Module) -> Detector:
            .override("detect", depth=20, steps=1, smoothing_sigma=1.0, scorer="fused"))
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     detector = Detector(build_unet(cfg), diffusion, cfg, head)
-    detector.unet = _Smoother(diffusion)
+    detector.unet = BlurDenoiser(diffusion, 2.0)
     return detector.eval()
 
 
