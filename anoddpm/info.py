@@ -8,7 +8,8 @@ from typing import Any
 
 
 def describe_bundle(path: Path) -> dict[str, Any]:
-    """Summary of a model.pt: versions, config, threshold, map reference, fingerprint, parameter count."""
+    """Summary of a model.pt: versions, config, threshold, map reference, fingerprint, parameter counts
+    (``head_parameters`` None = no scoring head: trained without one, or dropped by its check)."""
     from anoddpm.bundle import load_bundle
 
     bundle = load_bundle(path)
@@ -17,7 +18,10 @@ def describe_bundle(path: Path) -> dict[str, Any]:
     if bundle.map_reference is not None:
         ref = bundle.map_reference.float()
         reference = {"shape": list(ref.shape), "min": float(ref.min()), "mean": float(ref.mean()), "max": float(ref.max())}
+    head = bundle.head_state_dict
+    head_params = None if head is None else sum(int(t.numel()) for t in head.values() if t.is_floating_point())
     return {"file": str(path), "kind": "bundle", "versions": bundle.versions, "parameters": n_params,
+            "head_parameters": head_params,
             "threshold": bundle.threshold, "map_reference": reference, "fingerprint": bundle.fingerprint,
             "config": bundle.cfg.to_dict()}
 

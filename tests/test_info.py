@@ -30,6 +30,7 @@ def test_info_bundle_and_onnx(bundle, tmp_path, capsys):
     assert out["config"] == cfg.to_dict()
     assert out["parameters"] == sum(p.numel() for p in build_unet(cfg).parameters())
     assert out["map_reference"] is None
+    assert out["head_parameters"] is None
 
     update_threshold(path, {"image": 0.25, "pixel": 0.5}, torch.full((1, 1, 32, 32), 2.0))
     assert cli(["info", str(path)]) == 0
@@ -54,3 +55,14 @@ def test_info_missing_and_corrupt_files(tmp_path, capsys):
     bad.write_bytes(b"\x08\x01garbage")
     assert cli(["info", str(bad)]) == 2
     assert "bad.onnx" in capsys.readouterr().err
+
+
+def test_info_counts_the_scoring_head(tmp_path, capsys):
+    from anoddpm.head import build_head
+
+    cfg = Config().override("model", preset="tiny").override("data", image_size=32).validate()
+    head = build_head(cfg)
+    path = save_bundle(tmp_path / "model.pt", cfg=cfg, state_dict=build_unet(cfg).state_dict(),
+                       fingerprint={"sha256": "abc"}, head_state_dict=head.state_dict())
+    assert cli(["info", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["head_parameters"] == sum(p.numel() for p in head.parameters())
