@@ -1,7 +1,8 @@
 """Does a trained scoring head earn its place? Residual vs fused map on held-back synthetic anomalies.
 
-A head trained for a few dozen steps is noise, and the fused map passes that noise on; a head
-trained long enough finds defects the residual misses (docs/quality.md, sessions 4-5). After
+A head that learned nothing adds its noise to the fused map (one marking random places costs the
+fused map 0.08 image AUROC in tests/test_head_check.py); a head that learned finds defects the
+residual misses (magnetic_tile, docs/quality.md, sessions 4-5). After
 training, ``compare_scorers_on_synthetic`` puts synthetic anomalies (`anoddpm.anomalies`, drawn
 with a fixed seed) on the held-back good images, which neither the denoiser nor the head saw, and
 measures both scorers there; ``head_earns_its_place`` keeps the head when the fused map is at
@@ -62,13 +63,14 @@ def compare_scorers_on_synthetic(detector: Detector, good_images: Sequence, devi
     for name, keep in (("residual", slice(0, 1)), ("fused", slice(0, 2))):
         maps = combine_component_maps(torch.from_numpy(np.concatenate([good_maps, damaged_maps])[:, keep]))
         scores = image_score(maps, det.score, det.topk).double().numpy()
-        result[name] = {"image_auroc": image_auroc(scores, labels), "pixel_auroc": pixel_auroc(maps[:, 0].numpy(),
-                                                                                              pixel_masks)}
+        result[name] = {"image_auroc": image_auroc(scores, labels),
+                        "pixel_auroc": pixel_auroc(maps[:, 0].numpy(), pixel_masks)}
     return result
 
 
 def head_earns_its_place(check: dict[str, Any]) -> bool:
-    """True when the fused map is at least as good as the residual (mean of image and pixel AUROC, within TIE_TOLERANCE)."""
+    """True when the fused map is at least as good as the residual: mean of image and pixel AUROC,
+    within TIE_TOLERANCE."""
     def quality(name: str) -> float:
         return (check[name]["image_auroc"] + check[name]["pixel_auroc"]) / 2
     return quality("fused") >= quality("residual") - TIE_TOLERANCE

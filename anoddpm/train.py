@@ -245,8 +245,10 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
           resume: bool = False, device: str = "auto") -> Path:
     """Train on good images of ROOT[/category]; writes RUN_DIR/{config.json,log.jsonl,checkpoint.pt,model.pt}.
 
-    Returns the bundle path. cfg.train.batch_size is per process; under DDP the global batch is
-    batch_size * WORLD_SIZE. max_steps counts the run's total optimizer steps (including resumed ones).
+    Returns the bundle path. Under DDP rank 0 alone trains the head, writes and calibrates the bundle;
+    the other ranks return when the denoiser phase ends. cfg.train.batch_size is per process; under
+    DDP the global batch is batch_size * WORLD_SIZE. max_steps counts the run's total optimizer steps
+    (including resumed ones).
     """
     from anoddpm.data import load_training_data
     from noise import make_noise
@@ -415,7 +417,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             raise KeyboardInterrupt
         if dist.main:
             calibrate_bundle(bundle, val_ds, dev)
-        dist.barrier()
+        # no barrier here: the other ranks would wait through the head phase, longer than NCCL's timeout
         return bundle
     finally:
         dist.close()
@@ -447,8 +449,8 @@ def _checked_head(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, hea
     check = compare_scorers_on_synthetic(detector, val_ds, device, cfg.train.batch_size)
     kept = head_earns_its_place(check) or cfg.detect.scorer in ("head", "fused")
     log_fn({"head_check": check, "head_kept": kept})
-    figures = ", ".join(f"{name} image / pixel AUROC {check[name]['image_auroc']:.3f} / {check[name]['pixel_auroc']:.3f}"
-                        for name in ("fused", "residual"))
+    figures = ", ".join(f"{name} image / pixel AUROC {check[name]['image_auroc']:.3f} / "
+                        f"{check[name]['pixel_auroc']:.3f}" for name in ("fused", "residual"))
     verdict = "kept" if kept else "dropped, the bundle scores with the residual"
     print(f"scoring head: {verdict} ({check['n_anomalous']} synthetic anomalies on {check['n_good']} held-back "
           f"good images: {figures})", flush=True)
