@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,36 +23,29 @@ import numpy as np
 from anoddpm.config import Config
 
 CATEGORIES = {"magnetic_tile": ("magnetic_tile", "magnetic_tile"), "juice_bottle": ("mvtec_loco", "juice_bottle")}
-FAST = {"depth": 50, "steps": 1, "noise": "gaussian"}  # detection the head variants are trained against
-HEAL = {"anomaly_fraction": 0.5}
-TRAIN_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+TRAIN_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # overrides of the current defaults (docs/quality.md)
     "default": {},
-    "head": {"head": {"enabled": True}, "detect": FAST},
-    "heal": {"train": HEAL},
-    "heal_texture": {"train": HEAL, "data": {"augment": "texture"}},
-    "heal_head": {"train": HEAL, "head": {"enabled": True}, "detect": FAST},
+    "no_head": {"head": {"enabled": False}},
+    "no_healing": {"train": {"anomaly_fraction": 0.0}},
+    "simplex": {"diffusion": {"noise": "simplex"}},
+    "t300": {"diffusion": {"t_max_fraction": 0.3}},
     "texture": {"data": {"augment": "texture"}},
     "crop64": {"data": {"train_crop": 64}},
     "intensity": {"data": {"intensity": "per_image"}},
-    "intensity_head": {"data": {"intensity": "per_image"}, "head": {"enabled": True}},
-    "heal_t100": {"train": HEAL, "diffusion": {"t_max_fraction": 0.1}},
-    "heal_head_t100": {"train": HEAL, "diffusion": {"t_max_fraction": 0.1}, "head": {"enabled": True},
-                       "detect": FAST},
 }
+HEAD_SCORERS = ("head", "fused")  # detection variants that need a bundle with a scoring head
 DETECT_VARIANTS: dict[str, dict[str, Any]] = {
-    "paper": {"sampler": "ancestral", "steps": None},  # steps None -> one step per timestep (= depth)
+    # the paper's sampler at the bundle's depth: one ancestral step per timestep (the speed reference)
+    "paper": {"sampler": "ancestral", "steps": None},
     "default": {},
-    "K1": {"steps": 1},
+    "residual": {"scorer": "residual"},
+    "head": {"scorer": "head"},
     "K5": {"steps": 5},
-    "K25": {"steps": 25},
-    "depth50": {"depth": 50},
-    "depth50_K1": {"depth": 50, "steps": 1},
-    "depth50_K1_gauss": {"depth": 50, "steps": 1, "noise": "gaussian"},
-    "depth100_K1_gauss": {"depth": 100, "steps": 1, "noise": "gaussian"},
-    "depth250_K1_gauss": {"depth": 250, "steps": 1, "noise": "gaussian"},
-    "depth50_K1_gauss_topk": {"depth": 50, "steps": 1, "noise": "gaussian", "score": "topk"},
-    "depth50_K1_gauss_residual": {"depth": 50, "steps": 1, "noise": "gaussian", "scorer": "residual"},
+    "depth100": {"depth": 100},
+    "depth250": {"depth": 250},
+    "samples4": {"samples": 4},
     "topk": {"score": "topk"},
+    "no_reference": {"map_reference": "none"},
 }
 
 
@@ -104,9 +98,13 @@ def load_test_arrays(cfg: Config, root: Path, category: str) -> dict[str, Any]:
 
 
 def evaluate_variant(bundle: Any, overrides: dict[str, Any], test: dict[str, Any], index: np.ndarray,
-                     device: Any, batch_size: int) -> dict[str, Any]:
-    """Score test images ``index`` with detection overrides -> metrics dict (+ seconds_per_image)."""
+                     root: Path, category: str, device: Any, batch_size: int) -> dict[str, Any]:
+    """Score test images ``index`` with detection overrides -> metrics dict (+ seconds_per_image).
+
+    With overrides, the map reference is refitted on the bundle's held-back good images (as
+    `anoddpm evaluate` does), since the bundle's reference belongs to its own detection settings."""
     from anoddpm.detector import Detector
+    from anoddpm.evaluate import score_validation
     from anoddpm.scoring_loop import score_images
     from eval.metrics import compute_metrics, per_type_auroc
 
@@ -114,6 +112,8 @@ def evaluate_variant(bundle: Any, overrides: dict[str, Any], test: dict[str, Any
     if "steps" in overrides and overrides["steps"] is None:
         overrides["steps"] = overrides.get("depth", bundle.cfg.detect.depth)
     detector = Detector.from_bundle(bundle, device, **overrides)
+    if overrides:
+        score_validation(bundle, detector, root, category, device, batch_size)
     scored = score_images(detector, test["images"][index], device, batch_size)
     labels, masks = test["labels"][index], test["masks"][index]
     types = [test["types"][i] for i in index]
@@ -143,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             paper_index = np.unique(np.linspace(0, n - 1, min(args.paper_images, n)).round().astype(int))
             paper_seconds = None
             for config in args.configs:
+                if DETECT_VARIANTS[config].get("scorer") in HEAD_SCORERS and bundle.head_state_dict is None:
+                    print(f"skipping detection variant {config!r}: {bundle_path} has no scoring head", file=sys.stderr)
+                    continue
                 index = paper_index if config == "paper" else np.arange(n)
-                result = evaluate_variant(bundle, DETECT_VARIANTS[config], test, index, device, args.batch_size)
+                result = evaluate_variant(bundle, DETECT_VARIANTS[config], test, index, Path(args.data) / dataset,
+                                          name, device, args.batch_size)
                 if config == "paper":
                     paper_seconds = result["seconds_per_image"]
                 speedup = None if paper_seconds is None else paper_seconds / result["seconds_per_image"]
