@@ -261,7 +261,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         max_steps, max_minutes = tc.max_steps, tc.max_minutes
         with_head = head_is_trained(cfg)
         if with_head:  # the denoiser's share of the budget; the head gets the rest
-            max_steps = max(1, round(tc.max_steps * (1 - cfg.head.budget_fraction)))
+            max_steps = _denoiser_steps_before_head(cfg)
             max_minutes = None if tc.max_minutes is None else tc.max_minutes * (1 - cfg.head.budget_fraction)
         ckpt_path = out / "checkpoint.pt"
         if ckpt_path.exists() and not resume:  # checked on every rank so none is left waiting
@@ -423,12 +423,14 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         dist.close()
 
 
+def _denoiser_steps_before_head(cfg: Config) -> int:
+    """The denoiser's share of train.max_steps when a head follows it (the head gets the rest)."""
+    return max(1, round(cfg.train.max_steps * (1 - cfg.head.budget_fraction)))
+
+
 def head_is_trained(cfg: Config) -> bool:
     """Whether training ends with a scoring head: head.enabled and its share of max_steps >= head.min_steps."""
-    if not cfg.head.enabled:
-        return False
-    head_steps = cfg.train.max_steps - max(1, round(cfg.train.max_steps * (1 - cfg.head.budget_fraction)))
-    return head_steps >= cfg.head.min_steps
+    return cfg.head.enabled and cfg.train.max_steps - _denoiser_steps_before_head(cfg) >= cfg.head.min_steps
 
 
 def _checked_head(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, head_state: dict[str, Tensor],
