@@ -126,9 +126,10 @@ class DetectConfig:
 class HeadConfig:
     """Optional learned scoring head trained on synthetic anomalies after the denoiser."""
 
-    # on: fused with it, magnetic_tile gains 0.70 -> 0.77 / 0.76 image AUROC in 30 min (two seeds), juice_bottle
-    # holds (0.73); runs too short for it keep the whole budget (min_steps), and a head whose fused map does not
-    # beat the residual on held-back synthetic anomalies is dropped (docs/quality.md, sessions 4-5)
+    # on: fused with it, magnetic_tile scores 0.76-0.78 image AUROC in 30 min (three seeds; the same bundles'
+    # residual 0.71-0.74), juice_bottle 0.73 / 0.80 (residual 0.73 / 0.74); runs too short for it keep the whole
+    # budget (min_steps), and a head whose fused map does not beat the residual on held-back synthetic anomalies
+    # is dropped (docs/quality.md, sessions 4-5)
     enabled: bool = True  # train a learned scoring head after the denoiser (detect.scorer auto fuses it with the residual)
     # the head is best early: on magnetic_tile its own image AUROC fell from 0.74 after 200 steps to 0.63
     # after 700 (it learns our synthetic anomalies, not the real ones; docs/quality.md, session 4)

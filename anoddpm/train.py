@@ -404,9 +404,9 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             if with_head and not interrupted:
                 head_minutes = None if tc.max_minutes is None else max(0.0, tc.max_minutes - elapsed / 60)
                 log_fn = functools.partial(append_jsonl, out / "log.jsonl")
-                head_state = _train_head_phase(cfg, ema, diffusion, train_ds, dev, tc.max_steps - max_steps,
-                                               head_minutes, log_fn)
-                head_state = _checked_head(cfg, ema, diffusion, head_state, val_ds, dev, log_fn)
+                head = _train_head_phase(cfg, ema, diffusion, train_ds, dev, tc.max_steps - max_steps,
+                                         head_minutes, log_fn)
+                head_state = _checked_head(cfg, ema, diffusion, head, val_ds, dev, log_fn)
             save_bundle(bundle, cfg=cfg, state_dict=ema.state_dict(), fingerprint=fingerprint,
                         head_state_dict=head_state)
             print(f"bundle: {bundle}", flush=True)
@@ -433,20 +433,17 @@ def head_is_trained(cfg: Config) -> bool:
     return cfg.head.enabled and cfg.train.max_steps - _denoiser_steps_before_head(cfg) >= cfg.head.min_steps
 
 
-def _checked_head(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, head_state: dict[str, Tensor],
+def _checked_head(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, head: nn.Module,
                   val_ds: Any, device: torch.device, log_fn: Any) -> dict[str, Tensor] | None:
     """The head's weights if the fused map beats the residual on held-back synthetic anomalies (or the
     scorer names the head explicitly, or there are too few held-back images to check); else None."""
     from anoddpm.detector import Detector
-    from anoddpm.head import build_head
     from anoddpm.head_check import MIN_CHECK_IMAGES, compare_scorers_on_synthetic, head_earns_its_place
 
     if len(val_ds) < MIN_CHECK_IMAGES:
         print(f"scoring head: kept unchecked, {len(val_ds)} held-back good images are fewer than "
               f"{MIN_CHECK_IMAGES}", file=sys.stderr, flush=True)
-        return head_state
-    head = build_head(cfg)
-    head.load_state_dict(head_state)
+        return head.state_dict()
     detector = Detector(ema, diffusion, cfg.override("detect", scorer="fused"), head).to(device).eval()
     check = compare_scorers_on_synthetic(detector, val_ds, device, cfg.train.batch_size)
     kept = head_earns_its_place(check) or cfg.detect.scorer in ("head", "fused")
@@ -456,12 +453,12 @@ def _checked_head(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, hea
     verdict = "kept" if kept else "dropped, the bundle scores with the residual"
     print(f"scoring head: {verdict} ({check['n_anomalous']} synthetic anomalies on {check['n_good']} held-back "
           f"good images: {figures})", flush=True)
-    return head_state if kept else None
+    return head.state_dict() if kept else None
 
 
 def _train_head_phase(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, train_ds: Any, device: torch.device,
-                      max_steps: int, max_minutes: float | None, log_fn: Any) -> dict[str, Tensor]:
-    """Train the scoring head on the frozen EMA denoiser's reconstructions; returns its state_dict."""
+                      max_steps: int, max_minutes: float | None, log_fn: Any) -> nn.Module:
+    """Train the scoring head on the frozen EMA denoiser's reconstructions; returns it (eval mode)."""
     from anoddpm.detector import Detector
     from anoddpm.head import build_head, train_head
 
@@ -475,7 +472,7 @@ def _train_head_phase(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion,
                          device, log_fn=log_fn)
     print(f"scoring head: {summary['steps']} steps in {summary['minutes']:.1f} min, loss {summary['loss']:.4f}",
           flush=True)
-    return head.state_dict()
+    return head
 
 
 def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device) -> dict[str, Any]:
