@@ -128,10 +128,21 @@ def load_bundle(path: str | Path, map_location: Any = "cpu") -> Bundle:
 def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
                      map_reference: torch.Tensor | None = None) -> Path:
     """Replace the calibration stored in model.pt: the threshold and the reference maps [1, K, S, S]
-    fitted with it (None removes it); atomic rewrite, everything else kept."""
+    fitted with it (None removes it); atomic rewrite, everything else kept.
+
+    A threshold carrying the detection settings it was calibrated with ("detect") makes them the
+    bundle's config.detect, so every later command (score, evaluate, export) uses what was calibrated.
+    """
     path = Path(path)
     raw = _read_raw(path, "cpu")
     raw["threshold"] = None if threshold is None else _plain(dict(threshold))
+    if threshold is not None and threshold.get("detect"):
+        config = {**raw["config"], "detect": {**raw["config"].get("detect", {}), **_plain(dict(threshold["detect"]))}}
+        try:
+            Config.from_dict(config).validate()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"threshold for {path} carries invalid detection settings: {err}") from err
+        raw["config"] = config
     raw.pop("map_reference", None)
     if map_reference is not None:
         raw["map_reference"] = map_reference.detach().to("cpu", torch.float32, copy=True)

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="calibrate the threshold and write it into the bundle",
                        description="Score held-back good images (and labelled defects if given) and store "
-                       "the threshold in the bundle.")
+                       "the threshold in the bundle. Detection flags given here (e.g. --scorer residual, "
+                       "--depth) become the bundle's detection settings, used by score, evaluate and export.")
     p.add_argument("--model", required=True, metavar="MODEL_PT", help="bundle to calibrate (updated in place)")
     p.add_argument("--data", metavar="ROOT", help="dataset root (default: the training data in the bundle)")
     p.add_argument("--category", metavar="NAME")

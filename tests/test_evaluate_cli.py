@@ -78,6 +78,45 @@ def test_calibrate_stores_threshold_that_evaluate_uses(setup: tuple[Path, Path],
     assert metrics["threshold"] == pytest.approx(stored["image"], rel=0, abs=0)
 
 
+def test_calibrated_detection_settings_become_the_bundles_and_export_follows_them(
+        setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`calibrate --scorer residual --depth 30` on a bundle with a head: score/evaluate/export then use the
+    residual at depth 30 with that threshold, without flags and without recalibrating."""
+    from anoddpm.detector import Detector
+    from anoddpm.head import build_head
+    from deploy.export import export_onnx
+    from deploy.runtime import Inspector
+
+    data, _ = setup
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = save_bundle(tmp_path / "model.pt", cfg=cfg, state_dict=build_unet(cfg).state_dict(),
+                        fingerprint={"root": str(data.resolve()), "category": "cat"},
+                        head_state_dict=build_head(cfg).state_dict())
+    assert Detector.from_bundle(load_bundle(model)).components == ("residual", "head")
+    assert main(["calibrate", "--model", str(model), "--scorer", "residual", "--depth", "30"]) == 0
+    bundle = load_bundle(model)
+    assert bundle.cfg.detect.scorer == "residual" and bundle.cfg.detect.depth == 30
+    assert bundle.threshold["detect"] == asdict(bundle.cfg.detect)
+    assert bundle.head_state_dict is not None  # `--scorer fused` still works (calibrating on the fly)
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(model), "--data", str(data), "--category", "cat", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["threshold_source"] == "bundle" and metrics["detect"]["scorer"] == "residual"
+    capsys.readouterr()
+    onnx_path = export_onnx(model, tmp_path / "model.onnx")
+    assert "warning" not in capsys.readouterr().err
+    images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    detector = Detector.from_bundle(bundle)
+    assert detector.components == ("residual",)
+    with torch.inference_mode():
+        amap, score, _ = detector(images)
+    inspector = Inspector(onnx_path)
+    o_map, o_score = inspector.run(images.numpy())
+    assert np.abs(o_map - amap[:, 0].numpy()).max() < 1e-4 and np.abs(o_score - score.numpy()).max() < 1e-4
+    assert inspector.image_threshold == pytest.approx(bundle.threshold["image"])
+
+
 def test_few_held_back_images_fit_no_map_reference(setup: tuple[Path, Path], tmp_path: Path) -> None:
     data, model = setup  # 2 held-back good images
     copy = tmp_path / "model.pt"
