@@ -81,13 +81,6 @@ class Detector(nn.Module):
             return ("residual", "head")
         return ("head",) if scorer == "head" else ("residual",)
 
-    def component_detectors(self) -> list["Detector"]:
-        """One single-map Detector per component map ('residual', 'head'), sharing this one's modules."""
-        if len(self.components) == 1:
-            return [self]
-        return [Detector(self.unet, self.diffusion, self.cfg.override("detect", scorer=name), self.head).to(
-            self.detection_noise.device).eval() for name in self.components]
-
     def set_map_reference(self, reference: Tensor | None) -> None:
         """Divide future component maps by `reference` [K, S, S] or [1, K, S, S] (> 0; [S, S] when K = 1);
         None = no reference."""
@@ -141,9 +134,9 @@ class Detector(nn.Module):
     def _step_noise(self, x: Tensor, t: int, generator: torch.Generator) -> Tensor:
         return self._noise(tuple(x.shape), torch.full((x.shape[0],), float(t)), generator, x.device).to(x.dtype)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """images [B, C, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], pred_score [B],
-        reconstruction [B, C, S, S] in [0, 1])."""
+    def component_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images [B, C, S, S] in [0, 1] -> (component maps [B, K, S, S], one per ``self.components``, before
+        any reference; reconstruction [B, C, S, S] in [0, 1]). One reconstruction serves every component."""
         det = self.cfg.detect
         stats = self._intensity_stats(images)
         reconstruction = self._reconstruct(images, stats)
@@ -156,7 +149,13 @@ class Detector(nn.Module):
                 maps.append(anomaly_map(seen, rebuilt, det.residual, det.smoothing_sigma))
             else:
                 maps.append(gaussian_blur(self.head.anomaly_map(images, reconstruction), det.smoothing_sigma))
-        components = torch.cat(maps, dim=1)  # [B, K, S, S]
+        return torch.cat(maps, dim=1), reconstruction
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """images [B, C, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], pred_score [B],
+        reconstruction [B, C, S, S] in [0, 1])."""
+        det = self.cfg.detect
+        components, reconstruction = self.component_maps(images)  # [B, K, S, S]
         if self.has_map_reference and det.map_reference == "good_mean":
             components = components / self.map_reference
         amap = combine_component_maps(components)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from anoddpm.cli import detect_overrides
 from anoddpm.config import DetectConfig
-from anoddpm.scoring_loop import ScoredSet, score_images
+from anoddpm.scoring_loop import ScoredSet, score_component_maps, score_images
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, torch.nn.Module, torch.device]:
@@ -79,23 +79,18 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
     detector.set_map_reference(None)
     if det.map_reference == "none":
         return score_images(detector, good_images, device, batch_size, desc="validation")
-    # one scoring pass per component map ('fused' has two), each fitting its own reference
-    parts = [score_images(part, good_images, device, batch_size, desc=f"validation ({name})")
-             for part, name in zip(detector.component_detectors(), detector.components)]
-    seconds = sum(part.seconds_per_image for part in parts)
-    if len(parts[0].scores) < MIN_REFERENCE_IMAGES:
-        print(f"map reference: not fitted, {len(parts[0].scores)} held-back good images are fewer than "
+    # one reconstruction per image serves every component map ('fused' has two), each fitting its own reference
+    components, seconds = score_component_maps(detector, good_images, device, batch_size, desc="validation")
+    if len(components) < MIN_REFERENCE_IMAGES:
+        print(f"map reference: not fitted, {len(components)} held-back good images are fewer than "
               f"{MIN_REFERENCE_IMAGES}; maps stay unnormalised", file=sys.stderr)
-        if len(parts) == 1:
-            return parts[0]
-        components = np.stack([part.maps for part in parts], axis=1)
     else:
-        detector.set_map_reference(torch.from_numpy(np.stack([reference_map(part.maps) for part in parts])))
-        components = np.stack([held_out_normalised(part.maps) for part in parts], axis=1)
+        kinds = range(components.shape[1])
+        detector.set_map_reference(torch.from_numpy(np.stack([reference_map(components[:, k]) for k in kinds])))
+        components = np.stack([held_out_normalised(components[:, k]) for k in kinds], axis=1)
     maps = combine_component_maps(torch.from_numpy(components))
     scores = image_score(maps, det.score, det.topk).double().numpy()
-    maps = maps[:, 0].numpy()
-    return ScoredSet(scores=scores, maps=maps, reconstructions=None, seconds_per_image=seconds)
+    return ScoredSet(scores=scores, maps=maps[:, 0].numpy(), reconstructions=None, seconds_per_image=seconds)
 
 
 def fitted_reference(detector: Any) -> torch.Tensor | None:

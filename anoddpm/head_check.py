@@ -19,7 +19,7 @@ import torch
 
 from anoddpm.anomalies import synthesize_anomalies
 from anoddpm.detector import Detector, combine_component_maps
-from anoddpm.scoring_loop import score_images
+from anoddpm.scoring_loop import score_component_maps
 from eval.metrics import image_auroc, pixel_auroc
 from eval.scoring import image_score
 from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised, reference_map
@@ -28,14 +28,6 @@ MIN_CHECK_IMAGES = 4  # held-back good images needed for a verdict
 MIN_ANOMALIES = 64  # synthetic anomalies scored at least (held-back images are reused with new draws)
 CHECK_SEED = 20_221  # fixed, so the same bundle always gets the same verdict
 TIE_TOLERANCE = 1e-3  # AUROC differences this small are float rounding, not a worse map
-
-
-def _component_maps(detector: Detector, images: Sequence, device: torch.device, batch_size: int) -> np.ndarray:
-    """Maps [N, K, S, S] of each component of `detector` (no reference applied)."""
-    parts = detector.component_detectors()
-    for part in parts:
-        part.set_map_reference(None)
-    return np.stack([score_images(part, images, device, batch_size).maps for part in parts], axis=1)
 
 
 def compare_scorers_on_synthetic(detector: Detector, good_images: Sequence, device: torch.device,
@@ -50,8 +42,8 @@ def compare_scorers_on_synthetic(detector: Detector, good_images: Sequence, devi
     damaged, masks = synthesize_anomalies(good.repeat(repeats, 1, 1, 1), generator, clean_fraction=0.0)
     visible = masks.flatten(1).any(dim=1)
     damaged, masks = damaged[visible], masks[visible, 0].bool().numpy()  # [M, C, S, S], [M, S, S]
-    good_maps = _component_maps(detector, good, device, batch_size)  # [N, 2, S, S]
-    damaged_maps = _component_maps(detector, damaged, device, batch_size)  # [M, 2, S, S]
+    good_maps, _ = score_component_maps(detector, good, device, batch_size)  # [N, 2, S, S], before any reference
+    damaged_maps, _ = score_component_maps(detector, damaged, device, batch_size)  # [M, 2, S, S]
     if len(good) >= MIN_REFERENCE_IMAGES:  # the same per-component reference calibration fits
         reference = np.stack([reference_map(good_maps[:, k]) for k in range(2)])  # [2, S, S]
         damaged_maps = damaged_maps / reference[None]

@@ -1,4 +1,4 @@
-"""The batched scoring loop shared by `calibrate`, `evaluate` and `score`.
+"""The batched scoring loops shared by `calibrate`, `evaluate`, `score` and the head check.
 
 One place moves batches to the device, runs the detector under ``torch.inference_mode``, times
 the forward pass (synchronising CUDA so the clock measures the work, not the launch) and
@@ -96,3 +96,25 @@ def score_images(detector: torch.nn.Module, images: Sequence, device: torch.devi
     return ScoredSet(scores=np.concatenate(scores), maps=np.concatenate(maps) if keep_maps else None,
                      reconstructions=np.concatenate(recons) if keep_reconstructions else None,
                      seconds_per_image=seconds / n)
+
+
+def score_component_maps(detector: torch.nn.Module, images: Sequence, device: torch.device, batch_size: int = 8,
+                         desc: str | None = None) -> tuple[np.ndarray, float]:
+    """Each component map of a ``Detector`` (``detector.component_maps``, before any reference) for a
+    sequence of [C, S, S] images in [0, 1]: ([N, K, S, S] float32, mean forward seconds per image)."""
+    n = len(images)
+    if n == 0:
+        raise ValueError("no images to score")
+    maps: list[np.ndarray] = []
+    seconds = 0.0
+    with tqdm(total=n, desc=desc, unit="img", disable=desc is None) as bar:
+        for chunk in batched((images[i] for i in range(n)), batch_size):
+            batch = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in chunk]).to(device)
+            _sync(device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                components, _ = detector.component_maps(batch)
+                maps.append(components.float().cpu().numpy())
+            seconds += time.perf_counter() - start
+            bar.update(len(chunk))
+    return np.concatenate(maps), seconds / n

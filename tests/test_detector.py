@@ -186,8 +186,8 @@ def test_fused_map_is_the_geometric_mean_of_both_maps_each_over_its_own_referenc
     cfg = _cfg(scorer="fused")
     state, head_state = _randomised_state(cfg), _head_state(cfg)
     fused = Detector.from_config(cfg, state, head_state).eval()
-    residual, head = fused.component_detectors()
-    assert (residual.cfg.detect.scorer, head.cfg.detect.scorer) == ("residual", "head")
+    residual, head = (Detector(fused.unet, fused.diffusion, cfg.override("detect", scorer=name), fused.head).eval()
+                      for name in ("residual", "head"))
     good = _images(MIN_REFERENCE_IMAGES + 2, seed=11)
     scored = score_good_and_fit_reference(fused, good, torch.device("cpu"), batch_size=3)
     images = _images(3, seed=12)
@@ -204,3 +204,7 @@ def test_fused_map_is_the_geometric_mean_of_both_maps_each_over_its_own_referenc
     # calibration scores held-back images with references fitted without them, combined the same way
     r_held, h_held = held_out_normalised(r_good), held_out_normalised(h_good)
     np.testing.assert_allclose(scored.maps, np.sqrt(r_held * h_held), rtol=1e-5, atol=1e-7)
+    with torch.inference_mode():  # both maps come from one reconstruction, before any reference
+        components, reconstruction = fused.component_maps(images)
+    torch.testing.assert_close(components, torch.cat([r_map, h_map], dim=1))
+    torch.testing.assert_close(reconstruction, fused(images)[2])

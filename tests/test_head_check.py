@@ -68,7 +68,7 @@ def test_the_check_is_deterministic_and_needs_both_maps():
     detector, images = _detector(_GuessingHead()), _smooth_good_images(6)
     first = compare_scorers_on_synthetic(detector, images, torch.device("cpu"))
     assert compare_scorers_on_synthetic(detector, images, torch.device("cpu")) == first
-    residual_only = detector.component_detectors()[0]
+    residual_only = Detector(detector.unet, detector.diffusion, detector.cfg.override("detect", scorer="residual"))
     with pytest.raises(ValueError, match="residual and head"):
         compare_scorers_on_synthetic(residual_only, images, torch.device("cpu"))
     assert np.isfinite([first[n][m] for n in ("residual", "fused") for m in ("image_auroc", "pixel_auroc")]).all()
