@@ -32,6 +32,8 @@ TRAIN_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # overrides of the cur
     "texture": {"data": {"augment": "texture"}},
     "crop64": {"data": {"train_crop": 64}},
     "intensity": {"data": {"intensity": "per_image"}},
+    "size256_crop128": {"data": {"image_size": 256, "train_crop": 128}},
+    "heal_cap34": {"train": {"heal_snr_cap": 34.0}},
 }
 HEAD_SCORERS = ("head", "fused")  # detection variants that need a bundle with a scoring head
 DETECT_VARIANTS: dict[str, dict[str, Any]] = {
@@ -44,6 +46,8 @@ DETECT_VARIANTS: dict[str, dict[str, Any]] = {
     "depth100": {"depth": 100},
     "depth250": {"depth": 250},
     "samples4": {"samples": 4},
+    "l1": {"residual": "l1"},
+    "ssim": {"residual": "ssim"},
     "topk": {"score": "topk"},
     "no_reference": {"map_reference": "none"},
 }
