@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,16 +42,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_batch(detector: torch.nn.Module, images: torch.Tensor | np.ndarray,
-                  device: torch.device) -> BatchResult:
-    """Run the detector on images [B, C, S, S] in [0, 1]; the timing covers transfer + forward."""
+def _timed_inference(fn: Callable[[torch.Tensor], Any], images: torch.Tensor | np.ndarray | Sequence,
+                     device: torch.device) -> tuple[Any, float]:
+    """fn(images [B, C, S, S] as float32 on device) under inference_mode, and the seconds of transfer + work."""
     batch = torch.as_tensor(images, dtype=torch.float32)
     _sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        amap, score, recon = detector(batch.to(device, non_blocking=True))
+        out = fn(batch.to(device, non_blocking=True))
         _sync(device)
-    seconds = time.perf_counter() - start
+    return out, time.perf_counter() - start
+
+
+def forward_batch(detector: torch.nn.Module, images: torch.Tensor | np.ndarray,
+                  device: torch.device) -> BatchResult:
+    """Run the detector on images [B, C, S, S] in [0, 1]; the timing covers transfer + forward."""
+    (amap, score, recon), seconds = _timed_inference(detector, images, device)
     return BatchResult(maps=amap[:, 0].float().cpu().numpy(), scores=score.double().cpu().numpy(),
                        reconstructions=recon.float().cpu().numpy(), seconds=seconds)
 
@@ -109,12 +115,9 @@ def score_component_maps(detector: torch.nn.Module, images: Sequence, device: to
     seconds = 0.0
     with tqdm(total=n, desc=desc, unit="img", disable=desc is None) as bar:
         for chunk in batched((images[i] for i in range(n)), batch_size):
-            batch = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in chunk]).to(device)
-            _sync(device)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                components, _ = detector.component_maps(batch)
-                maps.append(components.float().cpu().numpy())
-            seconds += time.perf_counter() - start
+            (components, _), chunk_seconds = _timed_inference(
+                detector.component_maps, torch.stack([torch.as_tensor(x) for x in chunk]), device)
+            maps.append(components.float().cpu().numpy())
+            seconds += chunk_seconds
             bar.update(len(chunk))
     return np.concatenate(maps), seconds / n
