@@ -42,7 +42,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_inference(fn: Callable[[torch.Tensor], Any], images: torch.Tensor | np.ndarray | Sequence,
+def _timed_inference(fn: Callable[[torch.Tensor], Any], images: torch.Tensor | np.ndarray,
                      device: torch.device) -> tuple[Any, float]:
     """fn(images [B, C, S, S] as float32 on device) under inference_mode, and the seconds of transfer + work."""
     batch = torch.as_tensor(images, dtype=torch.float32)
