@@ -10,7 +10,7 @@ import sys
 from typing import Callable, Sequence
 
 from anoddpm import __version__
-from anoddpm.config import (INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUALS, SAMPLERS,
+from anoddpm.config import (INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS, RESIDUALS, SAMPLERS,
                             SCORE_REDUCTIONS, SCORERS, Config, load_config_file)
 
 
@@ -33,6 +33,9 @@ def _add_detect_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampler", choices=SAMPLERS, help="ddim = fast path, ancestral = the paper's path")
     g.add_argument("--detect-noise", choices=NOISE_KINDS, help="noise kind used at detection")
     g.add_argument("--residual", choices=RESIDUALS, help="how the residual becomes an anomaly map")
+    g.add_argument("--residual-norm", choices=RESIDUAL_NORMS,
+                   help="brightness = residual relative to the local grey level (textures under varying exposure; "
+                        "hurts objects on dark backgrounds)")
     g.add_argument("--score", choices=SCORE_REDUCTIONS, help="image score from the map: max or top-k mean")
     g.add_argument("--scorer", choices=SCORERS,
                    help="anomaly map: plain residual, learned head, or fused = both, each over its good-image "
@@ -51,6 +54,7 @@ def detect_overrides(args: argparse.Namespace) -> dict:
         "sampler": getattr(args, "sampler", None),
         "noise": getattr(args, "detect_noise", None),
         "residual": getattr(args, "residual", None),
+        "residual_norm": getattr(args, "residual_norm", None),
         "score": getattr(args, "score", None),
         "scorer": getattr(args, "scorer", None),
         "map_reference": getattr(args, "map_reference", None),

@@ -146,7 +146,7 @@ class Detector(nn.Module):
                 seen, rebuilt = images, reconstruction
                 if stats is not None:  # the residual in the units the model worked in
                     seen, rebuilt = normalise(images, stats), normalise(reconstruction, stats)
-                maps.append(anomaly_map(seen, rebuilt, det.residual, det.smoothing_sigma))
+                maps.append(anomaly_map(seen, rebuilt, det.residual, det.smoothing_sigma, det.residual_norm))
             else:
                 maps.append(gaussian_blur(self.head.anomaly_map(images, reconstruction), det.smoothing_sigma))
         return torch.cat(maps, dim=1), reconstruction

@@ -229,7 +229,11 @@ def _load_checkpoint(path: Path, cfg: Config, fingerprint: dict[str, Any], dist:
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupted?): {err}") from err
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has checkpoint format {ckpt.get('format')!r}; this anoddpm reads {CHECKPOINT_FORMAT}")
-    diffs = _config_diff(ckpt["config"], cfg.to_dict())
+    try:  # fields added since the checkpoint was written take their defaults, which keep the old behaviour
+        saved = Config.from_dict(ckpt["config"]).to_dict()
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--resume: {path} holds a config this anoddpm cannot read: {err}") from err
+    diffs = _config_diff(saved, cfg.to_dict())
     if diffs:
         raise ValueError(f"--resume: the config differs from {path} in {'; '.join(diffs)}; only --max-steps and "
                          "--max-minutes may change when resuming (use another --out for a new run)")

@@ -48,6 +48,7 @@ DETECT_VARIANTS: dict[str, dict[str, Any]] = {
     "samples4": {"samples": 4},
     "l1": {"residual": "l1"},
     "ssim": {"residual": "ssim"},
+    "brightness": {"residual_norm": "brightness"},
     "topk": {"score": "topk"},
     "no_reference": {"map_reference": "none"},
 }

@@ -11,11 +11,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from anoddpm.config import RESIDUALS, SCORE_REDUCTIONS
+from anoddpm.config import RESIDUAL_NORMS, RESIDUALS, SCORE_REDUCTIONS
 
 SSIM_SIGMA = 1.5  # Gaussian window of the local SSIM statistics (Wang et al. 2004)
 SSIM_C1 = 0.01**2  # stabilisers for data range 1
 SSIM_C2 = 0.03**2
+BRIGHTNESS_SIGMA = 4.0  # Gaussian window of the local grey level a "brightness" residual is relative to, pixels
+BRIGHTNESS_FLOOR = 0.1  # added to that grey level ([0, 1]), so dark regions are not amplified without bound
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -45,10 +47,12 @@ def ssim_map(a: Tensor, b: Tensor) -> Tensor:
     return num / den
 
 
-def anomaly_map(images: Tensor, reconstructions: Tensor, residual: str = "l2", sigma: float = 4.0) -> Tensor:
+def anomaly_map(images: Tensor, reconstructions: Tensor, residual: str = "l2", sigma: float = 4.0,
+                norm: str = "none") -> Tensor:
     """Per-pixel residual of images vs reconstructions [B, C, H, W] in [0, 1], channel mean, blurred -> [B, 1, H, W].
 
     residual: 'l2' squared error, 'l1' absolute error, 'ssim' 1 - local SSIM; sigma 0 = no blur.
+    norm: 'none', or 'brightness' = divided by the images' local mean grey level plus BRIGHTNESS_FLOOR.
     """
     if residual == "l2":
         diff = (images - reconstructions) ** 2
@@ -58,7 +62,12 @@ def anomaly_map(images: Tensor, reconstructions: Tensor, residual: str = "l2", s
         diff = 1.0 - ssim_map(images, reconstructions)
     else:
         raise ValueError(f"detect.residual={residual!r} is not allowed; choose one of {', '.join(RESIDUALS)}")
-    return gaussian_blur(diff.mean(dim=1, keepdim=True), sigma)
+    amap = gaussian_blur(diff.mean(dim=1, keepdim=True), sigma)
+    if norm == "none":
+        return amap
+    if norm == "brightness":
+        return amap / (gaussian_blur(images.mean(dim=1, keepdim=True), BRIGHTNESS_SIGMA) + BRIGHTNESS_FLOOR)
+    raise ValueError(f"detect.residual_norm={norm!r} is not allowed; choose one of {', '.join(RESIDUAL_NORMS)}")
 
 
 def image_score(amap: Tensor, reduction: str = "max", topk: int = 100) -> Tensor:

@@ -124,3 +124,19 @@ def test_fused_bundle_exports_with_both_references(tmp_path, images):
     torch.testing.assert_close(amap, (r_map / reference[:, :1] * h_map / reference[:, 1:]).sqrt())
     o_map, o_score = Inspector(onnx_path).run(images.numpy())
     assert np.abs(o_map - amap[:, 0].numpy()).max() < 1e-4 and np.abs(o_score - score.numpy()).max() < 1e-4
+
+
+def test_brightness_relative_residual_is_in_the_graph(tmp_path, images):
+    """A bundle calibrated with detect.residual_norm brightness exports it: ONNX equals that PyTorch
+    detector, not the plain residual's."""
+    bundle = _bundle(tmp_path / "model.pt", None)
+    update_threshold(bundle, {"image": 1.0, "pixel": None, "method": "quantile",
+                              "detect": {"residual_norm": "brightness"}})
+    assert load_bundle(bundle).cfg.detect.residual_norm == "brightness"
+    onnx_path = export_onnx(bundle, tmp_path / "model.onnx")
+    with torch.inference_mode():
+        relative, score, _ = Detector.from_bundle(load_bundle(bundle))(images)
+        plain = Detector.from_bundle(load_bundle(bundle), residual_norm="none")(images)[0]
+    o_map, o_score = Inspector(onnx_path).run(images.numpy())
+    assert np.abs(o_map - relative[:, 0].numpy()).max() < 1e-4 and np.abs(o_score - score.numpy()).max() < 1e-4
+    assert np.abs(o_map - plain[:, 0].numpy()).max() > 1e-3

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from eval.scoring import anomaly_map, gaussian_blur, image_score, ssim_map
+from eval.scoring import BRIGHTNESS_FLOOR, anomaly_map, gaussian_blur, image_score, ssim_map
 
 
 def test_l2_and_l1_maps_hand_values_channel_mean():
@@ -17,6 +17,18 @@ def test_l2_and_l1_maps_hand_values_channel_mean():
     assert l2[0, 0, 0, 0].item() == pytest.approx(0.36 / 3)
     assert l1[0, 0, 0, 0].item() == pytest.approx(0.6 / 3)
     assert l2[0, 0, 1, 1].item() == 0.0
+
+
+def test_brightness_norm_scores_the_same_error_higher_on_a_dark_surface():
+    images = torch.cat([torch.full((1, 1, 16, 16), 0.8), torch.full((1, 1, 16, 16), 0.1)])  # bright, dark
+    recon = images.clone()
+    recon[:, 0, 8, 8] += 0.1  # the same error of 0.1 grey levels on both
+    plain = anomaly_map(images, recon, "l2", sigma=0)
+    relative = anomaly_map(images, recon, "l2", sigma=0, norm="brightness")
+    assert plain[0, 0, 8, 8].item() == pytest.approx(plain[1, 0, 8, 8].item())
+    assert relative[0, 0, 8, 8].item() == pytest.approx(0.01 / (0.8 + BRIGHTNESS_FLOOR), rel=1e-4)
+    assert relative[1, 0, 8, 8].item() == pytest.approx(0.01 / (0.1 + BRIGHTNESS_FLOOR), rel=1e-4)
+    assert relative[:, 0, 0, 0].abs().max().item() == 0.0
 
 
 def test_blur_preserves_constant_and_mass_spreads_symmetrically():
@@ -55,6 +67,7 @@ def test_image_score_max_and_topk():
 
 @pytest.mark.parametrize("call", [
     lambda: anomaly_map(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), "l3"),
+    lambda: anomaly_map(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), "l2", norm="contrast"),
     lambda: image_score(torch.zeros(1, 1, 4, 4), "mean"),
     lambda: image_score(torch.zeros(1, 1, 4, 4), "topk", topk=0),
 ])

@@ -123,6 +123,22 @@ def test_resume_with_another_config_or_without_flag_is_refused(data_root, tmp_pa
         train(_cfg(4), data_root, "syn", tmp_path / "fresh", resume=True, device="cpu")
 
 
+def test_checkpoint_from_before_a_config_field_existed_resumes(data_root, tmp_path):
+    """A field added later (here detect.residual_norm) is missing from an older checkpoint: it takes its
+    default, which keeps the old behaviour, so the run resumes instead of being refused as a config change."""
+    run = tmp_path / "run"
+    train(_cfg(2), data_root, "syn", run, device="cpu")
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    del ckpt["config"]["detect"]["residual_norm"]
+    torch.save(ckpt, run / "checkpoint.pt")
+    train(_cfg(3), data_root, "syn", run, resume=True, device="cpu")
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 3
+    ckpt["config"]["detect"]["future_field"] = 1
+    torch.save(ckpt, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"cannot read: unknown key\(s\) in config.detect: future_field"):
+        train(_cfg(4), data_root, "syn", run, resume=True, device="cpu")
+
+
 def _cli_train(data_root: Path, run: Path, cfg_file: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "anoddpm.cli", "train", "--data", str(data_root), "--category", "syn",
