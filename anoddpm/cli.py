@@ -10,8 +10,8 @@ import sys
 from typing import Callable, Sequence
 
 from anoddpm import __version__
-from anoddpm.config import (INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS, RESIDUALS, SAMPLERS,
-                            SCORE_REDUCTIONS, SCORERS, Config, load_config_file)
+from anoddpm.config import (INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS, RESIDUALS,
+                            SAMPLERS, SCORE_REDUCTIONS, SCORERS, Config, load_config_file)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
