@@ -10,8 +10,8 @@ import sys
 from typing import Callable, Sequence
 
 from anoddpm import __version__
-from anoddpm.config import (INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS, RESIDUALS,
-                            SAMPLERS, SCORE_REDUCTIONS, SCORERS, Config, load_config_file)
+from anoddpm.config import (AUGMENTATIONS, INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS,
+                            RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, SCORERS, Config, load_config_file)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1 = grey, 3 = RGB (default: 3 when the first training image has colour, else 1)")
     p.add_argument("--preset", choices=PRESETS, help="UNet size (default small)")
     p.add_argument("--noise", choices=NOISE_KINDS, help="training noise (default gaussian; simplex = the paper's)")
-    p.add_argument("--augment", choices=("none", "texture"), help="training augmentation (default none)")
+    p.add_argument("--augment", choices=AUGMENTATIONS,
+                   help="training augmentation: flips keeps the texture's orientation, texture adds rot90 (default none)")
     p.add_argument("--intensity", choices=INTENSITY_MODES,
                    help="per_image: normalise each image's brightness and contrast before the model (default none)")
     p.add_argument("--train-crop", type=int, metavar="PX",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 RESIZE_POLICIES = ("resize", "crop", "pad")
-AUGMENTATIONS = ("none", "texture")
+AUGMENTATIONS = ("none", "flips", "texture")
 INTENSITY_MODES = ("none", "per_image")
 PRESETS = ("tiny", "small", "base", "paper")
 NOISE_KINDS = ("simplex", "gaussian")
@@ -34,7 +34,7 @@ class DataConfig:
     image_size: int = 128  # side of the square model input, pixels
     channels: int = 1  # 1 = grey, 3 = RGB
     resize_policy: str = "resize"  # resize | crop (short side, centre crop) | pad (long side, pad)
-    augment: str = "none"  # none | texture (flips + rot90, for textures)
+    augment: str = "none"  # none | flips (horizontal + vertical, keeps orientation) | texture (flips + rot90, for textures)
     # the UNet is fully convolutional, so it can train on crops and still reconstruct whole images: 64 of 128 px
     # gives 3.5x more steps per minute, but on magnetic_tile (10 min) image AUROC fell 0.69 -> 0.63 (docs/quality.md)
     train_crop: int = 0  # side of the random square crop each training image is cut to, pixels; 0 = whole image

@@ -66,12 +66,13 @@ class ImageDataset(Dataset):
     def __init__(self, arrays: Sequence[np.ndarray], names: Sequence[str], augment: str = "none", seed: int = 0):
         self.arrays, self.names = list(arrays), list(names)
         self.transform = None
-        if augment == "texture":
+        if augment in ("flips", "texture"):
             import albumentations as A
 
-            self.transform = A.Compose([A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90()], seed=seed)
+            rotations = [A.RandomRotate90()] if augment == "texture" else []
+            self.transform = A.Compose([A.HorizontalFlip(), A.VerticalFlip(), *rotations], seed=seed)
         elif augment != "none":
-            raise ValueError(f"data.augment={augment!r} is not allowed; choose none or texture")
+            raise ValueError(f"data.augment={augment!r} is not allowed; choose none, flips or texture")
 
     def __len__(self) -> int:
         return len(self.arrays)
