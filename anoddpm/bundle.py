@@ -2,8 +2,9 @@
 
 The file is a `torch.save`d dict of tensors and builtins only (format_version, versions, the
 resolved config, EMA weights, preprocessing, noise parameters, data fingerprint, threshold, and
-optionally ``head_state_dict``, the learned scoring head's weights, and ``map_reference``, the
-per-pixel reference map [1, 1, S, S] fitted with the threshold), so
+optionally ``head_state_dict``, the learned scoring head's weights, and the map reference fitted with
+the threshold: ``map_reference`` [1, K, S, S] or ``reference_bank``, thumbnails and pooled maps of the
+training images), so
 it loads with `torch.load(weights_only=True)`: a crafted pickle cannot run code on load.
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Bundle:
     path: Path
     head_state_dict: dict[str, torch.Tensor] | None = None  # learned scoring head, if one was trained
     map_reference: torch.Tensor | None = None  # [1, K, S, S] reference map per component map (K = 2 for fused), if fitted
+    # nearest_good bank, if fitted: "features" [N, F] thumbnails, "maps" [N, K, s, s] pooled component maps
+    reference_bank: dict[str, torch.Tensor] | None = None
 
 
 def _plain(obj: Any) -> Any:
@@ -122,13 +125,15 @@ def load_bundle(path: str | Path, map_location: Any = "cpu") -> Bundle:
                 "torch": raw.get("torch_version")}
     return Bundle(cfg=cfg, state_dict=raw["state_dict"], fingerprint=raw["fingerprint"],
                   threshold=raw["threshold"], versions=versions, path=path, head_state_dict=raw.get("head_state_dict"),
-                  map_reference=raw.get("map_reference"))
+                  map_reference=raw.get("map_reference"), reference_bank=raw.get("reference_bank"))
 
 
 def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
-                     map_reference: torch.Tensor | None = None) -> Path:
-    """Replace the calibration stored in model.pt: the threshold and the reference maps [1, K, S, S]
-    fitted with it (None removes it); atomic rewrite, everything else kept.
+                     map_reference: torch.Tensor | None = None,
+                     reference_bank: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Replace the calibration stored in model.pt: the threshold and the references fitted with it, the
+    reference maps [1, K, S, S] and the nearest_good bank {"features", "maps"} (None removes each);
+    atomic rewrite, everything else kept.
 
     A threshold carrying the detection settings it was calibrated with ("detect") makes them the
     bundle's config.detect, so every later command (score, evaluate, export) uses what was calibrated.
@@ -146,4 +151,8 @@ def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
     raw.pop("map_reference", None)
     if map_reference is not None:
         raw["map_reference"] = map_reference.detach().to("cpu", torch.float32, copy=True)
+    raw.pop("reference_bank", None)
+    if reference_bank is not None:
+        raw["reference_bank"] = {k: reference_bank[k].detach().to("cpu", torch.float32, copy=True)
+                                 for k in ("features", "maps")}
     return atomic_torch_save(raw, path)

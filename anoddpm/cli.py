@@ -41,7 +41,11 @@ def _add_detect_args(p: argparse.ArgumentParser) -> None:
                    help="anomaly map: plain residual, learned head, or fused = both, each over its good-image "
                         "reference (auto = fused when the bundle has a head, else residual)")
     g.add_argument("--map-reference", choices=MAP_REFERENCES,
-                   help="good_mean = divide the map by the mean map of held-back good images (fitted by calibrate)")
+                   help="divide the map by a good-image reference fitted by calibrate: nearest_good = the mean map of "
+                        "the training images nearest in a grey thumbnail, good_mean = the mean map of held-back "
+                        "good images")
+    g.add_argument("--reference-neighbours", type=int, metavar="K",
+                   help="training images a nearest_good reference averages")
     g.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
 
 
@@ -58,6 +62,7 @@ def detect_overrides(args: argparse.Namespace) -> dict:
         "score": getattr(args, "score", None),
         "scorer": getattr(args, "scorer", None),
         "map_reference": getattr(args, "map_reference", None),
+        "reference_neighbours": getattr(args, "reference_neighbours", None),
     }
 
 
@@ -106,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=PRESETS, help="UNet size (default small)")
     p.add_argument("--noise", choices=NOISE_KINDS, help="training noise (default gaussian; simplex = the paper's)")
     p.add_argument("--augment", choices=AUGMENTATIONS,
-                   help="training augmentation: flips keeps the texture's orientation, texture adds rot90 (default none)")
+                   help="training augmentation: flips keeps the texture's orientation, texture adds quarter turns "
+                        "(default none)")
     p.add_argument("--intensity", choices=INTENSITY_MODES,
                    help="per_image: normalise each image's brightness and contrast before the model (default none)")
     p.add_argument("--train-crop", type=int, metavar="PX",

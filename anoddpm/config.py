@@ -24,7 +24,7 @@ RESIDUALS = ("l2", "l1", "ssim")
 RESIDUAL_NORMS = ("none", "brightness")
 SCORE_REDUCTIONS = ("max", "topk")
 SCORERS = ("auto", "residual", "head", "fused")
-MAP_REFERENCES = ("good_mean", "none")
+MAP_REFERENCES = ("nearest_good", "good_mean", "none")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class DataConfig:
     image_size: int = 128  # side of the square model input, pixels
     channels: int = 1  # 1 = grey, 3 = RGB
     resize_policy: str = "resize"  # resize | crop (short side, centre crop) | pad (long side, pad)
-    augment: str = "none"  # none | flips (horizontal + vertical, keeps orientation) | texture (flips + rot90, for textures)
+    augment: str = "none"  # none | flips (the 4 flips, keeps the orientation) | texture (the 8 flips and quarter turns)
     # the UNet is fully convolutional, so it can train on crops and still reconstruct whole images: 64 of 128 px
     # gives 3.5x more steps per minute, but on magnetic_tile (10 min) image AUROC fell 0.69 -> 0.63 (docs/quality.md)
     train_crop: int = 0  # side of the random square crop each training image is cut to, pixels; 0 = whole image
@@ -118,7 +118,11 @@ class DetectConfig:
     # per-pixel reference fitted at calibration: places where every good image shows residual (image
     # borders, glare, label edges) stop deciding the score (image AUROC magnetic_tile 0.61 -> 0.70,
     # juice_bottle 0.49 -> 0.74; docs/quality.md)
-    map_reference: str = "good_mean"  # good_mean: map / (mean map of held-back good images + its spatial mean) | none
+    # nearest_good: one mean map cannot serve good images of another layout or exposure (whole-tile views among
+    # close-ups); the mean map of the nearest good images can: fused image AUROC magnetic_tile 0.78 -> 0.84,
+    # juice_bottle 0.80 -> 0.85 (docs/quality.md, session 8)
+    map_reference: str = "nearest_good"  # nearest_good: map / mean map of the training images nearest in a grey thumbnail | good_mean: map / mean map of held-back good images | none
+    reference_neighbours: int = 3  # k training images whose maps make a nearest_good reference
     score: str = "max"  # max | topk (mean of the top-k pixels)
     topk: int = 100  # pixels averaged by the topk score
     threshold_quantile: float = 0.99  # default threshold: this quantile of held-back good scores
@@ -210,6 +214,8 @@ class Config:
             raise ValueError(f"detect.steps={self.detect.steps} must be in 1..detect.depth ({self.detect.depth})")
         if self.detect.samples < 1:
             raise ValueError(f"detect.samples={self.detect.samples} must be at least 1")
+        if self.detect.reference_neighbours < 1:
+            raise ValueError(f"detect.reference_neighbours={self.detect.reference_neighbours} must be at least 1")
         if not 0.0 <= self.train.anomaly_fraction <= 1.0:
             raise ValueError(f"train.anomaly_fraction={self.train.anomaly_fraction} must be in [0, 1]")
         if not 0.0 < self.head.budget_fraction < 1.0:

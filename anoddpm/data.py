@@ -69,8 +69,14 @@ class ImageDataset(Dataset):
         if augment in ("flips", "texture"):
             import albumentations as A
 
-            rotations = [A.RandomRotate90()] if augment == "texture" else []
-            self.transform = A.Compose([A.HorizontalFlip(), A.VerticalFlip(), *rotations], seed=seed)
+            # one draw per image picks the whole symmetry: separate random flips in one seeded Compose draw the
+            # same number, so they would only ever give the identity or the 180-degree turn
+            if augment == "texture":
+                symmetry = A.D4(p=1.0)  # the 8 flips and quarter turns of a square
+            else:
+                symmetry = A.OneOf([A.NoOp(), A.HorizontalFlip(p=1.0), A.VerticalFlip(p=1.0),
+                                    A.Sequential([A.HorizontalFlip(p=1.0), A.VerticalFlip(p=1.0)])], p=1.0)
+            self.transform = A.Compose([symmetry], seed=seed)
         elif augment != "none":
             raise ValueError(f"data.augment={augment!r} is not allowed; choose none, flips or texture")
 

@@ -12,10 +12,12 @@ Gaussian; 'fused' is the per-pixel geometric mean of both, each divided by its o
 (``combine_component_maps``); 'auto' picks 'fused' when a head is given (a bundle trained with
 ``head.enabled``), else 'residual'.
 
-Map reference (``cfg.detect.map_reference`` 'good_mean'): each component map (one, two for 'fused')
-is divided per pixel by a reference map [1, K, S, S] fitted at calibration on held-back good images
-(``set_map_reference``; stored in the bundle as ``map_reference``). Without one (uncalibrated or
-older bundles) the components are combined as they are.
+Map reference (``cfg.detect.map_reference``): each component map (one, two for 'fused') is divided per
+pixel by a reference. 'nearest_good': the mean map of the k training images nearest to the input in a
+grey thumbnail (``eval.neighbour_reference``), from a bank fitted at calibration (``set_reference_bank``;
+stored in the bundle as ``reference_bank``). 'good_mean': one reference map [1, K, S, S] fitted at
+calibration on held-back good images (``set_map_reference``; stored as ``map_reference``). Without one
+(uncalibrated or older bundles) the components are combined as they are.
 
 Paper path (sampler 'ancestral'): ``depth`` DDPM steps with fresh noise per step from a
 generator re-seeded with ``cfg.detect.seed`` at every call (deterministic per batch).
@@ -33,6 +35,7 @@ from anoddpm.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
 from anoddpm.head import ScoringHead, build_head
 from anoddpm.intensity import denormalise, intensity_stats, normalise
 from anoddpm.unet import UNet, build_unet
+from eval.neighbour_reference import neighbour_reference, thumbnail_features
 from eval.scoring import anomaly_map, gaussian_blur, image_score
 from noise import make_noise
 
@@ -54,6 +57,8 @@ class Detector(nn.Module):
 
     detection_noise: Tensor
     map_reference: Tensor
+    bank_features: Tensor
+    bank_maps: Tensor
 
     def __init__(self, unet: UNet, diffusion: GaussianDiffusion, cfg: Config, head: ScoringHead | None = None) -> None:
         super().__init__()
@@ -74,6 +79,8 @@ class Detector(nn.Module):
         shape = (1, len(self.components), d.image_size, d.image_size)
         self.register_buffer("map_reference", torch.ones(shape), persistent=False)
         self.has_map_reference = False
+        self.register_buffer("bank_features", torch.zeros(0), persistent=False)  # [N, F] thumbnails
+        self.register_buffer("bank_maps", torch.zeros(0), persistent=False)  # [N, K, s, s] pooled component maps
 
     @staticmethod
     def _components(scorer: str, has_head: bool) -> tuple[str, ...]:
@@ -95,6 +102,33 @@ class Detector(nn.Module):
                              f"(one map per component: {', '.join(self.components)}), got {reference.numel()} values")
         self.map_reference.copy_(reference.view(shape))
         self.has_map_reference = True
+
+    @property
+    def has_reference_bank(self) -> bool:
+        """True when a nearest_good reference bank is set."""
+        return self.bank_features.numel() > 0
+
+    def set_reference_bank(self, features: Tensor | None, maps: Tensor | None = None) -> None:
+        """Use the bank of good-image thumbnails `features` [N, F] (``thumbnail_features``) and their pooled
+        component maps `maps` [N, K, s, s] (``pool_bank_maps``, >= 0) for nearest_good references; None = no bank."""
+        if features is None:
+            self.bank_features, self.bank_maps = torch.zeros(0), torch.zeros(0)
+            return
+        device = self.map_reference.device
+        features = torch.as_tensor(features, dtype=torch.float32, device=device)
+        maps = torch.as_tensor(maps, dtype=torch.float32, device=device)
+        side = self.cfg.data.image_size
+        n_features = thumbnail_features(torch.zeros(1, 1, side, side)).shape[1]
+        k = len(self.components)
+        n = features.shape[0] if features.ndim == 2 else -1
+        if (n < 1 or features.shape[1] != n_features or maps.ndim != 4 or maps.shape[:2] != (n, k)
+                or side % maps.shape[-1] or maps.shape[-1] != maps.shape[-2]):
+            raise ValueError(f"reference bank must hold N x {n_features} thumbnails and N x {k} x s x s maps "
+                             f"(one per component: {', '.join(self.components)}), got {tuple(features.shape)} and "
+                             f"{tuple(maps.shape)}")
+        if not bool((maps >= 0).all()) or not bool(torch.isfinite(features).all()):
+            raise ValueError("reference bank maps must be >= 0 and its thumbnails finite")
+        self.bank_features, self.bank_maps = features, maps
 
     def _noise(self, shape: tuple[int, ...], t: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
         diff = self.cfg.diffusion
@@ -158,6 +192,10 @@ class Detector(nn.Module):
         components, reconstruction = self.component_maps(images)  # [B, K, S, S]
         if self.has_map_reference and det.map_reference == "good_mean":
             components = components / self.map_reference
+        elif self.has_reference_bank and det.map_reference == "nearest_good":
+            k = min(det.reference_neighbours, self.bank_features.shape[0])
+            components = components / neighbour_reference(thumbnail_features(images), self.bank_features,
+                                                          self.bank_maps, k, components.shape[-1])
         amap = combine_component_maps(components)
         return amap, image_score(amap, det.score, det.topk), reconstruction
 
@@ -178,19 +216,23 @@ class Detector(nn.Module):
     @classmethod
     def from_bundle(cls, bundle: Any, device: torch.device | str = "cpu", **detect_overrides: Any) -> "Detector":
         """Detector in eval mode on `device` from a loaded bundle (.cfg, .state_dict = EMA UNet weights,
-        optional .head_state_dict = scoring head weights, optional .map_reference [1, 1, S, S], applied only
-        when .threshold was calibrated with the detection settings now in use).
+        optional .head_state_dict = scoring head weights, optional .map_reference [1, K, S, S] and
+        .reference_bank {"features", "maps"}, applied only when .threshold was calibrated with the detection
+        settings now in use).
 
         detect_overrides replace cfg.detect fields (None values keep the bundle's).
         """
         cfg = bundle.cfg.override("detect", **detect_overrides).validate()
         head_state = getattr(bundle, "head_state_dict", None)
         detector = cls.from_config(cfg, bundle.state_dict, head_state)
-        reference = getattr(bundle, "map_reference", None)
-        if reference is not None:
+        reference, bank = getattr(bundle, "map_reference", None), getattr(bundle, "reference_bank", None)
+        if reference is not None or bank is not None:
             from anoddpm.evaluate import same_detect_settings
 
             calibrated = (getattr(bundle, "threshold", None) or {}).get("detect")
             if same_detect_settings(calibrated, asdict(cfg.detect)):  # a reference belongs to its calibration
-                detector.set_map_reference(reference)
+                if reference is not None:
+                    detector.set_map_reference(reference)
+                if bank is not None:
+                    detector.set_reference_bank(bank["features"], bank["maps"])
         return detector.to(device).eval()

@@ -61,23 +61,32 @@ def score_validation(bundle: Any, detector: torch.nn.Module, root: Path, categor
     """Score the held-back good images of the training split (same split as training); fits the map reference."""
     from anoddpm.data import load_training_data
 
-    _, val_ds, _ = load_training_data(bundle.cfg, root, category, bundle.cfg.train.seed)
+    train_ds, val_ds, _ = load_training_data(bundle.cfg, root, category, bundle.cfg.train.seed)
     if len(val_ds) == 0:
         raise ValueError(f"no held-back validation images under {root} (category {category}) to calibrate on")
-    return score_good_and_fit_reference(detector, val_ds, device, batch_size)
+    return score_good_and_fit_reference(detector, val_ds, device, batch_size, bank_images=train_ds)
 
 
-def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.device, batch_size: int) -> ScoredSet:
-    """Score good images [C, S, S]; with detect.map_reference 'good_mean' and at least MIN_REFERENCE_IMAGES
-    of them, fit the detector's reference map on them and return each image's map divided by the reference
-    fitted on the others (unbiased thresholds); otherwise the plain maps and no reference."""
+def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.device, batch_size: int,
+                                 bank_images: Any = None) -> ScoredSet:
+    """Score held-back good images [C, S, S] and fit the detector's map reference (``detect.map_reference``).
+
+    'nearest_good': the reference bank is fitted on `bank_images` (the training split, [C, S, S] in [0, 1];
+    augmentation is not applied) when they are at least MIN_REFERENCE_IMAGES, and the good images are scored
+    against it (they are not in it: unbiased thresholds). 'good_mean': with at least MIN_REFERENCE_IMAGES good
+    images, the reference map is fitted on them and each image's map is divided by the reference fitted on
+    the others. Otherwise the plain maps and no reference.
+    """
     from anoddpm.detector import combine_component_maps
     from eval.scoring import image_score
     from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised, reference_map
 
     det = detector.cfg.detect
     detector.set_map_reference(None)
-    if det.map_reference == "none":
+    detector.set_reference_bank(None)
+    if det.map_reference == "nearest_good":
+        _fit_reference_bank(detector, bank_images, device, batch_size)
+    if det.map_reference != "good_mean":
         return score_images(detector, good_images, device, batch_size, desc="validation")
     # one reconstruction per image serves every component map ('fused' has two), each fitting its own reference
     components, seconds = score_component_maps(detector, good_images, device, batch_size, desc="validation")
@@ -93,9 +102,32 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
     return ScoredSet(scores=scores, maps=maps[:, 0].numpy(), reconstructions=None, seconds_per_image=seconds)
 
 
-def fitted_reference(detector: Any) -> torch.Tensor | None:
-    """The detector's reference map [1, 1, S, S] on the CPU, or None when it has none."""
-    return detector.map_reference.detach().cpu() if detector.has_map_reference else None
+def _fit_reference_bank(detector: Any, bank_images: Any, device: torch.device, batch_size: int) -> None:
+    """Give the detector the nearest_good bank of `bank_images` (>= MIN_REFERENCE_IMAGES, else a message)."""
+    from eval.neighbour_reference import pool_bank_maps, thumbnail_features
+    from eval.threshold import MIN_REFERENCE_IMAGES
+
+    n = 0 if bank_images is None else len(bank_images)
+    if n < MIN_REFERENCE_IMAGES:
+        print(f"map reference: no nearest_good bank, {n} training images are fewer than {MIN_REFERENCE_IMAGES}; "
+              "maps stay unnormalised", file=sys.stderr)
+        return
+    arrays = getattr(bank_images, "arrays", None)  # an ImageDataset: its stored images, without augmentation
+    images = [torch.as_tensor(np.asarray(arrays[i] if arrays is not None else bank_images[i], dtype=np.float32))
+              for i in range(n)]
+    components, _ = score_component_maps(detector, images, device, batch_size, desc="reference bank")
+    features = torch.cat([thumbnail_features(torch.stack(images[i:i + 256])) for i in range(0, n, 256)])
+    detector.set_reference_bank(features, pool_bank_maps(torch.from_numpy(components)))
+
+
+def fitted_reference(detector: Any) -> dict[str, Any]:
+    """The detector's fitted references on the CPU as ``update_threshold`` keywords: map_reference [1, K, S, S]
+    and reference_bank {"features" [N, F], "maps" [N, K, s, s]}, each None when not fitted."""
+    bank = None
+    if detector.has_reference_bank:
+        bank = {"features": detector.bank_features.detach().cpu(), "maps": detector.bank_maps.detach().cpu()}
+    return {"map_reference": detector.map_reference.detach().cpu() if detector.has_map_reference else None,
+            "reference_bank": bank}
 
 
 def _test_arrays(cfg: Any, root: Path, category: str | None) -> dict[str, Any]:
@@ -151,7 +183,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     quantile = args.quantile if args.quantile is not None else detector.cfg.detect.threshold_quantile
     threshold = calibrate_threshold(bundle, detector, device, args.batch_size, root, category, quantile,
                                     getattr(args, "method", "quantile"))
-    update_threshold(args.model, threshold, fitted_reference(detector))
+    update_threshold(args.model, threshold, **fitted_reference(detector))
     pixel = threshold["pixel"]
     print(f"calibrated {args.model}: image threshold {threshold['image']:.6g} ({threshold['method']}, "
           f"{threshold['n_good']} good images), pixel threshold "

@@ -18,6 +18,9 @@ def describe_bundle(path: Path) -> dict[str, Any]:
     if bundle.map_reference is not None:
         ref = bundle.map_reference.float()
         reference = {"shape": list(ref.shape), "min": float(ref.min()), "mean": float(ref.mean()), "max": float(ref.max())}
+    if bundle.reference_bank is not None:
+        features, maps = bundle.reference_bank["features"], bundle.reference_bank["maps"]
+        reference = {**(reference or {}), "bank_images": int(features.shape[0]), "bank_maps_shape": list(maps.shape)}
     head = bundle.head_state_dict
     head_params = None if head is None else sum(int(t.numel()) for t in head.values() if t.is_floating_point())
     return {"file": str(path), "kind": "bundle", "versions": bundle.versions, "parameters": n_params,

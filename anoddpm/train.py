@@ -420,7 +420,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                       file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         if dist.main:
-            calibrate_bundle(bundle, val_ds, dev)
+            calibrate_bundle(bundle, val_ds, dev, train_ds)
         # no barrier here: the other ranks would wait through the head phase, longer than NCCL's timeout
         return bundle
     finally:
@@ -479,8 +479,10 @@ def _train_head_phase(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion,
     return head
 
 
-def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device) -> dict[str, Any]:
-    """Score held-back good images with the bundle's Detector and store the threshold in the bundle."""
+def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device,
+                     train_ds: Any = None) -> dict[str, Any]:
+    """Score held-back good images with the bundle's Detector and store the threshold (and the map reference
+    fitted with it, on train_ds for nearest_good) in the bundle."""
     from anoddpm.bundle import load_bundle
     from anoddpm.detector import Detector
     from anoddpm.evaluate import fitted_reference, score_good_and_fit_reference
@@ -488,10 +490,10 @@ def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device)
 
     bundle = load_bundle(bundle_path, map_location=device)
     detector = Detector.from_bundle(bundle, device).eval()
-    scored = score_good_and_fit_reference(detector, val_ds, device, batch_size=bundle.cfg.train.batch_size)
+    scored = score_good_and_fit_reference(detector, val_ds, device, bundle.cfg.train.batch_size, bank_images=train_ds)
     threshold = calibrate(scored.scores, scored.maps, quantile=bundle.cfg.detect.threshold_quantile)
     threshold["detect"] = bundle.cfg.to_dict()["detect"]
-    update_threshold(bundle_path, threshold, fitted_reference(detector))
+    update_threshold(bundle_path, threshold, **fitted_reference(detector))
     print(f"calibrated on {len(val_ds)} held-back good images: image threshold {threshold['image']:.6g}", flush=True)
     return threshold
 

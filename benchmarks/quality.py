@@ -30,6 +30,7 @@ TRAIN_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # overrides of the cur
     "simplex": {"diffusion": {"noise": "simplex"}},
     "t300": {"diffusion": {"t_max_fraction": 0.3}},
     "texture": {"data": {"augment": "texture"}},
+    "flips": {"data": {"augment": "flips"}},
     "crop64": {"data": {"train_crop": 64}},
     "intensity": {"data": {"intensity": "per_image"}},
     "size256_crop128": {"data": {"image_size": 256, "train_crop": 128}},
@@ -50,6 +51,7 @@ DETECT_VARIANTS: dict[str, dict[str, Any]] = {
     "ssim": {"residual": "ssim"},
     "brightness": {"residual_norm": "brightness"},
     "topk": {"score": "topk"},
+    "good_mean": {"map_reference": "good_mean"},
     "no_reference": {"map_reference": "none"},
 }
 

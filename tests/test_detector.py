@@ -99,7 +99,7 @@ def test_from_bundle_applies_overrides_and_weights():
 
 
 def test_map_reference_divides_the_map_unless_turned_off():
-    cfg = _cfg()
+    cfg = _cfg(map_reference="good_mean")
     state = _randomised_state(cfg)
     size = cfg.data.image_size
     reference = torch.linspace(0.5, 2.0, size * size).view(1, 1, size, size)
@@ -183,7 +183,7 @@ def test_fused_map_is_the_geometric_mean_of_both_maps_each_over_its_own_referenc
     from anoddpm.evaluate import score_good_and_fit_reference
     from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised, reference_map
 
-    cfg = _cfg(scorer="fused")
+    cfg = _cfg(scorer="fused", map_reference="good_mean")
     state, head_state = _randomised_state(cfg), _head_state(cfg)
     fused = Detector.from_config(cfg, state, head_state).eval()
     residual, head = (Detector(fused.unet, fused.diffusion, cfg.override("detect", scorer=name), fused.head).eval()

@@ -134,9 +134,9 @@ def test_calibrate_fits_a_map_reference_that_every_later_map_is_divided_by(tmp_p
     make_synthetic_dataset(data, category="cat", size=32, n_train=10 * MIN_REFERENCE_IMAGES, n_test_good=1,
                            n_test_defect=1)
     copy = make_bundle(tmp_path / "model.pt", data, "cat")
-    assert main(["calibrate", "--model", str(copy), "--quantile", "1.0"]) == 0
+    assert main(["calibrate", "--model", str(copy), "--quantile", "1.0", "--map-reference", "good_mean"]) == 0
     bundle = load_bundle(copy)
-    assert bundle.threshold["n_good"] == MIN_REFERENCE_IMAGES
+    assert bundle.threshold["n_good"] == MIN_REFERENCE_IMAGES and bundle.reference_bank is None
     assert bundle.map_reference is not None and tuple(bundle.map_reference.shape) == (1, 1, 32, 32)
     _, val_ds, _ = load_training_data(bundle.cfg, data, "cat", bundle.cfg.train.seed)
     good = torch.stack([torch.as_tensor(np.asarray(val_ds[i])) for i in range(len(val_ds))])
@@ -153,6 +153,35 @@ def test_calibrate_fits_a_map_reference_that_every_later_map_is_divided_by(tmp_p
     assert bundle.threshold["image"] == pytest.approx(float(max(held_out)), rel=1e-5)
     assert bundle.threshold["image"] > float(scores.max())  # the unbiased threshold is the higher one
     assert bundle.threshold["detect"]["map_reference"] == "good_mean"
+
+
+def test_calibrate_fits_a_nearest_good_bank_on_the_training_split(tmp_path: Path) -> None:
+    """The default reference: the bank holds every training image (thumbnail + pooled maps), the held-back
+    images are scored against it, and the threshold is their largest score at quantile 1."""
+    from anoddpm.data import load_training_data
+    from anoddpm.detector import Detector
+    from eval.neighbour_reference import pool_bank_maps, thumbnail_features
+    from eval.threshold import MIN_REFERENCE_IMAGES
+
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, category="cat", size=32, n_train=MIN_REFERENCE_IMAGES + 6, n_test_good=1,
+                           n_test_defect=1)
+    copy = make_bundle(tmp_path / "model.pt", data, "cat")
+    assert main(["calibrate", "--model", str(copy), "--quantile", "1.0", "--data", str(data), "--category", "cat"]) == 0
+    bundle = load_bundle(copy)
+    assert bundle.cfg.detect.map_reference == "nearest_good" and bundle.map_reference is None
+    train_ds, val_ds, _ = load_training_data(bundle.cfg, data, "cat", bundle.cfg.train.seed)
+    train = torch.stack([torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in train_ds.arrays])
+    val = torch.stack([torch.as_tensor(np.asarray(val_ds[i])) for i in range(len(val_ds))])
+    plain = Detector.from_bundle(bundle, "cpu", map_reference="none")
+    with torch.inference_mode():
+        train_maps = plain(train)[0]
+        scores = Detector.from_bundle(bundle, "cpu")(val)[1]
+    assert bundle.reference_bank["features"].shape[0] == len(train_ds) >= MIN_REFERENCE_IMAGES
+    assert torch.allclose(bundle.reference_bank["features"], thumbnail_features(train))
+    assert torch.allclose(bundle.reference_bank["maps"], pool_bank_maps(train_maps), rtol=1e-4, atol=1e-7)
+    assert bundle.threshold["image"] == pytest.approx(float(scores.max()), rel=1e-5)
+    assert load_bundle(copy).threshold["detect"]["reference_neighbours"] == 3
 
 
 @pytest.mark.parametrize("change, reused", [({}, True), ({"steps": 3}, False), ({"threshold_quantile": 0.5}, True),

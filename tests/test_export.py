@@ -105,7 +105,8 @@ def test_fused_bundle_exports_with_both_references(tmp_path, images):
 
     from anoddpm.head import build_head
 
-    cfg = Config().override("model", preset="tiny").override("data", image_size=SIZE).validate()
+    cfg = (Config().override("model", preset="tiny").override("data", image_size=SIZE)
+           .override("detect", map_reference="good_mean").validate())
     plain = load_bundle(_bundle(tmp_path / "plain.pt", None))
     torch.manual_seed(1)
     head = build_head(cfg).state_dict()
@@ -140,3 +141,27 @@ def test_brightness_relative_residual_is_in_the_graph(tmp_path, images):
     o_map, o_score = Inspector(onnx_path).run(images.numpy())
     assert np.abs(o_map - relative[:, 0].numpy()).max() < 1e-4 and np.abs(o_score - score.numpy()).max() < 1e-4
     assert np.abs(o_map - plain[:, 0].numpy()).max() > 1e-3
+
+
+def test_nearest_good_reference_is_in_the_graph(tmp_path, images):
+    """A bundle calibrated with a nearest_good bank exports the neighbour search: ONNX equals PyTorch,
+    whose map is the plain map over the mean of the k nearest bank maps."""
+    from eval.neighbour_reference import pool_bank_maps, thumbnail_features
+
+    bundle = _bundle(tmp_path / "model.pt", None)
+    gen = torch.Generator().manual_seed(5)
+    bank_images = torch.rand(12, 1, SIZE, SIZE, generator=gen)
+    bank = {"features": thumbnail_features(bank_images),
+            "maps": pool_bank_maps(0.5 + torch.rand(12, 1, SIZE, SIZE, generator=gen))}
+    update_threshold(bundle, {"image": 1.0, "pixel": None, "method": "quantile", "detect": {}}, reference_bank=bank)
+    detector = Detector.from_bundle(load_bundle(bundle))
+    assert detector.has_reference_bank and detector.cfg.detect.map_reference == "nearest_good"
+    onnx_path = export_onnx(bundle, tmp_path / "model.onnx")
+    with torch.inference_mode():
+        amap, score, _ = detector(images)
+        plain = Detector.from_bundle(load_bundle(bundle), map_reference="none")(images)[0]
+    o_map, o_score = Inspector(onnx_path).run(images.numpy())
+    assert np.abs(o_map - amap[:, 0].numpy()).max() < 1e-4 and np.abs(o_score - score.numpy()).max() < 1e-4
+    assert np.abs(o_map - plain[:, 0].numpy()).max() > 1e-3
+    one = Inspector(onnx_path, batch_size=1).run(images.numpy()[:1])[1]  # each image finds its own neighbours
+    assert abs(float(one[0]) - float(o_score[0])) < 1e-5

@@ -1,0 +1,47 @@
+"""eval.neighbour_reference: thumbnails, the pooled bank and the nearest-good reference, by hand."""
+import pytest
+import torch
+
+from anoddpm.config import Config
+from anoddpm.detector import Detector
+from eval.neighbour_reference import neighbour_reference, pool_bank_maps, thumbnail_features
+
+
+def test_reference_is_the_mean_of_the_k_nearest_maps_plus_its_spatial_mean():
+    bank_features = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
+    bank_maps = torch.tensor([[[[1.0, 3.0], [1.0, 3.0]]], [[[2.0, 2.0], [2.0, 2.0]]], [[[7.0, 7.0], [7.0, 7.0]]]])
+    query = torch.tensor([[0.1, 0.0], [4.0, 4.0]])
+    one = neighbour_reference(query, bank_features, bank_maps, k=1, size=2)
+    torch.testing.assert_close(one[0, 0], torch.tensor([[3.0, 5.0], [3.0, 5.0]]))  # map 0 + its mean 2
+    torch.testing.assert_close(one[1, 0], torch.full((2, 2), 14.0))  # map 2 + its mean 7
+    two = neighbour_reference(query, bank_features, bank_maps, k=2, size=2)
+    torch.testing.assert_close(two[0, 0], torch.tensor([[3.5, 4.5], [3.5, 4.5]]))  # mean of maps 0, 1 + 2
+    torch.testing.assert_close(two[1, 0], torch.full((2, 2), 9.0))  # maps 2 and 1: mean 4.5, + 4.5
+    big = neighbour_reference(query, bank_features, bank_maps, k=1, size=8)
+    assert big.shape == (2, 1, 8, 8) and torch.allclose(big[1], torch.full((1, 8, 8), 14.0))
+
+
+def test_thumbnails_average_grey_blocks_and_the_bank_pools_by_four():
+    images = torch.zeros(1, 3, 32, 32)
+    images[0, 0, :2, :2] = 0.9  # one 2 x 2 block of the 16 x 16 thumbnail, in one of three channels
+    features = thumbnail_features(images)
+    assert features.shape == (1, 256)
+    assert features[0, 0].item() == pytest.approx(0.3) and features[0, 1:].abs().max().item() == 0.0
+    assert thumbnail_features(torch.zeros(2, 1, 40, 40)).shape == (2, 100)  # 40 px: a 10 x 10 thumbnail
+    maps = torch.arange(64.0).view(1, 1, 8, 8)
+    pooled = pool_bank_maps(maps)
+    assert pooled.shape == (1, 1, 2, 2) and pooled[0, 0, 0, 0].item() == pytest.approx(maps[0, 0, :4, :4].mean().item())
+
+
+def test_a_bank_of_the_wrong_shape_is_refused():
+    cfg = Config().override("model", preset="tiny").override("data", image_size=32, channels=1)
+    det = Detector.from_config(cfg)
+    features = thumbnail_features(torch.rand(4, 1, 32, 32))
+    with pytest.raises(ValueError, match="one per component: residual"):
+        det.set_reference_bank(features, torch.rand(4, 2, 8, 8))
+    with pytest.raises(ValueError, match=">= 0"):
+        det.set_reference_bank(features, -torch.rand(4, 1, 8, 8))
+    det.set_reference_bank(features, torch.rand(4, 1, 8, 8))
+    assert det.has_reference_bank
+    det.set_reference_bank(None)
+    assert not det.has_reference_bank
