@@ -109,10 +109,9 @@ class DetectConfig:
     samples: int = 1  # reconstructions averaged per image
     noise: str = "gaussian"  # noise kind used to noise the image at detection
     residual: str = "l2"  # l2 | l1 | ssim (1 - local SSIM)
-    # brightness: on textures under varying exposure the residual grows with the local grey level, so bright good
-    # images score high; relative to it, magnetic_tile fused 0.76-0.78 -> 0.80 image AUROC and 0.70-0.71 -> 0.76
-    # AUPRO (three seeds; one other bundle lost 0.02 image AUROC), but juice_bottle (an object on a dark background)
-    # fell 0.80 -> 0.68 (docs/quality.md, session 7)
+    # brightness: on textures under varying exposure the residual grows with the local grey level; with good_mean,
+    # magnetic_tile fused 0.76-0.78 -> 0.80 image AUROC (three seeds), but juice_bottle (an object on a dark
+    # background) fell 0.80 -> 0.68 (session 7); on top of nearest_good it adds nothing, 0.84 -> 0.83 (session 8)
     residual_norm: str = "none"  # none | brightness: residual map / (local mean grey level + 0.1), a relative residual
     smoothing_sigma: float = 4.0  # Gaussian blur of the anomaly map, pixels; 0 = off
     # per-pixel reference fitted at calibration: places where every good image shows residual (image

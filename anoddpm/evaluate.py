@@ -103,8 +103,9 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
 
 
 def _fit_reference_bank(detector: Any, bank_images: Any, device: torch.device, batch_size: int) -> None:
-    """Give the detector the nearest_good bank of `bank_images` (>= MIN_REFERENCE_IMAGES, else a message)."""
-    from eval.neighbour_reference import pool_bank_maps, thumbnail_features
+    """Give the detector the nearest_good bank of `bank_images` (>= MIN_REFERENCE_IMAGES, else a message;
+    at most BANK_MAX_IMAGES of them, evenly spaced)."""
+    from eval.neighbour_reference import BANK_MAX_IMAGES, pool_bank_maps, thumbnail_features
     from eval.threshold import MIN_REFERENCE_IMAGES
 
     n = 0 if bank_images is None else len(bank_images)
@@ -113,10 +114,11 @@ def _fit_reference_bank(detector: Any, bank_images: Any, device: torch.device, b
               "maps stay unnormalised", file=sys.stderr)
         return
     arrays = getattr(bank_images, "arrays", None)  # an ImageDataset: its stored images, without augmentation
+    chosen = np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int))
     images = [torch.as_tensor(np.asarray(arrays[i] if arrays is not None else bank_images[i], dtype=np.float32))
-              for i in range(n)]
+              for i in chosen]
     components, _ = score_component_maps(detector, images, device, batch_size, desc="reference bank")
-    features = torch.cat([thumbnail_features(torch.stack(images[i:i + 256])) for i in range(0, n, 256)])
+    features = torch.cat([thumbnail_features(torch.stack(images[i:i + 256])) for i in range(0, len(images), 256)])
     detector.set_reference_bank(features, pool_bank_maps(torch.from_numpy(components)))
 
 

@@ -45,3 +45,21 @@ def test_a_bank_of_the_wrong_shape_is_refused():
     assert det.has_reference_bank
     det.set_reference_bank(None)
     assert not det.has_reference_bank
+
+
+def test_a_large_training_split_gives_an_evenly_spaced_bank(monkeypatch):
+    import numpy as np
+
+    import eval.neighbour_reference as neighbour
+    from anoddpm.evaluate import score_good_and_fit_reference
+
+    monkeypatch.setattr(neighbour, "BANK_MAX_IMAGES", 22)
+    cfg = Config().override("model", preset="tiny").override("data", image_size=32, channels=1)
+    det = Detector.from_config(cfg).eval()
+    bank = torch.rand(43, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    good = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    scored = score_good_and_fit_reference(det, good, torch.device("cpu"), batch_size=16, bank_images=bank)
+    assert det.bank_features.shape == (22, 256) and det.bank_maps.shape == (22, 1, 8, 8)
+    torch.testing.assert_close(det.bank_features, thumbnail_features(bank[0::2]))  # 0, 2, ..., 42
+    with torch.inference_mode():
+        np.testing.assert_allclose(scored.scores, det(good)[1].double().numpy(), rtol=1e-6)
