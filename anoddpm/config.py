@@ -114,12 +114,11 @@ class DetectConfig:
     # background) fell 0.80 -> 0.68 (session 7); on top of nearest_good it adds nothing, 0.84 -> 0.83 (session 8)
     residual_norm: str = "none"  # none | brightness: residual map / (local mean grey level + 0.1), a relative residual
     smoothing_sigma: float = 4.0  # Gaussian blur of the anomaly map, pixels; 0 = off
-    # per-pixel reference fitted at calibration: places where every good image shows residual (image
-    # borders, glare, label edges) stop deciding the score (image AUROC magnetic_tile 0.61 -> 0.70,
-    # juice_bottle 0.49 -> 0.74; docs/quality.md)
-    # nearest_good: one mean map cannot serve good images of another layout or exposure (whole-tile views among
-    # close-ups); the mean map of the nearest good images can: fused image AUROC magnetic_tile 0.78 -> 0.84,
-    # juice_bottle 0.80 -> 0.85 (docs/quality.md, session 8)
+    # a per-pixel reference fitted at calibration: places where good images show residual (image borders,
+    # glare, label edges) stop deciding the score (good_mean, against none: image AUROC magnetic_tile 0.61 -> 0.70,
+    # juice_bottle 0.49 -> 0.74). One mean map cannot serve good images of another layout or exposure (whole-tile
+    # views among close-ups); the mean map of the nearest ones can (nearest_good, against good_mean: fused image
+    # AUROC magnetic_tile 0.76-0.78 -> 0.84 over three seeds, juice_bottle 0.80 -> 0.84; docs/quality.md, session 8)
     map_reference: str = "nearest_good"  # nearest_good: map / mean map of the training images nearest in a grey thumbnail | good_mean: map / mean map of held-back good images | none
     reference_neighbours: int = 3  # k training images whose maps make a nearest_good reference
     score: str = "max"  # max | topk (mean of the top-k pixels)

@@ -17,7 +17,7 @@ from eval.threshold import REFERENCE_FLOOR
 
 THUMBNAIL_SIDE = 16  # side of the grey thumbnail images are compared by, pixels (a divisor of the image side)
 BANK_POOL = 4  # the bank keeps component maps average-pooled by this factor (the maps are blurred, sigma 4)
-BANK_MAX_IMAGES = 1000  # larger training splits (NFBS slices) give an evenly spaced subset: bounded calibration time and size
+BANK_MAX_IMAGES = 1000  # larger training splits (NFBS slices) give an evenly spaced subset: bounded time and size
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
