@@ -48,7 +48,6 @@ def test_val_fraction_zero_and_texture_augmentation(synth_root):
     assert len(seen) >= 6  # of the 8: the flips and turns are drawn together, not as one shared coin
 
 
-
 def test_flips_augmentation_keeps_the_texture_orientation(synth_root):
     cfg = CFG.override("data", augment="flips")
     train, _, _ = load_training_data(cfg, synth_root, "synthetic", seed=0)
@@ -61,6 +60,7 @@ def test_flips_augmentation_keeps_the_texture_orientation(synth_root):
         assert matches
         seen.add(matches[0])
     assert seen == {0, 1, 2, 3}
+
 
 def test_fingerprint_stable_across_copies_and_sensitive_to_bytes(synth_root, tmp_path):
     ds = _copy(synth_root, tmp_path)
