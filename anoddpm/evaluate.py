@@ -13,6 +13,7 @@ the validation split (the bundle is not changed) and the report says so.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -240,7 +241,18 @@ def evaluate_command(args: argparse.Namespace) -> int:
                "detect": detect_dict(detector), "device": str(device), "calibration": threshold,
                "threshold_source": source})
     _print_summary(metrics, image_t, scored.seconds_per_image, len(test["paths"]), written["index.html"])
+    _print_per_type(json.loads(written["metrics.json"].read_text()))
     return 0
+
+
+def _print_per_type(summary: dict) -> None:
+    """One line per defect type: image AUROC, pixel AUROC and its share of the defect pixels."""
+    pixel, share = summary.get("per_type_pixel_auroc", {}), summary.get("defect_pixel_share", {})
+    for name, image in summary["per_type_image_auroc"].items():
+        parts = [f"image AUROC {'n/a' if image is None else f'{image:.4f}'}"]
+        if pixel.get(name) is not None:
+            parts.append(f"pixel AUROC {pixel[name]:.4f} ({100 * share[name]:.0f} % of defect pixels)")
+        print(f"  {name}: {', '.join(parts)}")
 
 
 def _print_summary(metrics: dict, threshold: float, seconds: float, n: int, index: Path) -> None:

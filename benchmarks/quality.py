@@ -113,7 +113,7 @@ def evaluate_variant(bundle: Any, overrides: dict[str, Any], test: dict[str, Any
     from anoddpm.detector import Detector
     from anoddpm.evaluate import score_validation
     from anoddpm.scoring_loop import score_images
-    from eval.metrics import compute_metrics, per_type_auroc
+    from eval.metrics import compute_metrics, per_type_auroc, per_type_pixel_auroc
 
     overrides = dict(overrides)
     if "steps" in overrides and overrides["steps"] is None:
@@ -127,6 +127,7 @@ def evaluate_variant(bundle: Any, overrides: dict[str, Any], test: dict[str, Any
     metrics = compute_metrics(scored.scores, labels, scored.maps, masks)
     return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"], "aupro": metrics["aupro"],
             "per_type_image_auroc": per_type_auroc(scored.scores, labels, types),
+            "per_type_pixel_auroc": per_type_pixel_auroc(scored.maps, masks, types),
             "seconds_per_image": scored.seconds_per_image}
 
 

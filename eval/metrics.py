@@ -190,6 +190,44 @@ def per_type_auroc(scores: np.ndarray, labels: np.ndarray, defect_types: Sequenc
     return result
 
 
+def _defect_types_per_image(defect_types: Sequence[str], n: int) -> np.ndarray:
+    types = np.asarray(list(defect_types), dtype=object)
+    if types.shape != (n,):
+        raise ValueError(f"defect_types must have one entry per map, got {types.size} for {n}")
+    return types
+
+
+def per_type_pixel_auroc(maps: np.ndarray, masks: np.ndarray, defect_types: Sequence[str],
+                         max_pixels: int = MAX_PIXELS) -> dict[str, float | None]:
+    """Pixel AUROC of each defect type's mask pixels against every defect-free pixel of all images -> {type: auroc}.
+
+    maps [N,H,W], masks [N,H,W], defect_types [N]; types without mask pixels are not keys. Each side is
+    subsampled to at most ``max_pixels`` with the fixed seed, as for ``pixel_auroc``.
+    """
+    maps, masks = _as_maps_masks(maps, masks)
+    types = _defect_types_per_image(defect_types, maps.shape[0])
+    normal, _ = _subsample(maps[~masks], np.zeros(int((~masks).sum()), dtype=np.int64), max_pixels)
+    result: dict[str, float | None] = {}
+    for name in sorted({str(t) for t in types[masks.any(axis=(1, 2))]}):
+        of_type = masks & (types == name)[:, None, None]
+        defect, _ = _subsample(maps[of_type], np.ones(int(of_type.sum()), dtype=np.int64), max_pixels)
+        targets = np.concatenate([np.zeros(normal.size, np.int64), np.ones(defect.size, np.int64)])
+        result[name] = _auroc(np.concatenate([normal, defect]), targets)
+    return result
+
+
+def defect_pixel_share(masks: np.ndarray, defect_types: Sequence[str]) -> dict[str, float]:
+    """Share of all defect pixels that each defect type holds, in [0, 1] -> {type: share}; pixel AUROC weighs types by it."""
+    masks = np.asarray(masks).astype(bool)
+    types = _defect_types_per_image(defect_types, masks.shape[0])
+    per_image = masks.reshape(masks.shape[0], -1).sum(axis=1)
+    total = int(per_image.sum())
+    if total == 0:
+        return {}
+    return {name: float(per_image[types == name].sum() / total)
+            for name in sorted({str(t) for t in types[per_image > 0]})}
+
+
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, maps: np.ndarray | None = None,
                     masks: np.ndarray | None = None, image_threshold: float | None = None,
                     pixel_threshold: float | None = None, max_pixels: int = MAX_PIXELS,

@@ -17,7 +17,9 @@ paths [N] str; optional inputs/reconstructions [N,C,H,W] in [0,1], maps [N,H,W],
 
 * ``metrics.json``: the ``METRIC_KEYS`` (None when undefined), ``threshold``,
   ``pixel_threshold``, ``seconds_per_image``, ``n_images``, ``n_defect``,
-  ``per_type_image_auroc`` {type: auroc}, plus every key of ``extra``.
+  ``per_type_image_auroc`` {type: auroc}; with maps and masks also ``per_type_pixel_auroc``
+  {type: auroc of its mask pixels against every defect-free pixel} and ``defect_pixel_share``
+  {type: its share of all defect pixels, the weight it has in pixel AUROC}; plus every key of ``extra``.
 * ``per_image.csv``: path, defect_type, label, pred_score, pred_label (``score > threshold``),
   then one column per entry of ``per_image`` (name -> [N] values).
 * ``roc.png``, ``pr.png`` (only with both classes), ``histogram.png``, ``grid.png`` (with
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.metrics import METRIC_KEYS, per_type_auroc
+from eval.metrics import METRIC_KEYS, defect_pixel_share, per_type_auroc, per_type_pixel_auroc
 from eval.plots import plot_grid, plot_histogram, plot_pr, plot_roc
 
 _TITLES = {
@@ -100,8 +102,9 @@ def _write_html(path: Path, summary: dict, images: Sequence[str]) -> None:
     metric_rows = "".join(f"<tr><td>{_TITLES[k]}</td><td>{_fmt(summary[k])}</td></tr>" for k in METRIC_KEYS)
     info_keys = ("threshold", "pixel_threshold", "seconds_per_image", "n_images", "n_defect")
     info_rows = "".join(f"<tr><td>{k}</td><td>{_fmt(summary[k])}</td></tr>" for k in info_keys)
-    type_rows = "".join(f"<tr><td>{html.escape(t)}</td><td>{_fmt(v)}</td></tr>"
-                        for t, v in summary["per_type_image_auroc"].items())
+    pixel, share = summary.get("per_type_pixel_auroc", {}), summary.get("defect_pixel_share", {})
+    type_rows = "".join(f"<tr><td>{html.escape(t)}</td><td>{_fmt(v)}</td><td>{_fmt(pixel.get(t))}</td>"
+                        f"<td>{_fmt(share.get(t))}</td></tr>" for t, v in summary["per_type_image_auroc"].items())
     figures = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>'
                       for name in images)
     path.write_text(f"""<!DOCTYPE html>
@@ -112,7 +115,8 @@ img{{max-width:100%}}</style></head><body>
 <h1>anoddpm evaluation</h1>
 <h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>{metric_rows}</table>
 <table>{info_rows}</table>
-<h2>Image AUROC per defect type (vs good)</h2><table><tr><th>defect type</th><th>AUROC</th></tr>{type_rows}</table>
+<h2>Per defect type</h2><table><tr><th>defect type</th><th>image AUROC (vs good images)</th>
+<th>pixel AUROC (vs defect-free pixels)</th><th>share of defect pixels</th></tr>{type_rows}</table>
 <h2>Plots</h2>{figures}
 <p>Files: <a href="metrics.json">metrics.json</a>, <a href="per_image.csv">per_image.csv</a></p>
 </body></html>
@@ -143,6 +147,9 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, float | None], sc
     summary.update(threshold=float(threshold), pixel_threshold=_plain(pixel_threshold),
                    seconds_per_image=_plain(seconds_per_image), n_images=int(n), n_defect=int(labels.sum()),
                    per_type_image_auroc=_plain(per_type_auroc(scores, labels, defect_types)))
+    if maps is not None and masks is not None:
+        summary.update(per_type_pixel_auroc=_plain(per_type_pixel_auroc(maps, masks, defect_types)),
+                       defect_pixel_share=_plain(defect_pixel_share(masks, defect_types)))
     summary.update(_plain(dict(extra or {})))
     written = {"metrics.json": out / "metrics.json", "per_image.csv": out / "per_image.csv"}
     written["metrics.json"].write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")

@@ -50,7 +50,8 @@ def test_evaluate_writes_report_with_all_keys(setup: tuple[Path, Path], tmp_path
     for name in ("metrics.json", "per_image.csv", "roc.png", "pr.png", "histogram.png", "grid.png", "index.html"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in (*METRIC_KEYS, "threshold", "seconds_per_image", "n_images", "per_type_image_auroc", "detect"):
+    for key in (*METRIC_KEYS, "threshold", "seconds_per_image", "n_images", "per_type_image_auroc",
+                "per_type_pixel_auroc", "defect_pixel_share", "detect"):
         assert key in metrics, key
     assert metrics["n_images"] == 10 and metrics["n_defect"] == 6
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and 0.0 <= metrics["pixel_auroc"] <= 1.0
@@ -60,7 +61,10 @@ def test_evaluate_writes_report_with_all_keys(setup: tuple[Path, Path], tmp_path
     assert metrics["calibration"]["n_good"] == 2  # 12 train images, 10 % held back, at least 2
     rows = list(csv.DictReader((out / "per_image.csv").open()))
     assert len(rows) == 10 and {r["label"] for r in rows} == {"0", "1"}
-    assert str((out / "index.html").resolve()) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str((out / "index.html").resolve()) in printed
+    for name, share in metrics["defect_pixel_share"].items():  # one line per defect type
+        assert f"{name}: image AUROC" in printed and f"({100 * share:.0f} % of defect pixels)" in printed
 
 
 def test_calibrate_stores_threshold_that_evaluate_uses(setup: tuple[Path, Path], tmp_path: Path) -> None:

@@ -127,6 +127,18 @@ def test_per_type_auroc():
     assert out == {"crack": 1.0, "hole": pytest.approx(roc_auc_score([0, 0, 1, 1], [0.1, 0.2, 0.15, 0.3]))}
 
 
+def test_per_type_pixel_auroc_and_defect_pixel_share():
+    maps = np.array([[[0.1, 0.2], [0.3, 0.4]], [[0.9, 0.0], [0.0, 0.0]], [[0.15, 0.0], [0.0, 0.0]]])
+    masks = np.array([[[0, 0], [0, 0]], [[1, 0], [0, 0]], [[1, 1], [0, 0]]], bool)
+    types = ["good", "a", "b"]
+    # b: 0.15 beats 6 of the 9 defect-free pixels, 0.0 ties with 5 of them -> (6 + 2.5) / 18
+    assert M.per_type_pixel_auroc(maps, masks, types) == {"a": 1.0, "b": pytest.approx(8.5 / 18)}
+    assert M.defect_pixel_share(masks, types) == {"a": pytest.approx(1 / 3), "b": pytest.approx(2 / 3)}
+    assert M.defect_pixel_share(masks[:1], types[:1]) == {}
+    with pytest.raises(ValueError, match="one entry per map"):
+        M.per_type_pixel_auroc(maps, masks, types[:2])
+
+
 def test_input_errors():
     with pytest.raises(ValueError, match="same length"):
         M.image_auroc(np.zeros(3), np.zeros(2))

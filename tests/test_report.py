@@ -41,6 +41,8 @@ def test_write_report_writes_everything(tmp_path):
     assert summary["n_images"] == 9 and summary["threshold"] == 0.8 and summary["seconds_per_image"] == 0.25
     assert summary["image_auroc"] == pytest.approx(metrics["image_auroc"])
     assert set(summary["per_type_image_auroc"]) == {"crack", "hole"}
+    assert set(summary["per_type_pixel_auroc"]) == {"crack", "hole"}
+    assert summary["defect_pixel_share"] == {"crack": pytest.approx(0.4), "hole": pytest.approx(0.6)}
     with open(tmp_path / "report" / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["path", "defect_type", "label", "pred_score", "pred_label", "map_mean"]
@@ -49,7 +51,7 @@ def test_write_report_writes_everything(tmp_path):
         assert float(row["pred_score"]) == pytest.approx(s)
         assert int(row["pred_label"]) == int(s > threshold)
     html = (tmp_path / "report" / "index.html").read_text()
-    assert "grid.png" in html and "hole" in html and "Image AUROC" in html
+    assert "grid.png" in html and "hole" in html and "Image AUROC" in html and "share of defect pixels" in html
 
 
 def test_report_without_pixels_or_defects(tmp_path):
