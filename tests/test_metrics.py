@@ -139,6 +139,17 @@ def test_per_type_pixel_auroc_and_defect_pixel_share():
         M.per_type_pixel_auroc(maps, masks, types[:2])
 
 
+def test_pixel_auroc_is_the_share_weighted_mean_of_the_per_type_pixel_aurocs():
+    rng = np.random.default_rng(3)
+    masks = rng.random((6, 8, 8)) < 0.2
+    masks[:2] = False
+    maps = rng.random((6, 8, 8)) + 0.5 * masks * rng.random((6, 1, 1))
+    types = ["good", "good", "a", "b", "b", "c"]
+    by_type, share = M.per_type_pixel_auroc(maps, masks, types), M.defect_pixel_share(masks, types)
+    assert sum(share.values()) == pytest.approx(1.0)
+    assert sum(share[t] * by_type[t] for t in share) == pytest.approx(M.pixel_auroc(maps, masks))
+
+
 def test_input_errors():
     with pytest.raises(ValueError, match="same length"):
         M.image_auroc(np.zeros(3), np.zeros(2))
