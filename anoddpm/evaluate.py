@@ -114,13 +114,27 @@ def _fit_reference_bank(detector: Any, bank_images: Any, device: torch.device, b
         print(f"map reference: no nearest_good bank, {n} training images are fewer than {MIN_REFERENCE_IMAGES}; "
               "maps stay unnormalised", file=sys.stderr)
         return
-    arrays = getattr(bank_images, "arrays", None)  # an ImageDataset: its stored images, without augmentation
-    chosen = np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int))
-    images = [torch.as_tensor(np.asarray(arrays[i] if arrays is not None else bank_images[i], dtype=np.float32))
-              for i in chosen]
-    components, _ = score_component_maps(detector, images, device, batch_size, desc="reference bank")
-    features = torch.cat([thumbnail_features(torch.stack(images[i:i + 256])) for i in range(0, len(images), 256)])
-    detector.set_reference_bank(features, pool_bank_maps(torch.from_numpy(components)))
+    images = _BankImages(bank_images, np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int)))
+    pooled, _ = score_component_maps(detector, images, device, batch_size, desc="reference bank", reduce=pool_bank_maps)
+    features = torch.cat([thumbnail_features(torch.stack([images[j] for j in range(i, min(i + 256, len(images)))]))
+                          for i in range(0, len(images), 256)])
+    detector.set_reference_bank(features, torch.from_numpy(pooled))
+
+
+class _BankImages:
+    """The chosen bank images as a lazy sequence of float32 [C, S, S] tensors: no copy of the whole set is held."""
+
+    def __init__(self, dataset: Any, chosen: np.ndarray) -> None:
+        self.arrays = getattr(dataset, "arrays", None)  # an ImageDataset: its stored images, without augmentation
+        self.dataset, self.chosen = dataset, chosen
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        i = int(self.chosen[j])
+        return torch.as_tensor(np.asarray(self.arrays[i] if self.arrays is not None else self.dataset[i],
+                                          dtype=np.float32))
 
 
 def fitted_reference(detector: Any) -> dict[str, Any]:

@@ -105,9 +105,13 @@ def score_images(detector: torch.nn.Module, images: Sequence, device: torch.devi
 
 
 def score_component_maps(detector: torch.nn.Module, images: Sequence, device: torch.device, batch_size: int = 8,
-                         desc: str | None = None) -> tuple[np.ndarray, float]:
+                         desc: str | None = None,
+                         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[np.ndarray, float]:
     """Each component map of a ``Detector`` (``detector.component_maps``, before any reference) for a
-    sequence of [C, S, S] images in [0, 1]: ([N, K, S, S] float32, mean forward seconds per image)."""
+    sequence of [C, S, S] images in [0, 1]: ([N, K, S, S] float32, mean forward seconds per image).
+
+    ``reduce`` maps each batch's [B, K, S, S] maps (on the host) to what is kept, e.g. pooled maps, so that
+    full-resolution maps of a large set are never all in memory at once."""
     n = len(images)
     if n == 0:
         raise ValueError("no images to score")
@@ -117,7 +121,8 @@ def score_component_maps(detector: torch.nn.Module, images: Sequence, device: to
         for chunk in batched((images[i] for i in range(n)), batch_size):
             (components, _), chunk_seconds = _timed_inference(
                 detector.component_maps, torch.stack([torch.as_tensor(x) for x in chunk]), device)
-            maps.append(components.float().cpu().numpy())
+            components = components.float().cpu()
+            maps.append((components if reduce is None else reduce(components)).numpy())
             seconds += chunk_seconds
             bar.update(len(chunk))
     return np.concatenate(maps), seconds / n

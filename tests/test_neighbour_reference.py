@@ -63,3 +63,6 @@ def test_a_large_training_split_gives_an_evenly_spaced_bank(monkeypatch):
     torch.testing.assert_close(det.bank_features, thumbnail_features(bank[0::2]))  # 0, 2, ..., 42
     with torch.inference_mode():
         np.testing.assert_allclose(scored.scores, det(good)[1].double().numpy(), rtol=1e-6)
+        # pooled batch by batch while scoring (batch 16): the same as pooling the whole bank's maps
+        torch.testing.assert_close(det.bank_maps, pool_bank_maps(det.component_maps(bank[0::2])[0]),
+                                   rtol=1e-5, atol=1e-6)
