@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from anoddpm.cli import detect_overrides
 from anoddpm.config import DetectConfig
-from anoddpm.scoring_loop import ScoredSet, score_component_maps, score_images
+from anoddpm.scoring_loop import ScoredSet, batched, score_component_maps, score_images
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, torch.nn.Module, torch.device]:
@@ -116,8 +116,8 @@ def _fit_reference_bank(detector: Any, bank_images: Any, device: torch.device, b
         return
     images = _BankImages(bank_images, np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int)))
     pooled, _ = score_component_maps(detector, images, device, batch_size, desc="reference bank", reduce=pool_bank_maps)
-    features = torch.cat([thumbnail_features(torch.stack([images[j] for j in range(i, min(i + 256, len(images)))]))
-                          for i in range(0, len(images), 256)])
+    features = torch.cat([thumbnail_features(torch.stack(chunk))
+                          for chunk in batched((images[j] for j in range(len(images))), 256)])
     detector.set_reference_bank(features, torch.from_numpy(pooled))
 
 
