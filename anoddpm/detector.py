@@ -35,7 +35,7 @@ from anoddpm.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
 from anoddpm.head import ScoringHead, build_head
 from anoddpm.intensity import denormalise, intensity_stats, normalise
 from anoddpm.unet import UNet, build_unet
-from eval.neighbour_reference import neighbour_reference, thumbnail_features
+from eval.neighbour_reference import neighbour_reference, thumbnail_features, thumbnail_length
 from eval.scoring import anomaly_map, gaussian_blur, image_score
 from noise import make_noise
 
@@ -111,14 +111,14 @@ class Detector(nn.Module):
     def set_reference_bank(self, features: Tensor | None, maps: Tensor | None = None) -> None:
         """Use the bank of good-image thumbnails `features` [N, F] (``thumbnail_features``) and their pooled
         component maps `maps` [N, K, s, s] (``pool_bank_maps``, >= 0) for nearest_good references; None = no bank."""
-        if features is None:
-            self.bank_features, self.bank_maps = torch.zeros(0), torch.zeros(0)
-            return
         device = self.map_reference.device
+        if features is None:
+            self.bank_features, self.bank_maps = torch.zeros(0, device=device), torch.zeros(0, device=device)
+            return
         features = torch.as_tensor(features, dtype=torch.float32, device=device)
         maps = torch.as_tensor(maps, dtype=torch.float32, device=device)
         side = self.cfg.data.image_size
-        n_features = thumbnail_features(torch.zeros(1, 1, side, side)).shape[1]
+        n_features = thumbnail_length(side)
         k = len(self.components)
         n = features.shape[0] if features.ndim == 2 else -1
         if (n < 1 or features.shape[1] != n_features or maps.ndim != 4 or maps.shape[:2] != (n, k)

@@ -52,13 +52,22 @@ def _as_maps_masks(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.
     return maps, masks
 
 
+def _subsample_index(size: int, max_pixels: int) -> np.ndarray | slice:
+    """Which of `size` flattened pixels to use: all of them, or above max_pixels a fixed-seed uniform
+    subsample in their order."""
+    if size <= max_pixels:
+        return slice(None)
+    return np.sort(np.random.default_rng(_SUBSAMPLE_SEED).choice(size, size=max_pixels, replace=False))
+
+
+def _subsample_values(values: np.ndarray, max_pixels: int) -> np.ndarray:
+    values = values.reshape(-1)
+    return values[_subsample_index(values.size, max_pixels)]
+
+
 def _subsample(values: np.ndarray, targets: np.ndarray, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    values, targets = values.reshape(-1), targets.reshape(-1)
-    if values.size <= max_pixels:
-        return values, targets
-    rng = np.random.default_rng(_SUBSAMPLE_SEED)
-    idx = np.sort(rng.choice(values.size, size=max_pixels, replace=False))
-    return values[idx], targets[idx]
+    index = _subsample_index(values.size, max_pixels)
+    return values.reshape(-1)[index], targets.reshape(-1)[index]
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
@@ -206,11 +215,11 @@ def per_type_pixel_auroc(maps: np.ndarray, masks: np.ndarray, defect_types: Sequ
     """
     maps, masks = _as_maps_masks(maps, masks)
     types = _defect_types_per_image(defect_types, maps.shape[0])
-    normal, _ = _subsample(maps[~masks], np.zeros(int((~masks).sum()), dtype=np.int64), max_pixels)
+    normal = _subsample_values(maps[~masks], max_pixels)
     result: dict[str, float | None] = {}
     for name in sorted({str(t) for t in types[masks.any(axis=(1, 2))]}):
         of_type = masks & (types == name)[:, None, None]
-        defect, _ = _subsample(maps[of_type], np.ones(int(of_type.sum()), dtype=np.int64), max_pixels)
+        defect = _subsample_values(maps[of_type], max_pixels)
         targets = np.concatenate([np.zeros(normal.size, np.int64), np.ones(defect.size, np.int64)])
         result[name] = _auroc(np.concatenate([normal, defect]), targets)
     return result

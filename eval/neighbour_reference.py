@@ -24,6 +24,11 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, at_most + 1) if n % d == 0)
 
 
+def thumbnail_length(side: int) -> int:
+    """Length of the thumbnail feature vector of images of side `side` pixels."""
+    return _largest_divisor(side, THUMBNAIL_SIDE) ** 2
+
+
 def thumbnail_features(images: Tensor) -> Tensor:
     """images [B, C, S, S] in [0, 1] -> their mean-grey thumbnails (side <= THUMBNAIL_SIDE), flattened [B, F]."""
     side = _largest_divisor(images.shape[-1], THUMBNAIL_SIDE)

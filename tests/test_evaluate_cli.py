@@ -63,6 +63,7 @@ def test_evaluate_writes_report_with_all_keys(setup: tuple[Path, Path], tmp_path
     assert len(rows) == 10 and {r["label"] for r in rows} == {"0", "1"}
     printed = capsys.readouterr().out
     assert str((out / "index.html").resolve()) in printed
+    assert metrics["defect_pixel_share"]
     for name, share in metrics["defect_pixel_share"].items():  # one line per defect type
         assert f"{name}: image AUROC" in printed and f"({100 * share:.0f} % of defect pixels)" in printed
 

@@ -148,6 +148,9 @@ def test_pixel_auroc_is_the_share_weighted_mean_of_the_per_type_pixel_aurocs():
     by_type, share = M.per_type_pixel_auroc(maps, masks, types), M.defect_pixel_share(masks, types)
     assert sum(share.values()) == pytest.approx(1.0)
     assert sum(share[t] * by_type[t] for t in share) == pytest.approx(M.pixel_auroc(maps, masks))
+    sub = M.per_type_pixel_auroc(maps, masks, types, max_pixels=40)  # each side subsampled, fixed seed
+    assert sub == M.per_type_pixel_auroc(maps, masks, types, max_pixels=40) and sub != by_type
+    assert all(abs(sub[t] - by_type[t]) < 0.2 for t in by_type)
 
 
 def test_input_errors():
