@@ -70,7 +70,10 @@ class DiffusionConfig:
     frequency: float = 64.0  # simplex wavelength in pixels at the first octave (AnoDDPM meaning)
     standardise: bool = True  # simplex fields rescaled to zero mean, unit variance
     # 0.1 = twice the default detection depth: the budget goes to the noise levels detection uses
-    t_max_fraction: float = 0.1  # training draws t from [0, t_max_fraction * T)
+    t_max_fraction: float = 0.1  # training draws t from [t_min_fraction * T, t_max_fraction * T)
+    # above 0, detection with more than one step passes through noise levels the model never saw;
+    # [25, 100) and [40, 60) moved magnetic_tile by at most 0.03 (docs/quality.md, session 10)
+    t_min_fraction: float = 0.0  # lower end of the training t range (see t_max_fraction)
     loss: str = "l2"  # eps loss: l2 | l1
 
 
@@ -222,6 +225,9 @@ class Config:
             raise ValueError(f"head.min_steps={self.head.min_steps} must be at least 1")
         if not 0.0 < self.diffusion.t_max_fraction <= 1.0:
             raise ValueError(f"diffusion.t_max_fraction={self.diffusion.t_max_fraction} must be in (0, 1]")
+        if not 0.0 <= self.diffusion.t_min_fraction < self.diffusion.t_max_fraction:
+            raise ValueError(f"diffusion.t_min_fraction={self.diffusion.t_min_fraction} must be in [0, "
+                             f"diffusion.t_max_fraction={self.diffusion.t_max_fraction})")
         return self
 
 

@@ -336,6 +336,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
 
         preview = torch.stack([torch.as_tensor(val_ds[i]) for i in range(min(4, len(val_ds)))]).to(dev)
         t_max = max(1, int(dc.t_max_fraction * dc.timesteps))
+        t_min = min(int(dc.t_min_fraction * dc.timesteps), t_max - 1)
         autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         start_time, start_step, loss_sum, loss_count = time.perf_counter(), step, torch.zeros((), device=dev), 0
         interrupted = False
@@ -351,7 +352,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                     interrupted = dist.any(flag.signal is not None)
                     break
                 images = next(data)
-                t = torch.randint(0, t_max, (images.shape[0],), generator=noise_gen, device=dev)
+                t = torch.randint(t_min, t_max, (images.shape[0],), generator=noise_gen, device=dev)
                 noise = make_noise(dc.noise, tuple(images.shape), t=t, generator=noise_gen, device=dev,
                                    octaves=dc.octaves, persistence=dc.persistence, frequency=dc.frequency,
                                    standardise=dc.standardise)

@@ -34,6 +34,8 @@ def test_unknown_keys_are_named():
     ("detect", "steps", 300, "detect.steps"),
     ("detect", "sampler", "euler", "detect.sampler"),
     ("model", "preset", "huge", "model.preset"),
+    ("diffusion", "t_min_fraction", 0.1, "diffusion.t_min_fraction"),
+    ("diffusion", "t_min_fraction", -0.01, "diffusion.t_min_fraction"),
 ])
 def test_validation_names_the_field(section, field, value, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -198,6 +198,25 @@ def test_sigkill_never_leaves_a_half_written_checkpoint(data_root, tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == ckpt["step"] + 2
 
 
+def test_training_draws_t_from_the_configured_range(data_root, tmp_path, monkeypatch):
+    from anoddpm.diffusion import GaussianDiffusion
+
+    drawn: list[torch.Tensor] = []
+    plain_loss = GaussianDiffusion.training_loss
+
+    def recording_loss(self, model, x_start, t, noise, loss="l2"):
+        drawn.append(t.clone())
+        return plain_loss(self, model, x_start, t, noise, loss)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_loss", recording_loss)
+    cfg = _cfg(6).override("diffusion", t_min_fraction=0.04, t_max_fraction=0.06)
+    train(cfg, data_root, "syn", tmp_path / "run", device="cpu")
+    t = torch.cat(drawn)
+    assert t.numel() == 6 * 4
+    assert int(t.min()) >= 40 and int(t.max()) < 60
+    assert len(set(t.tolist())) > 5  # drawn across the range, not one value
+
+
 def test_healing_loss_points_at_the_clean_image():
     from anoddpm.diffusion import GaussianDiffusion
     from anoddpm.train import healing_loss
