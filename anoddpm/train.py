@@ -336,7 +336,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
 
         preview = torch.stack([torch.as_tensor(val_ds[i]) for i in range(min(4, len(val_ds)))]).to(dev)
         t_max = max(1, int(dc.t_max_fraction * dc.timesteps))
-        t_min = min(int(dc.t_min_fraction * dc.timesteps), t_max - 1)
+        t_min = min(int(dc.t_min_fraction * dc.timesteps), t_max - 1)  # both fractions may round to one t
         autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         start_time, start_step, loss_sum, loss_count = time.perf_counter(), step, torch.zeros((), device=dev), 0
         interrupted = False
