@@ -88,6 +88,17 @@ def _to_float(img: Image.Image) -> np.ndarray:
     return arr[..., None] if arr.ndim == 2 else arr
 
 
+def _to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    """float32 [H, W, 1 or 3] -> [H, W, channels]: grey replicated, RGB to ITU-R 601 luminance."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels={channels} is not allowed; choose 1 or 3")
+    if arr.shape[2] == channels:
+        return np.ascontiguousarray(arr)
+    if channels == 3:
+        return np.repeat(arr, 3, axis=2)
+    return (arr @ _LUMA)[..., None].astype(np.float32)
+
+
 def read_image(path: str | Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file -> float32 [H, W, channels] in [0, 1] (EXIF-rotated, mode-converted)."""
     if channels not in (1, 3):
@@ -95,11 +106,40 @@ def read_image(path: str | Path, channels: int, max_pixels: int = DEFAULT_MAX_PI
     path = Path(path)
     with _open(path, max_pixels) as img:
         arr = _to_float(img)
-    if arr.shape[2] == channels:
-        return np.ascontiguousarray(arr)
-    if channels == 3:
-        return np.repeat(arr, 3, axis=2)
-    return (arr @ _LUMA)[..., None].astype(np.float32)
+    return _to_channels(arr, channels)
+
+
+def array_image(image: np.ndarray, channels: int) -> np.ndarray:
+    """An in-memory image -> float32 [H, W, channels] in [0, 1], converted like a file's pixels.
+
+    Accepts [H, W] or [H, W, C] with C in {1, 3, 4} (alpha dropped): uint8 (/255), uint16 (/65535), bool,
+    or float in [0, 1]; anything else raises ValueError.
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
+        raise ValueError(f"image array must be [H, W] or [H, W, C] with C = 1, 3 or 4, got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / 65535.0
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or arr.min() < 0.0 or arr.max() > 1.0:
+            raise ValueError(f"float image values must be finite and in [0, 1], got [{np.nanmin(arr):.4g}, "
+                             f"{np.nanmax(arr):.4g}] (divide 8-bit data by 255, or pass it as uint8)")
+        arr = arr.astype(np.float32)
+    else:
+        raise ValueError(f"image array dtype {arr.dtype} is not allowed; use uint8, uint16, bool or float in [0, 1]")
+    return _to_channels(arr, channels)
+
+
+def pil_image(image: Image.Image, channels: int) -> np.ndarray:
+    """A PIL image of any mode -> float32 [H, W, channels] in [0, 1], converted like a file's pixels."""
+    return _to_channels(_to_float(image), channels)
 
 
 def _geometry(h: int, w: int, size: int, policy: str) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -119,14 +159,20 @@ def _geometry(h: int, w: int, size: int, policy: str) -> tuple[tuple[int, int], 
     return (nh, nw), (top, dh - top, left, dw - left)
 
 
+def _resize(arr: np.ndarray, hw: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """[H, W, C] -> [h, w, C], one channel plane at a time."""
+    if arr.shape[:2] == hw:
+        return arr
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(arr[..., c])).resize((hw[1], hw[0]), resample))
+              for c in range(arr.shape[2])]
+    return np.stack(planes, axis=-1)
+
+
 def _apply(arr: np.ndarray, size: int, policy: str, resample: Image.Resampling) -> np.ndarray:
     """[H, W, C] -> [S, S, C] with one geometry for images and masks."""
     h, w = arr.shape[:2]
     (nh, nw), (top, bottom, left, right) = _geometry(h, w, size, policy)
-    if (nh, nw) != (h, w):
-        planes = [np.asarray(Image.fromarray(np.ascontiguousarray(arr[..., c])).resize((nw, nh), resample))
-                  for c in range(arr.shape[2])]
-        arr = np.stack(planes, axis=-1)
+    arr = _resize(arr, (nh, nw), resample)
     if policy == "pad":
         arr = np.pad(arr, ((top, bottom), (left, right), (0, 0)), mode="edge")
     elif policy == "crop":
@@ -143,6 +189,46 @@ def preprocess(image: np.ndarray, image_size: int, resize_policy: str) -> np.nda
         raise ValueError(f"image must be [H, W] or [H, W, C], got shape {image.shape}")
     out = _apply(image.astype(np.float32, copy=False), image_size, resize_policy, Image.Resampling.BILINEAR)
     return np.ascontiguousarray(out.transpose(2, 0, 1).clip(0.0, 1.0), dtype=np.float32)
+
+
+def read_any(image: str | Path | np.ndarray | Image.Image, channels: int) -> np.ndarray:
+    """A file path, a PIL image or an array (see ``array_image``) -> float32 [H, W, channels] in [0, 1]."""
+    if isinstance(image, (str, Path)):
+        return read_image(image, channels)
+    if isinstance(image, Image.Image):
+        return pil_image(image, channels)
+    if isinstance(image, np.ndarray):
+        return array_image(image, channels)
+    raise ValueError(f"cannot read an image from a {type(image).__name__}; pass a path, a PIL image or a numpy array")
+
+
+def as_image_list(images: object) -> list:
+    """One image (path, PIL image, [H, W(, C)] array) -> [it]; a list/tuple or a [B, H, W, C] array -> its items."""
+    if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim <= 3):
+        return [images]
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    raise ValueError(f"images must be a path, a PIL image, a numpy array or a list of these, "
+                     f"got {type(images).__name__}")
+
+
+def restore_map(amap: np.ndarray, hw: tuple[int, int], resize_policy: str) -> np.ndarray:
+    """A model-size map float [S, S] -> float32 [h, w] over the original image, bilinear: the inverse of
+    preprocess()'s geometry (``pad``: the padding is cut off; ``crop``: pixels cropped away get 0)."""
+    amap = np.asarray(amap, dtype=np.float32)
+    if amap.ndim != 2 or amap.shape[0] != amap.shape[1]:
+        raise ValueError(f"map must be [S, S], got shape {amap.shape}")
+    size = amap.shape[0]
+    (nh, nw), (top, bottom, left, right) = _geometry(hw[0], hw[1], size, resize_policy)
+    if resize_policy == "pad":
+        amap = amap[top:size - bottom, left:size - right]
+    elif resize_policy == "crop":
+        canvas = np.zeros((nh, nw), np.float32)
+        canvas[-top:-top + size, -left:-left + size] = amap
+        amap = canvas
+    return _resize(amap[..., None], (int(hw[0]), int(hw[1])), Image.Resampling.BILINEAR)[..., 0]
 
 
 def load_image(path: str | Path, channels: int, image_size: int, resize_policy: str,

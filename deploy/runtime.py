@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from anoddpm.imageio import load_image, preprocess
+from anoddpm.imageio import array_image, as_image_list, load_image, preprocess, read_any
 
 ONNX_FORMAT_VERSION = 1
 INPUT_NAME = "images"
@@ -44,6 +44,26 @@ def parse_metadata(raw: dict[str, str], path: str | Path) -> dict[str, Any]:
     if not isinstance(threshold, dict) or not isinstance(threshold.get("image"), (int, float)):
         raise ValueError(f"{path} metadata holds no image threshold; calibrate the bundle and re-export")
     return meta
+
+
+def thresholds(threshold: dict[str, Any] | None) -> tuple[float | None, float | None]:
+    """A calibrated threshold dict -> (image threshold, pixel threshold); (None, None) when uncalibrated.
+
+    Without a calibrated pixel threshold the image one is used: with the max score a pixel is then
+    marked exactly when the image is NG.
+    """
+    if threshold is None or threshold.get("image") is None:
+        return None, None
+    pixel = threshold.get("pixel")
+    return float(threshold["image"]), float(pixel) if pixel is not None else float(threshold["image"])
+
+
+def verdict(score: float, amap: np.ndarray, image_threshold: float | None,
+            pixel_threshold: float | None) -> tuple[bool | None, np.ndarray | None]:
+    """The label rule: (pred_label = score > image threshold, pred_mask = map > pixel threshold), None uncalibrated."""
+    if image_threshold is None or pixel_threshold is None:
+        return None, None
+    return bool(score > image_threshold), np.asarray(amap) > pixel_threshold
 
 
 def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
@@ -98,12 +118,7 @@ class Inspector:
         self.image_size = int(prep["image_size"])
         self.channels = int(prep["channels"])
         self.resize_policy = str(prep["resize_policy"])
-        threshold = self.metadata["threshold"]
-        self.image_threshold = float(threshold["image"])
-        # Without a calibrated pixel threshold the image one is used: with the max score a pixel
-        # is then marked exactly when the image is NG.
-        pixel = threshold.get("pixel")
-        self.pixel_threshold = float(pixel) if pixel is not None else self.image_threshold
+        self.image_threshold, self.pixel_threshold = thresholds(self.metadata["threshold"])
         outputs = {o.name for o in self.session.get_outputs()}
         missing = [name for name in OUTPUT_NAMES if name not in outputs]
         if missing:
@@ -114,15 +129,9 @@ class Inspector:
         return load_image(path, self.channels, self.image_size, self.resize_policy)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """An in-memory image [H, W] / [H, W, C] (float [0, 1] or uint8) -> float32 [C, S, S]."""
-        image = np.asarray(image)
-        if image.dtype == np.uint8:
-            image = image.astype(np.float32) / 255.0
-        channels = 1 if image.ndim == 2 else image.shape[-1]
-        if image.ndim not in (2, 3) or channels != self.channels:
-            raise ValueError(f"image of shape {image.shape} does not fit this model: it needs [H, W, "
-                             f"{self.channels}]" + (" or [H, W]" if self.channels == 1 else ""))
-        return preprocess(image, self.image_size, self.resize_policy)
+        """An in-memory image [H, W] / [H, W, C] (uint8, uint16 or float [0, 1]; C = 1, 3 or 4) -> float32
+        [C, S, S], its channels converted like a file's."""
+        return preprocess(array_image(image, self.channels), self.image_size, self.resize_policy)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 [B, C, S, S] in [0, 1] -> (anomaly_map [B, S, S], pred_score [B]), in `batch_size` chunks."""
@@ -143,20 +152,25 @@ class Inspector:
     def results(self, batch: np.ndarray) -> list[dict[str, Any]]:
         """float32 [B, C, S, S] -> one dict per image: pred_score, pred_label, anomaly_map [S, S], pred_mask."""
         maps, scores = self.run(batch)
-        return [{"pred_score": float(score), "pred_label": bool(score > self.image_threshold),
-                 "anomaly_map": amap, "pred_mask": amap > self.pixel_threshold}
-                for amap, score in zip(maps, scores)]
+        results = []
+        for amap, score in zip(maps, scores):
+            label, mask = verdict(float(score), amap, self.image_threshold, self.pixel_threshold)
+            results.append({"pred_score": float(score), "pred_label": label, "anomaly_map": amap, "pred_mask": mask})
+        return results
 
-    def inspect(self, images: Sequence[str | Path | np.ndarray]) -> list[dict[str, Any]]:
-        """Image paths and/or arrays -> one result dict per image (see `results`), plus `path` for files.
+    def inspect(self, images: str | Path | np.ndarray | Sequence[str | Path | np.ndarray]) -> list[dict[str, Any]]:
+        """One image or a list of image paths, PIL images and/or arrays -> one result dict per image (see
+        `results`), plus `path` (None for in-memory images).
 
         A file that cannot be read raises ValueError/FileNotFoundError naming it.
         """
+        images = as_image_list(images)
         out: list[dict[str, Any]] = []
         for start in range(0, len(images), self.batch_size):
             items = images[start:start + self.batch_size]
-            batch = np.stack([self.prepare(x) if isinstance(x, np.ndarray) else self.load(x) for x in items])
+            batch = np.stack([preprocess(read_any(x, self.channels), self.image_size, self.resize_policy)
+                              for x in items])
             for item, result in zip(items, self.results(batch)):
-                result["path"] = None if isinstance(item, np.ndarray) else str(item)
+                result["path"] = str(item) if isinstance(item, (str, Path)) else None
                 out.append(result)
         return out

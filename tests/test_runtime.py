@@ -63,8 +63,19 @@ def test_pixel_threshold_from_metadata(tmp_path):
 
 
 def test_wrong_array_shape_is_refused(toy):
-    with pytest.raises(ValueError, match="does not fit"):
-        Inspector(toy).inspect([np.zeros((40, 40, 3), np.float32)])
+    with pytest.raises(ValueError, match="C = 1, 3 or 4"):
+        Inspector(toy).inspect([np.zeros((40, 40, 2), np.float32)])
+
+
+def test_one_bare_path_or_array_is_one_image(toy, tmp_path):
+    bad = write_png(tmp_path / "bad.png", defect_image())
+    inspector = Inspector(toy)
+    by_path, by_str = inspector.inspect(bad), inspector.inspect(str(bad))
+    assert len(by_path) == len(by_str) == 1 and by_path[0]["path"] == str(bad) and by_path[0]["pred_label"]
+    by_array = inspector.inspect(defect_image())
+    assert len(by_array) == 1 and by_array[0]["pred_score"] == pytest.approx(by_path[0]["pred_score"], abs=1e-4)
+    rgb = np.repeat(defect_image()[..., None], 3, axis=2)  # converted to grey like an RGB file
+    assert inspector.inspect(rgb)[0]["pred_score"] == pytest.approx(by_array[0]["pred_score"], abs=1e-6)
 
 
 def _with_metadata(src: Path, dst: Path, **changes: str | None) -> Path:

@@ -1,0 +1,125 @@
+"""The Python API: ``anoddpm.load(path)`` -> a ``Model`` whose ``predict`` scores images in memory or on disk.
+
+    import anoddpm
+    model = anoddpm.load("runs/bottle/model.pt")      # or an exported model.onnx (no torch needed)
+    result = model.predict("part.png")                # a path, PIL image, numpy array or a list of these
+    result.pred_score, result.pred_label, result.anomaly_map, result.pred_mask
+
+Every step is the one the CLI uses: the same ``preprocess()``, the bundle's ``Detector`` (under
+``torch.inference_mode``) or the ONNX ``deploy.runtime.Inspector``, and the same label rule
+(``deploy.runtime.verdict``). The map comes back at the input image's size (bilinear, inverse of the
+resize policy's geometry); ``pred_mask`` is that map above the pixel threshold.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from anoddpm.imageio import as_image_list, preprocess, read_any, restore_map
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result; maps are at the input image's size [H, W]."""
+
+    pred_score: float  # image score, in map units (higher = more anomalous)
+    pred_label: bool | None  # pred_score > image threshold (True = defect); None when the model has no usable threshold
+    anomaly_map: np.ndarray  # float32 [H, W], >= 0
+    pred_mask: np.ndarray | None  # bool [H, W]: anomaly_map > pixel threshold; None without a usable threshold
+    path: str | None = None  # the file, for inputs given as paths
+
+
+class _TorchBackend:
+    """A model.pt bundle through ``Detector``: run(batch [B, C, S, S]) -> (maps [B, S, S], scores [B])."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        from anoddpm.bundle import load_bundle
+        from anoddpm.detector import Detector
+        from anoddpm.device import resolve_device
+        from anoddpm.evaluate import same_detect_settings
+        from deploy.runtime import thresholds
+
+        self.device = resolve_device(device)
+        bundle = load_bundle(path, map_location=self.device)
+        self.detector = Detector.from_bundle(bundle, self.device)
+        data = self.detector.cfg.data
+        self.image_size, self.channels, self.resize_policy = data.image_size, data.channels, data.resize_policy
+        threshold = bundle.threshold
+        if threshold is not None and not same_detect_settings(threshold.get("detect"), asdict(self.detector.cfg.detect)):
+            log.warning("%s: its threshold was calibrated with other detection settings; pred_label and pred_mask "
+                        "are None (run `anoddpm calibrate --model %s`)", path, path)
+            threshold = None
+        elif threshold is None:
+            log.warning("%s has no threshold; pred_label and pred_mask are None (run `anoddpm calibrate`)", path)
+        self.image_threshold, self.pixel_threshold = thresholds(threshold)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from anoddpm.scoring_loop import forward_batch
+
+        result = forward_batch(self.detector, batch, self.device)
+        return result.maps, result.scores
+
+
+class Model:
+    """A loaded model (bundle or ONNX); ``predict`` turns images into ``Prediction`` objects."""
+
+    def __init__(self, backend: Any, path: Path, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        self.backend, self.path, self.batch_size = backend, path, batch_size
+
+    @property
+    def image_threshold(self) -> float | None:
+        """Image-score threshold (pred_label = pred_score > it); None when the model has no usable one."""
+        return self.backend.image_threshold
+
+    @property
+    def pixel_threshold(self) -> float | None:
+        """Map threshold (pred_mask = anomaly_map > it); the image threshold when no pixel one was calibrated."""
+        return self.backend.pixel_threshold
+
+    def predict(self, images: Any) -> Prediction | list[Prediction]:
+        """A path (str or Path), PIL image, numpy array ([H, W] or [H, W, C]; uint8, uint16 or float in [0, 1])
+        -> one Prediction; a list of these (or a [B, H, W, C] array) -> a list, in order.
+
+        Every image is read before any is scored: an unreadable one raises ValueError/FileNotFoundError naming it.
+        """
+        items = as_image_list(images)
+        b = self.backend
+        originals = [read_any(x, b.channels) for x in items]
+        out: list[Prediction] = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = originals[start:start + self.batch_size]
+            batch = np.stack([preprocess(x, b.image_size, b.resize_policy) for x in chunk])
+            maps, scores = b.run(batch)
+            for k, (amap, score) in enumerate(zip(maps, scores)):
+                out.append(self._prediction(items[start + k], chunk[k].shape[:2], amap, float(score)))
+        single = not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4)
+        return out[0] if single else out
+
+    def _prediction(self, item: Any, hw: Sequence[int], amap: np.ndarray, score: float) -> Prediction:
+        from deploy.runtime import verdict
+
+        full = restore_map(amap, (int(hw[0]), int(hw[1])), self.backend.resize_policy)
+        label, mask = verdict(score, full, self.image_threshold, self.pixel_threshold)
+        return Prediction(pred_score=score, pred_label=label, anomaly_map=full, pred_mask=mask,
+                          path=str(item) if isinstance(item, (str, Path)) else None)
+
+
+def load(path: str | Path, device: str = "auto", batch_size: int = 8) -> Model:
+    """Load a model.pt bundle (torch; `device` auto, cpu, cuda, cuda:N) or an exported .onnx (onnxruntime only,
+    no torch imported; best available provider) -> Model scoring `batch_size` images per forward pass."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        from deploy.runtime import Inspector
+
+        return Model(Inspector(path, batch_size=batch_size), path, batch_size)
+    return Model(_TorchBackend(path, device), path, batch_size)
