@@ -70,7 +70,8 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
     """Defaults <- config file <- flags; validated."""
     cfg = load_config_file(args.config) if args.config else Config()
     cfg = cfg.override("data", image_size=args.image_size, channels=args.channels, augment=args.augment,
-                       train_crop=args.train_crop, intensity=args.intensity)
+                       train_crop=args.train_crop, intensity=args.intensity, tile_size=args.tile_size,
+                       tile_scale=args.tile_scale, tile_stride=args.tile_stride)
     cfg = cfg.override("model", preset=args.preset)
     cfg = cfg.override("diffusion", noise=args.noise)
     cfg = cfg.override("train", batch_size=args.train_batch_size, lr=args.lr, max_steps=args.max_steps,
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test-good", type=int, default=20, help="test/good images (default 20)")
     p.add_argument("--n-test-defect", type=int, default=30, help="defective test images (default 30)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    p.add_argument("--frame-size", metavar="WxH",
+                   help="write large line-camera frames of W x H px instead (e.g. 2048x1536) with small 6-20 px "
+                        "defects and thin 1-3 px lines (anoddpm.frames); --size is then unused")
     p.set_defaults(handler="anoddpm.synth:synth_command")
 
     p = sub.add_parser("train", help="train the denoiser on good images",
@@ -117,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per_image: normalise each image's brightness and contrast before the model (default none)")
     p.add_argument("--train-crop", type=int, metavar="PX",
                    help="train on random square crops of this side (multiple of 8; default 0 = whole images)")
+    p.add_argument("--tile-size", type=int, metavar="T",
+                   help="native resolution: train on random T x T crops and inspect with overlapping T x T tiles "
+                        "stitched into maps of the original image size (multiple of 8; default 0 = squash every "
+                        "image to --image-size)")
+    p.add_argument("--tile-scale", type=float, metavar="F",
+                   help="scale every image by F in (0, 1] before tiling: less resolution, fewer tiles (default 1)")
+    p.add_argument("--tile-stride", type=int, metavar="PX",
+                   help="step between inspection tiles (default 0 = half a tile)")
     p.add_argument("--head", action=argparse.BooleanOptionalAction, default=None,
                    help="train the learned scoring head on synthetic anomalies after the denoiser, with "
                    "head.budget_fraction of the budget; its bundle scores with the fused map (default: on; skipped "

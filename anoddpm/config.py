@@ -38,9 +38,28 @@ class DataConfig:
     # the UNet is fully convolutional, so it can train on crops and still reconstruct whole images: 64 of 128 px
     # gives 3.5x more steps per minute, but on magnetic_tile (10 min) image AUROC fell 0.69 -> 0.63 (docs/quality.md)
     train_crop: int = 0  # side of the random square crop each training image is cut to, pixels; 0 = whole image
+    # tiling (anoddpm.tiled, eval.tiling): no squash to a square; training draws random T x T crops of the images
+    # rescaled by tile_scale, inspection covers them with overlapping T x T tiles and stitches the tile maps
+    tile_size: int = 0  # side of the model's square tiles, pixels; 0 = whole images squashed to image_size
+    tile_scale: float = 1.0  # factor both sides of every image are scaled by before tiling, in (0, 1]
+    tile_stride: int = 0  # step between inspection tiles, pixels, in 0..tile_size; 0 = tile_size // 2
     intensity: str = "none"  # none | per_image: each image shifted/scaled to mean 0.5, std 1/6 before the model (anoddpm.intensity)
     val_fraction: float = 0.1  # share of train/good held back for threshold calibration
     min_val_images: int = 4  # validation images kept at least (when the data has twice as many)
+
+    @property
+    def input_side(self) -> int:
+        """Side of the square model input, pixels: tile_size when tiling, else image_size."""
+        return self.tile_size or self.image_size
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What turns a file into model input, as stored in bundles and ONNX metadata (imageio.model_image
+        arguments; the tile fields only when tiling)."""
+        out: dict[str, Any] = {"image_size": self.image_size, "channels": self.channels,
+                               "resize_policy": self.resize_policy}
+        if self.tile_size:
+            out.update(tile_size=self.tile_size, tile_scale=self.tile_scale, tile_stride=self.tile_stride)
+        return out
 
 
 @dataclass(frozen=True)
@@ -209,6 +228,16 @@ class Config:
         if crop and not (16 <= crop <= self.data.image_size and crop % 8 == 0):
             raise ValueError(f"data.train_crop={crop} must be 0 or a multiple of 8 in 16..data.image_size "
                              f"({self.data.image_size})")
+        tile = self.data.tile_size
+        if tile and not (16 <= tile and tile % 8 == 0):
+            raise ValueError(f"data.tile_size={tile} must be 0 or a multiple of 8, at least 16")
+        if tile and crop:
+            raise ValueError(f"data.train_crop={crop} and data.tile_size={tile} exclude each other: tiling already "
+                             "trains on crops of the tile size")
+        if not 0.0 < self.data.tile_scale <= 1.0:
+            raise ValueError(f"data.tile_scale={self.data.tile_scale} must be in (0, 1]")
+        if not 0 <= self.data.tile_stride <= tile:
+            raise ValueError(f"data.tile_stride={self.data.tile_stride} must be in 0..data.tile_size ({tile})")
         if not 0 < self.detect.depth <= self.diffusion.timesteps:
             raise ValueError(f"detect.depth={self.detect.depth} must be in 1..{self.diffusion.timesteps}")
         if not 1 <= self.detect.steps <= self.detect.depth:

@@ -14,7 +14,8 @@ Layouts accepted for ``--data ROOT [--category NAME]``:
   > 0) and optionally ``<name>_brainmask.nii.gz`` (else brain = voxels > 0); each kept slice is a
   test sample, label 1 when it holds lesion voxels, else 0 (defect_type ``good``).
 
-All images go through ``imageio.preprocess`` (the one used at scoring, export and runtime).
+All images go through ``imageio.model_image`` (``preprocess``, or ``rescale`` when tiling; the one used at
+scoring, export and runtime).
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import torch
 from torch.utils.data import Dataset
 
 from anoddpm.config import Config
-from anoddpm.imageio import (IMAGE_SUFFIXES, image_hw, list_images, load_image, preprocess, preprocess_mask,
-                             read_image, read_mask)
+from anoddpm.imageio import (IMAGE_SUFFIXES, image_hw, list_images, load_model_image, model_image, model_mask,
+                             read_image, read_mask, scaled_hw)
 
 MIN_SLICE_AREA = 0.3  # NFBS: keep axial slices with at least this share of the largest brain area
 NFBS_BRAIN = "_T1w_brain.nii.gz"
@@ -39,7 +40,8 @@ NFBS_MASK = "_T1w_brainmask.nii.gz"
 
 @dataclass(frozen=True)
 class TestSample:
-    """One labelled test image; ``image`` float32 [C, S, S] in [0, 1] and ``mask`` bool [S, S] load on access."""
+    """One labelled test image; ``image`` float32 [C, S, S] in [0, 1] and ``mask`` bool [S, S] load on access
+    (tiling: [C, h, w] and [h, w], the image's size scaled by data.tile_scale)."""
 
     path: Path
     defect_type: str  # "good" or the defect type
@@ -238,7 +240,7 @@ def _nfbs_slices(brain_file: Path, cfg: Config) -> list[np.ndarray]:
     vol, brain = _load_volume(brain_file, brain_file.with_name(brain_file.name.replace(NFBS_BRAIN, NFBS_MASK)))
     out = []
     for k in _kept_slices(brain):
-        img = preprocess(_axial(vol, k), cfg.data.image_size, cfg.data.resize_policy)
+        img = _model_image(_axial(vol, k), cfg)
         out.append(np.repeat(img, cfg.data.channels, axis=0).astype(np.float16))  # float16: many slices
     return out
 
@@ -267,7 +269,8 @@ def load_training_data(cfg: Config, root: str | Path, category: str | None,
             arrays.extend(slices)
             names.extend(f"{name}#{k}" for k in range(len(slices)))
         else:
-            arrays.append(load_image(path, cfg.data.channels, cfg.data.image_size, cfg.data.resize_policy))
+            d = cfg.data
+            arrays.append(load_model_image(path, d.channels, d.image_size, d.resize_policy, d.tile_size, d.tile_scale))
             names.append(name)
     hashed = list(files)
     if kind == "nfbs":
@@ -288,18 +291,30 @@ def load_training_data(cfg: Config, root: str | Path, category: str | None,
     return train_ds, val_ds, fingerprint
 
 
-def _mask_or_empty(mask: Path | None, size: int, policy: str) -> np.ndarray:
-    if mask is None:
-        return np.zeros((size, size), dtype=bool)
-    return preprocess_mask(read_mask(mask), size, policy)
+def _model_image(image: np.ndarray, cfg: Config) -> np.ndarray:
+    d = cfg.data
+    return model_image(image, d.image_size, d.resize_policy, d.tile_size, d.tile_scale)
+
+
+def _model_mask(mask: np.ndarray, cfg: Config) -> np.ndarray:
+    d = cfg.data
+    return model_mask(mask, d.image_size, d.resize_policy, d.tile_size, d.tile_scale)
+
+
+def _mask_or_empty(mask: Path | None, image: Path, cfg: Config) -> np.ndarray:
+    if mask is not None:
+        return _model_mask(read_mask(mask), cfg)
+    d = cfg.data
+    return np.zeros(scaled_hw(*image_hw(image), d.tile_scale) if d.tile_size else (d.image_size, d.image_size), bool)
 
 
 def _mvtec_sample(img: Path, defect_type: str, mask: Path | None, cfg: Config) -> TestSample:
-    size, policy = cfg.data.image_size, cfg.data.resize_policy
+    d = cfg.data
     return TestSample(path=img, defect_type=defect_type, mask_path=mask, label=int(mask is not None),
                       name=f"{defect_type}/{img.stem}",
-                      _image=partial(load_image, img, cfg.data.channels, size, policy),
-                      _mask=partial(_mask_or_empty, mask, size, policy))
+                      _image=partial(load_model_image, img, d.channels, d.image_size, d.resize_policy, d.tile_size,
+                                     d.tile_scale),
+                      _mask=partial(_mask_or_empty, mask, img, cfg))
 
 
 def _anomalous_volumes(cat_root: Path) -> list[tuple[Path, Path, Path]]:
@@ -316,15 +331,14 @@ def _anomalous_volumes(cat_root: Path) -> list[tuple[Path, Path, Path]]:
     return out
 
 
-def _volume_slice(vol: Path, brain_mask: Path, k: int, size: int, policy: str, channels: int) -> np.ndarray:
-    img = preprocess(_axial(_load_volume(vol, brain_mask)[0], k), size, policy)
-    return np.repeat(img, channels, axis=0)
+def _volume_slice(vol: Path, brain_mask: Path, k: int, cfg: Config) -> np.ndarray:
+    img = _model_image(_axial(_load_volume(vol, brain_mask)[0], k), cfg)
+    return np.repeat(img, cfg.data.channels, axis=0)
 
 
 def _nfbs_test_set(cat_root: Path, cfg: Config) -> list[TestSample]:
     import nibabel as nib
 
-    size, policy, channels = cfg.data.image_size, cfg.data.resize_policy, cfg.data.channels
     samples = []
     for vol_path, seg_path, mask_path in _anomalous_volumes(cat_root):
         _, brain = _load_volume(vol_path, mask_path)
@@ -337,8 +351,8 @@ def _nfbs_test_set(cat_root: Path, cfg: Config) -> list[TestSample]:
             samples.append(TestSample(
                 path=vol_path, defect_type="lesion" if label else "good", mask_path=seg_path if label else None,
                 label=label, name=f"{vol_path.parent.name}/{vol_path.name[:-len('.nii.gz')]}_z{k:03d}",
-                _image=partial(_volume_slice, vol_path, mask_path, k, size, policy, channels),
-                _mask=partial(preprocess_mask, seg_k, size, policy)))
+                _image=partial(_volume_slice, vol_path, mask_path, k, cfg),
+                _mask=partial(_model_mask, seg_k, cfg)))
     return samples
 
 

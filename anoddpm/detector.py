@@ -72,11 +72,11 @@ class Detector(nn.Module):
         self.head = head if scorer != "residual" else None
         self.components = self._components(scorer, self.head is not None)
         d = cfg.data
-        shape = (cfg.detect.samples, d.channels, d.image_size, d.image_size)
+        shape = (cfg.detect.samples, d.channels, d.input_side, d.input_side)
         generator = torch.Generator().manual_seed(cfg.detect.seed)
         t = torch.full((shape[0],), float(cfg.detect.depth - 1))
         self.register_buffer("detection_noise", self._noise(shape, t, generator, torch.device("cpu")), persistent=False)
-        shape = (1, len(self.components), d.image_size, d.image_size)
+        shape = (1, len(self.components), d.input_side, d.input_side)
         self.register_buffer("map_reference", torch.ones(shape), persistent=False)
         self.has_map_reference = False
         self.register_buffer("bank_features", torch.zeros(0), persistent=False)  # [N, F] thumbnails
@@ -117,7 +117,7 @@ class Detector(nn.Module):
             return
         features = torch.as_tensor(features, dtype=torch.float32, device=device)
         maps = torch.as_tensor(maps, dtype=torch.float32, device=device)
-        side = self.cfg.data.image_size
+        side = self.cfg.data.input_side
         n_features = thumbnail_length(side)
         k = len(self.components)
         n = features.shape[0] if features.ndim == 2 else -1

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from anoddpm.cli import detect_overrides
 from anoddpm.config import DetectConfig
-from anoddpm.scoring_loop import ScoredSet, batched, score_component_maps, score_images
+from anoddpm.scoring_loop import ScoredSet, batched, score_component_maps, score_images, stack_if_same
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, torch.nn.Module, torch.device]:
@@ -34,10 +34,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, torch.nn.Module, torch.device]
     from anoddpm.detector import Detector
     from anoddpm.device import resolve_device
 
+    from anoddpm.tiled import inspection_detector
+
     device = resolve_device(args.device)
     bundle = load_bundle(args.model, map_location=device)
     overrides = {k: v for k, v in detect_overrides(args).items() if v is not None}
-    return bundle, Detector.from_bundle(bundle, device, **overrides).eval(), device
+    return bundle, inspection_detector(Detector.from_bundle(bundle, device, **overrides).eval(), args.batch_size), device
 
 
 def detect_dict(detector: torch.nn.Module) -> dict[str, Any]:
@@ -76,12 +78,17 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
     augmentation is not applied) when they are at least MIN_REFERENCE_IMAGES, and the good images are scored
     against it (they are not in it: unbiased thresholds). 'good_mean': with at least MIN_REFERENCE_IMAGES good
     images, the reference map is fitted on them and each image's map is divided by the reference fitted on
-    the others. Otherwise the plain maps and no reference.
+    the others. Otherwise the plain maps and no reference. Tiled (``anoddpm.tiled``): both references are
+    fitted on the tiles of `bank_images`.
     """
     from anoddpm.detector import combine_component_maps
+    from anoddpm.tiled import TiledDetector, fit_tiled_references
     from eval.scoring import image_score
     from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised, reference_map
 
+    if isinstance(detector, TiledDetector):  # per-tile references from the training split's tiles
+        fit_tiled_references(detector, bank_images, device, batch_size)
+        return score_images(detector, good_images, device, batch_size, desc="validation")
     det = detector.cfg.detect
     detector.set_map_reference(None)
     detector.set_reference_bank(None)
@@ -148,7 +155,8 @@ def fitted_reference(detector: Any) -> dict[str, Any]:
 
 
 def _test_arrays(cfg: Any, root: Path, category: str | None) -> dict[str, Any]:
-    """The labelled test set as arrays: images [N,C,S,S], masks [N,S,S] bool, labels [N], types, paths."""
+    """The labelled test set as arrays: images [N,C,S,S], masks [N,S,S] bool, labels [N], types, paths
+    (tiled at native resolution: lists of [C,H_i,W_i] and [H_i,W_i] when the sizes differ)."""
     from anoddpm.data import load_test_set
 
     samples = load_test_set(cfg, root, category)
@@ -158,8 +166,8 @@ def _test_arrays(cfg: Any, root: Path, category: str | None) -> dict[str, Any]:
     loaded = [(np.asarray(s.image, dtype=np.float32), np.asarray(s.mask, dtype=bool))
               for s in tqdm(items, desc="load test set", unit="img")]
     return {
-        "images": np.stack([image for image, _ in loaded]),
-        "masks": np.stack([mask for _, mask in loaded]),
+        "images": stack_if_same([image for image, _ in loaded]),
+        "masks": stack_if_same([mask for _, mask in loaded]),
         "labels": np.array([int(s.label) for s in items], dtype=np.int64),
         "defect_types": [str(s.defect_type) for s in items],
         "paths": [str(s.path) for s in items],
@@ -181,9 +189,10 @@ def calibrate_threshold(bundle: Any, detector: torch.nn.Module, device: torch.de
         scored = score_images(detector, test["images"], device, batch_size, desc="test set")
         good, bad = test["labels"] == 0, test["labels"] == 1
         good_scores = np.r_[good_scores, scored.scores[good]]
-        good_maps = np.concatenate([good_maps, scored.maps[good]])
-        defects = {"defect_scores": scored.scores[bad], "defect_maps": scored.maps[bad],
-                   "defect_masks": test["masks"][bad]}
+        pick = lambda values, keep: [values[i] for i in np.flatnonzero(keep)]  # noqa: E731 - arrays or lists
+        good_maps = [*good_maps, *pick(scored.maps, good)]
+        defects = {"defect_scores": scored.scores[bad], "defect_maps": pick(scored.maps, bad),
+                   "defect_masks": pick(test["masks"], bad)}
     elif method != "quantile":
         raise ValueError(f"--method {method!r} is not allowed; choose quantile or f1")
     threshold = calibrate(good_scores, good_maps, quantile=quantile, **defects)
@@ -234,6 +243,7 @@ def resolve_threshold(bundle: Any, detector: torch.nn.Module, device: torch.devi
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """`anoddpm evaluate`: score the test set, write metrics + report into --out; returns the exit code."""
+    from anoddpm.tiled import resolution
     from eval.metrics import compute_metrics
     from eval.report import write_report
 
@@ -252,7 +262,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         seconds_per_image=scored.seconds_per_image, per_image={"name": test["names"]}, inputs=test["images"],
         reconstructions=scored.reconstructions, maps=scored.maps, masks=test["masks"],
         extra={"model": str(args.model), "data": str(root), "category": args.category,
-               "detect": detect_dict(detector), "device": str(device), "calibration": threshold,
+               "detect": detect_dict(detector), "resolution": resolution(detector.cfg), "device": str(device),
+               "calibration": threshold,
                "threshold_source": source})
     _print_summary(metrics, image_t, scored.seconds_per_image, len(test["paths"]), written["index.html"])
     _print_per_type(json.loads(written["metrics.json"].read_text()))

@@ -237,6 +237,63 @@ def load_image(path: str | Path, channels: int, image_size: int, resize_policy: 
     return preprocess(read_image(path, channels, max_pixels), image_size, resize_policy)
 
 
+def scaled_hw(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(h, w) of a height x width image scaled by `scale` (rounded, at least 1 px each)."""
+    if not scale > 0:
+        raise ValueError(f"tile_scale={scale} must be positive")
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _rescale(arr: np.ndarray, scale: float, resample: Image.Resampling) -> np.ndarray:
+    """[H, W, C] -> [h, w, C] scaled by `scale`, aspect ratio kept."""
+    return _resize(arr, scaled_hw(arr.shape[0], arr.shape[1], scale), resample)
+
+
+def rescale(image: np.ndarray, scale: float) -> np.ndarray:
+    """float [H, W, C] in [0, 1] -> float32 [C, h, w] in [0, 1] scaled by `scale` (bilinear), for tiling."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise ValueError(f"image must be [H, W] or [H, W, C], got shape {image.shape}")
+    out = _rescale(image.astype(np.float32, copy=False), scale, Image.Resampling.BILINEAR)
+    return np.ascontiguousarray(out.transpose(2, 0, 1).clip(0.0, 1.0), dtype=np.float32)
+
+
+def rescale_mask(mask: np.ndarray, scale: float) -> np.ndarray:
+    """bool [H, W] -> bool [h, w] with the geometry of rescale() (nearest)."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be [H, W], got shape {mask.shape}")
+    return _rescale(mask.astype(np.uint8)[..., None] * 255, scale, Image.Resampling.NEAREST)[..., 0] > 127
+
+
+def model_image(image: np.ndarray, image_size: int, resize_policy: str, tile_size: int = 0,
+                tile_scale: float = 1.0) -> np.ndarray:
+    """float [H, W, C] in [0, 1] as the model sees it: float32 [C, S, S] (tile_size 0: preprocess) or
+    [C, h, w] rescaled by tile_scale (tiling)."""
+    if tile_size:
+        return rescale(image, tile_scale)
+    return preprocess(image, image_size, resize_policy)
+
+
+def model_mask(mask: np.ndarray, image_size: int, resize_policy: str, tile_size: int = 0,
+               tile_scale: float = 1.0) -> np.ndarray:
+    """bool [H, W] with the geometry of model_image()."""
+    if tile_size:
+        return rescale_mask(mask, tile_scale)
+    return preprocess_mask(mask, image_size, resize_policy)
+
+
+def load_model_image(path: str | Path, channels: int, image_size: int, resize_policy: str, tile_size: int = 0,
+                     tile_scale: float = 1.0, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """read_image + model_image: a file -> float32 [C, S, S] or, tiling, [C, h, w]."""
+    return model_image(read_image(path, channels, max_pixels), image_size, resize_policy, tile_size, tile_scale)
+
+
+def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
+    """float [h, w] -> float32 [height, width] (bilinear): a map of a rescaled image back at the file's size."""
+    return _resize(np.asarray(amap, dtype=np.float32)[..., None], (height, width), Image.Resampling.BILINEAR)[..., 0]
+
+
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a defect mask -> bool [H, W] (True where the grey value is > 127)."""
     return read_image(path, channels=1)[..., 0] > 127.5 / 255.0

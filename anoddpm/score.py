@@ -12,7 +12,8 @@
 * ``--save-maps`` writes ``DIR/maps/<stem>.png`` (sub-folders mirror the inputs' common parent, so
   equal stems in different folders do not collide): 8-bit grey of ``map / (2 * threshold)``
   clipped to [0, 1], i.e. 128 is a pixel that alone would reach the image threshold (with
-  ``--score max``) and 255 is twice that. Without a calibrated threshold the scale is 1.
+  ``--score max``) and 255 is twice that. Without a calibrated threshold the scale is 1. A tiled bundle
+  (``data.tile_size``) writes maps of each input file's own size; otherwise maps are S x S.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ from anoddpm.atomic import atomic_write_text
 from anoddpm.cli import detect_overrides
 from anoddpm.config import Config
 from anoddpm.evaluate import same_detect_settings
-from anoddpm.imageio import list_images, load_image, save_png
-from anoddpm.scoring_loop import batched, forward_batch
+from anoddpm.imageio import image_hw, list_images, load_model_image, resize_map, save_png
+from anoddpm.scoring_loop import batched, forward_images
 
 SCORE_FIELDS = ("path", "pred_score", "pred_label", "threshold", "seconds")
 ERROR_FIELDS = ("path", "error")
@@ -150,6 +151,7 @@ def score_command(args: argparse.Namespace) -> int:
     from anoddpm.bundle import load_bundle
     from anoddpm.detector import Detector
     from anoddpm.device import resolve_device
+    from anoddpm.tiled import inspection_detector
 
     rank, world, dist_device = _dist_setup(args.device)
     try:
@@ -158,7 +160,7 @@ def score_command(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         bundle = load_bundle(args.model, map_location=device)
         overrides = {k: v for k, v in detect_overrides(args).items() if v is not None}
-        detector = Detector.from_bundle(bundle, device, **overrides).eval()
+        detector = inspection_detector(Detector.from_bundle(bundle, device, **overrides).eval(), args.batch_size)
         threshold = None if bundle.threshold is None else float(bundle.threshold["image"])
         if rank == 0 and threshold is None:
             print("anoddpm score: the bundle has no threshold (run `anoddpm calibrate`); pred_label is left empty",
@@ -197,7 +199,12 @@ def score_command(args: argparse.Namespace) -> int:
 
 def _load(path: Path, cfg: Config) -> np.ndarray:
     d = cfg.data
-    return load_image(path, d.channels, d.image_size, d.resize_policy)
+    return load_model_image(path, d.channels, d.image_size, d.resize_policy, d.tile_size, d.tile_scale)
+
+
+def _file_sized(amap: np.ndarray, path: Path, cfg: Config) -> np.ndarray:
+    """A tiled map [h, w] of the image rescaled by data.tile_scale, back at the file's own size (bilinear)."""
+    return resize_map(amap, *image_hw(path)) if cfg.data.tile_size else amap
 
 
 def _score_shard(detector: torch.nn.Module, cfg: Config, paths: list[Path], device: torch.device,
@@ -214,7 +221,7 @@ def _score_shard(detector: torch.nn.Module, cfg: Config, paths: list[Path], devi
                     errors.append(_report_error(str(path), str(err) or type(err).__name__))
             errors_file.write(errors)
             if good:
-                result = forward_batch(detector, np.stack(arrays), device)
+                result = forward_images(detector, arrays, device)
                 per_image = result.seconds / len(good)
                 rows = []
                 for path, score, amap in zip(good, result.scores, result.maps):
@@ -223,6 +230,7 @@ def _score_shard(detector: torch.nn.Module, cfg: Config, paths: list[Path], devi
                                  "threshold": "" if threshold is None else repr(threshold),
                                  "seconds": f"{per_image:.6f}"})
                     if args.save_maps:
-                        save_png(out / "maps" / _map_name(path, root), np.clip(amap / scale, 0.0, 1.0))
+                        save_png(out / "maps" / _map_name(path, root),
+                                 np.clip(_file_sized(amap, path, cfg) / scale, 0.0, 1.0))
                 scores_file.write(rows)
             bar.update(len(chunk))

@@ -18,22 +18,23 @@ from tqdm import tqdm
 @dataclass
 class BatchResult:
     """Host copies of one forward pass: maps [B, S, S] float32, scores [B] float64, reconstructions
-    [B, C, S, S] float32 in [0, 1], seconds of wall time."""
+    [B, C, S, S] float32 in [0, 1], seconds of wall time (tiled: maps a list of [H_i, W_i], no reconstructions)."""
 
-    maps: np.ndarray
+    maps: np.ndarray | list[np.ndarray]
     scores: np.ndarray
-    reconstructions: np.ndarray
+    reconstructions: np.ndarray | None
     seconds: float
 
 
 @dataclass
 class ScoredSet:
     """Scores [N], maps [N, S, S] float32, reconstructions [N, C, S, S] float16 (None if not kept) and
-    mean forward seconds per image."""
+    mean forward seconds per image; tiled (anoddpm.tiled), maps and reconstructions are lists of [H_i, W_i]
+    and [C, H_i, W_i], the images' own sizes."""
 
     scores: np.ndarray
-    maps: np.ndarray | None
-    reconstructions: np.ndarray | None
+    maps: np.ndarray | list[np.ndarray] | None
+    reconstructions: np.ndarray | list[np.ndarray] | None
     seconds_per_image: float
 
 
@@ -62,6 +63,20 @@ def forward_batch(detector: torch.nn.Module, images: torch.Tensor | np.ndarray,
                        reconstructions=recon.float().cpu().numpy(), seconds=seconds)
 
 
+def forward_images(detector: Any, images: Sequence[np.ndarray], device: torch.device) -> BatchResult:
+    """Run a Detector on images [C, S, S] stacked into one batch, or a TiledDetector on images of any size."""
+    from anoddpm.tiled import TiledDetector
+
+    if isinstance(detector, TiledDetector):
+        return detector.forward_images(images, device)
+    return forward_batch(detector, np.stack(images), device)
+
+
+def stack_if_same(arrays: Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One stacked array when every array has the same shape, else the list itself (native sizes differ)."""
+    return np.stack(arrays) if len({a.shape for a in arrays}) == 1 else list(arrays)
+
+
 def batched(items: Iterable, batch_size: int) -> Iterator[list]:
     """Group an iterable into lists of at most batch_size items."""
     if batch_size < 1:
@@ -80,8 +95,13 @@ def score_images(detector: torch.nn.Module, images: Sequence, device: torch.devi
                  keep_maps: bool = True, keep_reconstructions: bool = False, desc: str | None = None) -> ScoredSet:
     """Score a sequence of [C, S, S] images (tensors or arrays in [0, 1]) in batches, with a tqdm bar.
 
-    Reconstructions are kept as float16 (only for report figures) to halve their memory.
+    Reconstructions are kept as float16 (only for report figures) to halve their memory. A TiledDetector
+    (anoddpm.tiled) scores images of any size, one at a time, its tiles in batches of its own batch size.
     """
+    from anoddpm.tiled import TiledDetector, score_tiled_set
+
+    if isinstance(detector, TiledDetector):
+        return score_tiled_set(detector, images, device, keep_maps, keep_reconstructions, desc)
     n = len(images)
     if n == 0:
         raise ValueError("no images to score")

@@ -25,11 +25,15 @@ FAMILIES = ("noise", "stripes", "grains")
 DEFECTS = ("scratch", "hole", "stain", "crack")
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    """White noise low-passed by a Gaussian of ``sigma`` px (FFT) -> zero mean, unit std [size, size]."""
-    white = rng.standard_normal((size, size))
-    f = np.fft.fftfreq(size)
-    k2 = f[:, None] ** 2 + f[None, :] ** 2
+def _hw(shape: int | tuple[int, int]) -> tuple[int, int]:
+    return (shape, shape) if isinstance(shape, int) else shape
+
+
+def _smooth_noise(rng: np.random.Generator, shape: int | tuple[int, int], sigma: float) -> np.ndarray:
+    """White noise low-passed by a Gaussian of ``sigma`` px (FFT) -> zero mean, unit std [h, w] (int: square)."""
+    h, w = _hw(shape)
+    white = rng.standard_normal((h, w))
+    k2 = np.fft.fftfreq(h)[:, None] ** 2 + np.fft.fftfreq(w)[None, :] ** 2
     out = np.fft.ifft2(np.fft.fft2(white) * np.exp(-2.0 * (np.pi * sigma) ** 2 * k2)).real
     return (out - out.mean()) / (out.std() + 1e-12)
 
@@ -47,19 +51,20 @@ def _family_params(rng: np.random.Generator, size: int) -> dict:
     }
 
 
-def _texture(rng: np.random.Generator, size: int, p: dict) -> np.ndarray:
-    """One good image of the category's family: float64 [size, size], about mean +- 3 contrast."""
+def _texture(rng: np.random.Generator, size: int | tuple[int, int], p: dict) -> np.ndarray:
+    """One good image of the category's family: float64 [size, size] (or [h, w]), about mean +- 3 contrast."""
     jitter = rng.uniform(0.9, 1.1)
+    h, w = _hw(size)
     if p["family"] == "noise":
         tex = _smooth_noise(rng, size, p["sigma"] * jitter) + 0.3 * _smooth_noise(rng, size, p["sigma"] / 4)
     elif p["family"] == "stripes":
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
         angle = p["angle"] + rng.normal(0.0, 0.03)
         u = xx * np.cos(angle) + yy * np.sin(angle)
         tex = 1.4 * np.sin(2 * np.pi * u / (p["period"] * jitter) + rng.uniform(0, 2 * np.pi))
         tex += 0.4 * _smooth_noise(rng, size, 1.0)
     else:
-        tex = _smooth_noise(rng, size, p["grain"] * jitter) + 0.5 * _smooth_noise(rng, size, size / 6)
+        tex = _smooth_noise(rng, size, p["grain"] * jitter) + 0.5 * _smooth_noise(rng, size, min(h, w) / 6)
     return np.clip(p["mean"] + p["contrast"] * tex, 0.0, 1.0)
 
 
@@ -172,6 +177,15 @@ def make_synthetic_dataset(out: str | Path, category: str = "synthetic", size: i
 def synth_command(args: argparse.Namespace) -> int:
     """CLI handler of `anoddpm synth`; prints a one-line summary."""
     start = time.perf_counter()
+    if args.frame_size:
+        from anoddpm.frames import make_frame_dataset, parse_frame_size
+
+        width, height = parse_frame_size(args.frame_size)
+        root = make_frame_dataset(args.out, args.category, (height, width), args.n_train, args.n_test_good,
+                                  args.n_test_defect, args.seed)
+        print(f"synth: wrote {args.n_train} train/good, {args.n_test_good} test/good, {args.n_test_defect} defect "
+              f"frames of {width}x{height} px to {root} in {time.perf_counter() - start:.1f} s")
+        return 0
     root = make_synthetic_dataset(args.out, args.category, args.size, args.n_train, args.n_test_good,
                                   args.n_test_defect, args.seed)
     counts = {k: len(list((root / "test" / k).glob("*.png"))) for k in DEFECTS if (root / "test" / k).is_dir()}

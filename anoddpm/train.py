@@ -47,6 +47,7 @@ from anoddpm.device import resolve_device
 from anoddpm.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
 from anoddpm.imageio import save_png
 from anoddpm.intensity import model_inputs
+from anoddpm.tiled import as_tiles, random_tiles
 from anoddpm.unet import build_unet
 
 CHECKPOINT_FORMAT = 1
@@ -284,9 +285,10 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         train_ds, val_ds, fingerprint = load_training_data(cfg, data_root, category, tc.seed)
         n = len(train_ds)
         model = build_unet(cfg).to(dev)
-        if cfg.data.train_crop % model.size_multiple:
-            raise ValueError(f"data.train_crop={cfg.data.train_crop} must be a multiple of {model.size_multiple} "
-                             f"for model.preset={cfg.model.preset}")
+        for name in ("train_crop", "tile_size"):
+            if getattr(cfg.data, name) % model.size_multiple:
+                raise ValueError(f"data.{name}={getattr(cfg.data, name)} must be a multiple of {model.size_multiple} "
+                                 f"for model.preset={cfg.model.preset}")
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         diffusion = GaussianDiffusion.from_config(dc).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -330,11 +332,16 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                 idx = batch_indices(tc.seed, n, start, tc.batch_size)
                 if getattr(train_ds, "transform", None) is not None:  # augmentation as a pure function of the step
                     train_ds.transform.set_random_seed(int(np.random.SeedSequence([tc.seed, s, dist.rank]).generate_state(1)[0]))
-                images = torch.stack([torch.as_tensor(train_ds[i]) for i in idx])
-                yield random_crops(images, cfg.data.train_crop, tc.seed, s, dist.rank).to(dev, non_blocking=True)
+                items = [torch.as_tensor(train_ds[i]) for i in idx]
+                if cfg.data.tile_size:  # native resolution: images differ in size, each gives one random tile
+                    images = random_tiles(items, cfg.data.tile_size, tc.seed, s, dist.rank)
+                else:
+                    images = random_crops(torch.stack(items), cfg.data.train_crop, tc.seed, s, dist.rank)
+                yield images.to(dev, non_blocking=True)
                 s += 1
 
-        preview = torch.stack([torch.as_tensor(val_ds[i]) for i in range(min(4, len(val_ds)))]).to(dev)
+        preview_set = as_tiles(val_ds, cfg)
+        preview = torch.stack([torch.as_tensor(preview_set[i]) for i in range(min(4, len(preview_set)))]).to(dev)
         t_max = max(1, int(dc.t_max_fraction * dc.timesteps))
         t_min = min(int(dc.t_min_fraction * dc.timesteps), t_max - 1)  # both fractions may round to one t
         autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
@@ -409,9 +416,9 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             if with_head and not interrupted:
                 head_minutes = None if tc.max_minutes is None else max(0.0, tc.max_minutes - elapsed / 60)
                 log_fn = functools.partial(append_jsonl, out / "log.jsonl")
-                head = _train_head_phase(cfg, ema, diffusion, train_ds, dev, tc.max_steps - max_steps,
+                head = _train_head_phase(cfg, ema, diffusion, as_tiles(train_ds, cfg), dev, tc.max_steps - max_steps,
                                          head_minutes, log_fn)
-                head_state = _checked_head(cfg, ema, diffusion, head, val_ds, dev, log_fn)
+                head_state = _checked_head(cfg, ema, diffusion, head, as_tiles(val_ds, cfg), dev, log_fn)
             save_bundle(bundle, cfg=cfg, state_dict=ema.state_dict(), fingerprint=fingerprint,
                         head_state_dict=head_state)
             print(f"bundle: {bundle}", flush=True)
@@ -487,10 +494,11 @@ def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device,
     from anoddpm.bundle import load_bundle
     from anoddpm.detector import Detector
     from anoddpm.evaluate import fitted_reference, score_good_and_fit_reference
+    from anoddpm.tiled import inspection_detector
     from eval.threshold import calibrate
 
     bundle = load_bundle(bundle_path, map_location=device)
-    detector = Detector.from_bundle(bundle, device).eval()
+    detector = inspection_detector(Detector.from_bundle(bundle, device).eval(), bundle.cfg.train.batch_size)
     scored = score_good_and_fit_reference(detector, val_ds, device, bundle.cfg.train.batch_size, bank_images=train_ds)
     threshold = calibrate(scored.scores, scored.maps, quantile=bundle.cfg.detect.threshold_quantile)
     threshold["detect"] = bundle.cfg.to_dict()["detect"]

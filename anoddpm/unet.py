@@ -231,7 +231,7 @@ def build_unet(cfg: Config) -> UNet:
         channel_mults=arch.channel_mults,
         num_res_blocks=arch.num_res_blocks,
         attention_resolutions=arch.attention_resolutions,
-        image_size=cfg.data.image_size,
+        image_size=cfg.data.input_side,
         num_heads=cfg.model.num_heads,
         dropout=cfg.model.dropout,
     )

@@ -36,8 +36,7 @@ def onnx_metadata(cfg: Config, threshold: Mapping[str, Any], fingerprint: Mappin
         "torch_version": str(torch.__version__),
         "config": json.dumps(cfg.to_dict()),
         "threshold": json.dumps(dict(threshold)),
-        "preprocessing": json.dumps({"image_size": cfg.data.image_size, "channels": cfg.data.channels,
-                                     "resize_policy": cfg.data.resize_policy}),
+        "preprocessing": json.dumps(cfg.data.preprocessing()),
         "fingerprint": json.dumps(dict(fingerprint)),
         "steps": str(cfg.detect.steps),
     }
@@ -97,7 +96,7 @@ def export_onnx(bundle_path: str | Path, out_path: str | Path, steps: int | None
               file=sys.stderr)
     names = (*OUTPUT_NAMES, "reconstruction") if with_reconstruction else OUTPUT_NAMES
     return export_module(_InspectionGraph(detector, with_reconstruction), out_path, channels=cfg.data.channels,
-                         image_size=cfg.data.image_size,
+                         image_size=cfg.data.input_side,
                          metadata=onnx_metadata(cfg, bundle.threshold, bundle.fingerprint), output_names=names)
 
 

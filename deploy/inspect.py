@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from anoddpm.atomic import append_jsonl
-from anoddpm.imageio import list_images, save_png
+from anoddpm.imageio import image_hw, list_images, save_png
 from deploy.runtime import Inspector
 from deploy.watch import Snapshot, claim, free_name, restore_claims, snapshot, watch_folder
 
@@ -132,7 +132,10 @@ def inspect_paths(recorder: Recorder, paths: Sequence[Path],
             started.append(t0)
         if not arrays:
             continue
-        results = inspector.results(np.stack(arrays))
+        if inspector.tile_size:  # images of any size; maps come back at each file's own size
+            results = inspector.results(arrays, [image_hw(path) for path, _ in loaded])
+        else:
+            results = inspector.results(np.stack(arrays))
         finished = time.perf_counter()
         for (path, snap), result, t0 in zip(loaded, results, started):
             recorder.result(path, result, (finished - t0) * 1e3, snap)

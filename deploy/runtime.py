@@ -3,6 +3,10 @@
 numpy + onnxruntime + anoddpm.imageio only (no torch), so a line PC needs only
 deploy/requirements.txt. Images are read and resized by the same ``preprocess()`` as training;
 the threshold and the preprocessing travel inside the ONNX metadata.
+
+A tiled model (``data.tile_size`` T > 0 in its preprocessing) keeps the graph at one batch of T x T tiles:
+the Inspector rescales each image by ``tile_scale``, cuts, stitches and scores it with ``eval.tiling`` (the
+module the PyTorch path uses) and returns maps of each input's own size.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from anoddpm.imageio import array_image, as_image_list, load_image, preprocess, read_any
+from anoddpm.imageio import array_image, as_image_list, load_model_image, model_image, read_any, resize_map
+from eval.tiling import Stitcher, image_score, tile_batches
 
 ONNX_FORMAT_VERSION = 1
 INPUT_NAME = "images"
@@ -118,6 +123,12 @@ class Inspector:
         self.image_size = int(prep["image_size"])
         self.channels = int(prep["channels"])
         self.resize_policy = str(prep["resize_policy"])
+        self.tile_size = int(prep.get("tile_size", 0))  # models exported before tiling have none
+        self.tile_scale = float(prep.get("tile_scale", 1.0))
+        self.tile_stride = int(prep.get("tile_stride", 0))
+        detect = self.metadata["config"].get("detect", {})
+        self.score_reduction, self.topk = str(detect.get("score", "max")), int(detect.get("topk", 100))
+        self.input_side = self.tile_size or self.image_size
         self.image_threshold, self.pixel_threshold = thresholds(self.metadata["threshold"])
         outputs = {o.name for o in self.session.get_outputs()}
         missing = [name for name in OUTPUT_NAMES if name not in outputs]
@@ -125,17 +136,20 @@ class Inspector:
             raise ValueError(f"{self.path} lacks the output(s) {', '.join(missing)}")
 
     def load(self, path: str | Path) -> np.ndarray:
-        """Read one image file -> float32 [C, S, S] in [0, 1], exactly as in training."""
-        return load_image(path, self.channels, self.image_size, self.resize_policy)
+        """Read one image file -> float32 [C, S, S] in [0, 1] (tiled: [C, h, w] rescaled), exactly as in training."""
+        return load_model_image(path, self.channels, self.image_size, self.resize_policy, self.tile_size,
+                                self.tile_scale)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """An in-memory image [H, W] / [H, W, C] (uint8, uint16 or float [0, 1]; C = 1, 3 or 4) -> float32
-        [C, S, S], its channels converted like a file's."""
-        return preprocess(array_image(image, self.channels), self.image_size, self.resize_policy)
+        [C, S, S] (tiled: [C, h, w]), its channels converted like a file's."""
+        return model_image(array_image(image, self.channels), self.image_size, self.resize_policy, self.tile_size,
+                           self.tile_scale)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [B, C, S, S] in [0, 1] -> (anomaly_map [B, S, S], pred_score [B]), in `batch_size` chunks."""
-        expected = (self.channels, self.image_size, self.image_size)
+        """float32 [B, C, S, S] in [0, 1] -> (anomaly_map [B, S, S], pred_score [B]), in `batch_size` chunks
+        (S = the tile size for a tiled model: a batch of tiles)."""
+        expected = (self.channels, self.input_side, self.input_side)
         if batch.ndim != 4 or batch.shape[1:] != expected:
             raise ValueError(f"batch of shape {batch.shape} does not fit this model: it needs [B, {expected[0]}, "
                              f"{expected[1]}, {expected[2]}]")
@@ -149,9 +163,28 @@ class Inspector:
             return np.zeros((0, *expected[1:]), np.float32), np.zeros(0, np.float32)
         return np.concatenate(maps), np.concatenate(scores)
 
-    def results(self, batch: np.ndarray) -> list[dict[str, Any]]:
-        """float32 [B, C, S, S] -> one dict per image: pred_score, pred_label, anomaly_map [S, S], pred_mask."""
-        maps, scores = self.run(batch)
+    def score_image(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """Tiled model: one image [C, h, w] in [0, 1] -> (stitched anomaly map float32 [h, w], image score)."""
+        if not self.tile_size:
+            raise ValueError(f"{self.path} is not a tiled model (its data.tile_size is 0); use run()")
+        maps = Stitcher(1, image.shape[1], image.shape[2], self.tile_size)
+        for tiles, offsets in tile_batches(image, self.tile_size, self.tile_stride, self.batch_size):
+            maps.add(self.run(tiles)[0][:, None], offsets)
+        amap = maps.result()[0]
+        return amap, image_score(amap, self.score_reduction, self.topk)
+
+    def results(self, batch: np.ndarray | Sequence[np.ndarray],
+                sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+        """float32 [B, C, S, S] -> one dict per image: pred_score, pred_label, anomaly_map [S, S], pred_mask.
+
+        A tiled model takes B prepared images [C, h_i, w_i] and returns maps of `sizes` [(H_i, W_i)], the
+        inputs' own sizes (default: the prepared sizes)."""
+        if self.tile_size:
+            sizes = sizes or [tuple(x.shape[1:]) for x in batch]
+            scored = [self.score_image(np.asarray(x, np.float32)) for x in batch]
+            maps, scores = [resize_map(amap, *size) for (amap, _), size in zip(scored, sizes)], [s for _, s in scored]
+        else:
+            maps, scores = self.run(np.asarray(batch))
         results = []
         for amap, score in zip(maps, scores):
             label, mask = verdict(float(score), amap, self.image_threshold, self.pixel_threshold)
@@ -162,15 +195,18 @@ class Inspector:
         """One image or a list of image paths, PIL images and/or arrays -> one result dict per image (see
         `results`), plus `path` (None for in-memory images).
 
-        A file that cannot be read raises ValueError/FileNotFoundError naming it.
+        A file that cannot be read raises ValueError/FileNotFoundError naming it. A tiled model returns maps
+        and masks of each input's own size.
         """
         images = as_image_list(images)
         out: list[dict[str, Any]] = []
         for start in range(0, len(images), self.batch_size):
             items = images[start:start + self.batch_size]
-            batch = np.stack([preprocess(read_any(x, self.channels), self.image_size, self.resize_policy)
-                              for x in items])
-            for item, result in zip(items, self.results(batch)):
+            originals = [read_any(x, self.channels) for x in items]
+            batch = [model_image(x, self.image_size, self.resize_policy, self.tile_size, self.tile_scale)
+                     for x in originals]
+            sizes = [x.shape[:2] for x in originals]
+            for item, result in zip(items, self.results(batch if self.tile_size else np.stack(batch), sizes)):
                 result["path"] = str(item) if isinstance(item, (str, Path)) else None
                 out.append(result)
         return out

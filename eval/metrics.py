@@ -4,7 +4,8 @@ Conventions (shared with threshold.py and report.py):
 
 * ``scores`` [N] float image scores (higher = more anomalous), ``labels`` [N] in {0, 1}
   (1 = defect), ``maps`` [N, H, W] float anomaly maps, ``masks`` [N, H, W] bool ground truth
-  (all False for good images).
+  (all False for good images). Maps at native resolution (tiling) differ in size: ``maps`` and ``masks`` may
+  then be sequences of N arrays [H_i, W_i], each mask the shape of its map; pixels count image after image.
 * Label rule: ``pred = score > threshold`` for images and ``pred = map > threshold`` for pixels.
 * A metric that is undefined on the given data is ``None``, never NaN: AUROC needs both
   classes; AP and F1-max need at least one positive; pixel metrics need ``maps``/``masks``;
@@ -16,6 +17,7 @@ Conventions (shared with threshold.py and report.py):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -40,16 +42,37 @@ def _as_scores_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     return scores, labels.astype(np.int64)
 
 
-def _as_maps_masks(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    maps = np.asarray(maps)
-    masks = np.asarray(masks).astype(bool)
-    if maps.ndim != 3 or maps.shape != masks.shape:
-        raise ValueError(f"maps and masks must both be [N, H, W] of equal shape, got {maps.shape} and {masks.shape}")
-    if maps.size == 0:
+@dataclass(frozen=True)
+class _Pixels:
+    """Every pixel of N maps, image after image: values [P] float, targets [P] bool, image index [P] int."""
+
+    values: np.ndarray
+    targets: np.ndarray
+    image: np.ndarray
+    masks: list[np.ndarray]  # the N masks [H_i, W_i]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.masks)
+
+
+def _as_maps_masks(maps: np.ndarray | Sequence[np.ndarray], masks: np.ndarray | Sequence[np.ndarray]) -> _Pixels:
+    if isinstance(maps, np.ndarray) or isinstance(masks, np.ndarray):
+        maps, masks = np.asarray(maps), np.asarray(masks).astype(bool)
+        if maps.ndim != 3 or maps.shape != masks.shape:
+            raise ValueError(f"maps and masks must both be [N, H, W] of equal shape, got {maps.shape} and {masks.shape}")
+    maps = [np.asarray(m) for m in maps]
+    masks = [np.asarray(m).astype(bool) for m in masks]
+    if len(maps) != len(masks) or any(a.ndim != 2 or a.shape != b.shape for a, b in zip(maps, masks)):
+        raise ValueError(f"maps and masks must be N maps [H_i, W_i] and N masks of the same shapes, got "
+                         f"{[a.shape for a in maps][:3]}... and {[b.shape for b in masks][:3]}...")
+    values = np.concatenate([m.reshape(-1) for m in maps]) if maps else np.zeros(0)
+    if values.size == 0:
         raise ValueError("maps is empty: need at least one pixel")
-    if not np.all(np.isfinite(maps)):
+    if not np.all(np.isfinite(values)):
         raise ValueError("maps contains NaN or inf")
-    return maps, masks
+    image = np.repeat(np.arange(len(maps)), [m.size for m in maps])
+    return _Pixels(values, np.concatenate([m.reshape(-1) for m in masks]), image, masks)
 
 
 def _subsample_index(size: int, max_pixels: int) -> np.ndarray | slice:
@@ -65,9 +88,9 @@ def _subsample_values(values: np.ndarray, max_pixels: int) -> np.ndarray:
     return values[_subsample_index(values.size, max_pixels)]
 
 
-def _subsample(values: np.ndarray, targets: np.ndarray, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    index = _subsample_index(values.size, max_pixels)
-    return values.reshape(-1)[index], targets.reshape(-1)[index]
+def _subsample(pixels: _Pixels, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    index = _subsample_index(pixels.values.size, max_pixels)
+    return pixels.values[index], pixels.targets[index].astype(np.int64)
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
@@ -103,16 +126,12 @@ def image_f1_max(scores: np.ndarray, labels: np.ndarray) -> float | None:
 
 def pixel_auroc(maps: np.ndarray, masks: np.ndarray, max_pixels: int = MAX_PIXELS) -> float | None:
     """ROC AUC over pixels of maps [N,H,W] vs masks [N,H,W]; deterministic subsample above max_pixels."""
-    maps, masks = _as_maps_masks(maps, masks)
-    values, targets = _subsample(maps, masks, max_pixels)
-    return _auroc(values, targets.astype(np.int64))
+    return _auroc(*_subsample(_as_maps_masks(maps, masks), max_pixels))
 
 
 def pixel_f1_max(maps: np.ndarray, masks: np.ndarray, max_pixels: int = MAX_PIXELS) -> float | None:
     """Best pixel F1 over all map thresholds; None without defect pixels."""
-    maps, masks = _as_maps_masks(maps, masks)
-    values, targets = _subsample(maps, masks, max_pixels)
-    return _f1_max(values, targets.astype(np.int64))
+    return _f1_max(*_subsample(_as_maps_masks(maps, masks), max_pixels))
 
 
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -123,6 +142,16 @@ def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return regions, int(count)
 
 
+def _region_ids(pixels: _Pixels) -> tuple[np.ndarray, int]:
+    """Connected defect region of every pixel [P] (0 = none; 8-connectivity within each image) and their count."""
+    ids, count = [], 0
+    for mask in pixels.masks:
+        regions, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        ids.append(np.where(regions > 0, regions + count, 0).reshape(-1))
+        count += int(n)
+    return np.concatenate(ids), count
+
+
 def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-region-overlap curve -> (fpr, pro), both [K] non-decreasing from (0, 0) to (1, 1).
 
@@ -130,13 +159,12 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
     non-defect pixels (over all images) above t and pro is the mean, over ground-truth regions,
     of the share of each region's pixels above t. One sort instead of a pass per threshold.
     """
-    maps, masks = _as_maps_masks(maps, masks)
-    regions, count = label_regions(masks)
-    n_background = int((~masks).sum())
+    pixels = _as_maps_masks(maps, masks)
+    regions, count = _region_ids(pixels)
+    n_background = int((~pixels.targets).sum())
     if count == 0 or n_background == 0:
         raise ValueError("the PRO curve needs at least one defect pixel and one non-defect pixel in masks")
-    values = maps.reshape(-1)
-    regions = regions.reshape(-1)
+    values = pixels.values
     order = np.argsort(values)[::-1]  # order inside a run of ties does not matter (see below)
     sorted_values = values[order]
     sorted_regions = regions[order]
@@ -163,8 +191,8 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float 
     """Area under the PRO curve for FPR in [0, fpr_limit], divided by fpr_limit -> [0, 1]; None if undefined."""
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    maps, masks = _as_maps_masks(maps, masks)
-    if not masks.any() or masks.all():
+    targets = _as_maps_masks(maps, masks).targets
+    if not targets.any() or targets.all():
         return None
     fpr, pro = pro_curve(maps, masks)
     return area_under_curve(fpr, pro, fpr_limit) / fpr_limit
@@ -175,8 +203,8 @@ def dice_iou(maps: np.ndarray, masks: np.ndarray, threshold: float) -> tuple[flo
 
     Both are 1.0 when prediction and ground truth are both empty (nothing to find, nothing found).
     """
-    maps, masks = _as_maps_masks(maps, masks)
-    pred = maps > threshold
+    pixels = _as_maps_masks(maps, masks)
+    pred, masks = pixels.values > threshold, pixels.targets
     tp = int(np.count_nonzero(pred & masks))
     fp = int(np.count_nonzero(pred & ~masks))
     fn = int(np.count_nonzero(~pred & masks))
@@ -213,13 +241,14 @@ def per_type_pixel_auroc(maps: np.ndarray, masks: np.ndarray, defect_types: Sequ
     maps [N,H,W], masks [N,H,W], defect_types [N]; types without mask pixels are not keys. Each side is
     subsampled to at most ``max_pixels`` with the fixed seed, as for ``pixel_auroc``.
     """
-    maps, masks = _as_maps_masks(maps, masks)
-    types = _defect_types_per_image(defect_types, maps.shape[0])
-    normal = _subsample_values(maps[~masks], max_pixels)
+    pixels = _as_maps_masks(maps, masks)
+    types = _defect_types_per_image(defect_types, pixels.n_images)
+    values, masks = pixels.values, pixels.targets
+    normal = _subsample_values(values[~masks], max_pixels)
     result: dict[str, float | None] = {}
-    for name in sorted({str(t) for t in types[masks.any(axis=(1, 2))]}):
-        of_type = masks & (types == name)[:, None, None]
-        defect = _subsample_values(maps[of_type], max_pixels)
+    for name in sorted({str(t) for t in types[[bool(m.any()) for m in pixels.masks]]}):
+        of_type = masks & (types == name)[pixels.image]
+        defect = _subsample_values(values[of_type], max_pixels)
         targets = np.concatenate([np.zeros(normal.size, np.int64), np.ones(defect.size, np.int64)])
         result[name] = _auroc(np.concatenate([normal, defect]), targets)
     return result
@@ -227,9 +256,8 @@ def per_type_pixel_auroc(maps: np.ndarray, masks: np.ndarray, defect_types: Sequ
 
 def defect_pixel_share(masks: np.ndarray, defect_types: Sequence[str]) -> dict[str, float]:
     """Share of all defect pixels that each defect type holds, in [0, 1] -> {type: share}; pixel AUROC weighs types by it."""
-    masks = np.asarray(masks).astype(bool)
-    types = _defect_types_per_image(defect_types, masks.shape[0])
-    per_image = masks.reshape(masks.shape[0], -1).sum(axis=1)
+    types = _defect_types_per_image(defect_types, len(masks))
+    per_image = np.array([int(np.count_nonzero(m)) for m in masks], dtype=np.int64)
     total = int(per_image.sum())
     if total == 0:
         return {}
@@ -258,12 +286,12 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, maps: np.ndarray | N
     }
     if maps is None or masks is None:
         return result
-    maps, masks = _as_maps_masks(maps, masks)
-    if maps.shape[0] != scores.size:
-        raise ValueError(f"maps has {maps.shape[0]} images but scores has {scores.size}")
-    values, targets = _subsample(maps, masks, max_pixels)
-    result["pixel_auroc"] = _auroc(values, targets.astype(np.int64))
-    result["pixel_f1_max"] = _f1_max(values, targets.astype(np.int64))
+    pixels = _as_maps_masks(maps, masks)
+    if pixels.n_images != scores.size:
+        raise ValueError(f"maps has {pixels.n_images} images but scores has {scores.size}")
+    values, targets = _subsample(pixels, max_pixels)
+    result["pixel_auroc"] = _auroc(values, targets)
+    result["pixel_f1_max"] = _f1_max(values, targets)
     result["aupro"] = aupro(maps, masks, fpr_limit)
     threshold = pixel_threshold if pixel_threshold is not None else image_threshold
     if threshold is not None:

@@ -86,17 +86,19 @@ def plot_grid(inputs: np.ndarray, reconstructions: np.ndarray | None, maps: np.n
 
     inputs, reconstructions [K,C,H,W] in [0,1]; maps [K,H,W] (shown on one colour scale from 0
     to ``vmax``, default the largest map value); masks [K,H,W] bool filled and outlined on the input.
+    Each may also be a sequence of K arrays whose sizes differ from row to row (maps at native resolution).
     """
-    inputs = np.asarray(inputs)
-    maps = np.asarray(maps)
-    if inputs.ndim != 4 or maps.ndim != 3 or inputs.shape[0] != maps.shape[0] or inputs.shape[0] == 0:
+    inputs = [np.asarray(x) for x in inputs]
+    maps = [np.asarray(m) for m in maps]
+    if (not inputs or len(inputs) != len(maps) or any(x.ndim != 3 or m.ndim != 2 or x.shape[1:] != m.shape
+                                                      for x, m in zip(inputs, maps))):
         raise ValueError(f"plot_grid needs inputs [K,C,H,W] and maps [K,H,W] with K >= 1, "
-                         f"got {inputs.shape} and {maps.shape}")
+                         f"got {[x.shape for x in inputs][:2]} and {[m.shape for m in maps][:2]}")
     columns = ["input", "reconstruction", "anomaly map", "ground truth"]
     if reconstructions is None:
         columns.remove("reconstruction")
-    k = inputs.shape[0]
-    vmax = float(maps.max()) if vmax is None else vmax
+    k = len(inputs)
+    vmax = max(float(m.max()) for m in maps) if vmax is None else vmax
     fig, axes = plt.subplots(k, len(columns), figsize=(2.2 * len(columns), 2.2 * k), squeeze=False)
     for row in range(k):
         panels = {"input": _to_display(inputs[row]), "anomaly map": maps[row]}

@@ -162,8 +162,8 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, float | None], sc
         rows = select_grid_rows(scores, labels, grid_rows)
         titles = [f"{Path(str(paths[i])).name} {defect_types[i]} {scores[i]:.4g}" for i in rows]
         written["grid.png"] = plot_grid(
-            np.asarray(inputs)[rows], None if reconstructions is None else np.asarray(reconstructions)[rows],
-            np.asarray(maps)[rows], None if masks is None else np.asarray(masks)[rows], out / "grid.png", titles)
+            [inputs[i] for i in rows], None if reconstructions is None else [reconstructions[i] for i in rows],
+            [maps[i] for i in rows], None if masks is None else [masks[i] for i in rows], out / "grid.png", titles)
     images = [name for name in ("roc.png", "pr.png", "histogram.png", "grid.png") if name in written]
     written["index.html"] = out / "index.html"
     _write_html(written["index.html"], summary, images)

@@ -4,8 +4,11 @@ Label rule used everywhere: ``pred_label = pred_score > threshold`` (and ``map >
 for pixels). The default threshold comes from held-back good images only (a quantile of
 their scores); the F1-optimal threshold is used only when labelled defects are given.
 ``calibrate`` returns the dict stored in the bundle (the caller adds the ``detect`` key).
+Maps and masks are [M, H, W] arrays, or sequences of M arrays of different sizes (maps at native resolution).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import precision_recall_curve
@@ -14,8 +17,15 @@ MAX_PIXELS = 5_000_000
 _SUBSAMPLE_SEED = 0
 
 
+def _flat(values: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Every value of an array, or of a sequence of arrays of different shapes, in order -> [P]."""
+    if not isinstance(values, np.ndarray) and len(values) and np.ndim(values[0]) >= 1:
+        return np.concatenate([np.ravel(v) for v in values])
+    return np.asarray(values).reshape(-1)
+
+
 def _finite_1d(values: np.ndarray, name: str) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    values = _flat(values).astype(np.float64)
     if values.size == 0:
         raise ValueError(f"{name} is empty: need at least one value to calibrate a threshold")
     if not np.all(np.isfinite(values)):
@@ -76,8 +86,7 @@ def pixel_threshold(good_maps: np.ndarray, q: float = 0.999, max_pixels: int = M
 
 def f1_pixel_threshold(maps: np.ndarray, masks: np.ndarray, max_pixels: int = MAX_PIXELS) -> float:
     """Threshold maximising pixel F1 of ``maps > t`` vs masks [N,H,W] (needs defect and clean pixels)."""
-    maps = np.asarray(maps)
-    masks = np.asarray(masks).astype(bool)
+    maps, masks = _flat(maps), _flat(masks).astype(bool)
     if maps.shape != masks.shape:
         raise ValueError(f"maps and masks must have the same shape, got {maps.shape} and {masks.shape}")
     values, targets = _subsample(_finite_1d(maps, "maps"), max_pixels, masks)
@@ -107,9 +116,9 @@ def calibrate(good_scores: np.ndarray, good_maps: np.ndarray | None = None,
         image, method = quantile_threshold(good_scores, quantile), "quantile"
     pixel = None
     if good_maps is not None and defect_maps is not None and defect_masks is not None:
-        good_maps = np.asarray(good_maps)
-        maps = np.concatenate([good_maps, np.asarray(defect_maps)])
-        masks = np.concatenate([np.zeros(good_maps.shape, bool), np.asarray(defect_masks, bool)])
+        good_pixels = _flat(good_maps)
+        maps = np.concatenate([good_pixels, _flat(defect_maps)])
+        masks = np.concatenate([np.zeros(good_pixels.shape, bool), _flat(defect_masks).astype(bool)])
         pixel = f1_pixel_threshold(maps, masks)
     elif good_maps is not None:
         pixel = pixel_threshold(good_maps, pixel_quantile)
