@@ -8,7 +8,8 @@
 Every step is the one the CLI uses: the same ``preprocess()``, the bundle's ``Detector`` (under
 ``torch.inference_mode``) or the ONNX ``deploy.runtime.Inspector``, and the same label rule
 (``deploy.runtime.verdict``). The map comes back at the input image's size (bilinear, inverse of the
-resize policy's geometry); ``pred_mask`` is that map above the pixel threshold.
+resize policy's geometry); ``pred_mask`` is that map above the pixel threshold. A tiled model
+(``data.tile_size`` > 0) scores each image tile by tile at its own (scaled) size and stitches the map.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from anoddpm.imageio import as_image_list, preprocess, read_any, restore_map
+from anoddpm.imageio import as_image_list, preprocess, read_any, rescale, resize_map, restore_map
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class _TorchBackend:
         self.detector = Detector.from_bundle(bundle, self.device)
         data = self.detector.cfg.data
         self.image_size, self.channels, self.resize_policy = data.image_size, data.channels, data.resize_policy
+        self.tile_size, self.tile_scale = data.tile_size, data.tile_scale
         threshold = bundle.threshold
         if threshold is not None and not same_detect_settings(threshold.get("detect"), asdict(self.detector.cfg.detect)):
             log.warning("%s: its threshold was calibrated with other detection settings; pred_label and pred_mask "
@@ -64,6 +66,13 @@ class _TorchBackend:
 
         result = forward_batch(self.detector, batch, self.device)
         return result.maps, result.scores
+
+    def score_image(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """Tiled bundle: one image [C, h, w] -> (stitched map [h, w], score), as deploy.runtime.Inspector."""
+        from anoddpm.tiled import TiledDetector
+
+        amap, score, _, _ = TiledDetector(self.detector).score_image(image, self.device)
+        return amap, score
 
 
 class Model:
@@ -94,19 +103,25 @@ class Model:
         b = self.backend
         originals = [read_any(x, b.channels) for x in items]
         out: list[Prediction] = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = originals[start:start + self.batch_size]
-            batch = np.stack([preprocess(x, b.image_size, b.resize_policy) for x in chunk])
-            maps, scores = b.run(batch)
-            for k, (amap, score) in enumerate(zip(maps, scores)):
-                out.append(self._prediction(items[start + k], chunk[k].shape[:2], amap, float(score)))
+        if b.tile_size:  # native resolution: each image tiled at its own size, its map stitched
+            for item, image in zip(items, originals):
+                amap, score = b.score_image(rescale(image, b.tile_scale))
+                out.append(self._prediction(item, image.shape[:2], amap, float(score)))
+        else:
+            for start in range(0, len(items), self.batch_size):
+                chunk = originals[start:start + self.batch_size]
+                batch = np.stack([preprocess(x, b.image_size, b.resize_policy) for x in chunk])
+                maps, scores = b.run(batch)
+                for k, (amap, score) in enumerate(zip(maps, scores)):
+                    out.append(self._prediction(items[start + k], chunk[k].shape[:2], amap, float(score)))
         single = not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4)
         return out[0] if single else out
 
     def _prediction(self, item: Any, hw: Sequence[int], amap: np.ndarray, score: float) -> Prediction:
         from deploy.runtime import verdict
 
-        full = restore_map(amap, (int(hw[0]), int(hw[1])), self.backend.resize_policy)
+        hw = (int(hw[0]), int(hw[1]))
+        full = resize_map(amap, *hw) if self.backend.tile_size else restore_map(amap, hw, self.backend.resize_policy)
         label, mask = verdict(score, full, self.image_threshold, self.pixel_threshold)
         return Prediction(pred_score=score, pred_label=label, anomaly_map=full, pred_mask=mask,
                           path=str(item) if isinstance(item, (str, Path)) else None)

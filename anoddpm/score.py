@@ -12,8 +12,9 @@
 * ``--save-maps`` writes ``DIR/maps/<stem>.png`` (sub-folders mirror the inputs' common parent, so
   equal stems in different folders do not collide): 8-bit grey of ``map / (2 * threshold)``
   clipped to [0, 1], i.e. 128 is a pixel that alone would reach the image threshold (with
-  ``--score max``) and 255 is twice that. Without a calibrated threshold the scale is 1. A tiled bundle
-  (``data.tile_size``) writes maps of each input file's own size; otherwise maps are S x S.
+  ``--score max``) and 255 is twice that. Without a calibrated threshold the scale is 1. Maps have each
+  input file's own size (bilinear; ``imageio.restore_map`` inverts the resize policy, a tiled map is resized
+  from the file's size times ``data.tile_scale``).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from anoddpm.atomic import atomic_write_text
 from anoddpm.cli import detect_overrides
 from anoddpm.config import Config
 from anoddpm.evaluate import same_detect_settings
-from anoddpm.imageio import image_hw, list_images, load_model_image, resize_map, save_png
+from anoddpm.imageio import image_hw, list_images, load_model_image, resize_map, restore_map, save_png
 from anoddpm.scoring_loop import batched, forward_images
 
 SCORE_FIELDS = ("path", "pred_score", "pred_label", "threshold", "seconds")
@@ -203,8 +204,10 @@ def _load(path: Path, cfg: Config) -> np.ndarray:
 
 
 def _file_sized(amap: np.ndarray, path: Path, cfg: Config) -> np.ndarray:
-    """A tiled map [h, w] of the image rescaled by data.tile_scale, back at the file's own size (bilinear)."""
-    return resize_map(amap, *image_hw(path)) if cfg.data.tile_size else amap
+    """A map back at the file's own size (bilinear): a tiled map [h, w] of the image rescaled by
+    data.tile_scale, or an S x S map through the inverse of the resize policy."""
+    hw = image_hw(path)
+    return resize_map(amap, *hw) if cfg.data.tile_size else restore_map(amap, hw, cfg.data.resize_policy)
 
 
 def _score_shard(detector: torch.nn.Module, cfg: Config, paths: list[Path], device: torch.device,

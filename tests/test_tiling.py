@@ -187,3 +187,9 @@ def test_tiled_score_maps_and_runtime_match_pytorch(tiled_run: tuple[Path, Path]
         assert scores[path.resolve()] == pytest.approx(torch_score, abs=1e-4)
     results = inspector.inspect(files[:2])
     assert [r["anomaly_map"].shape for r in results] == [image_hw(p) for p in files[:2]]
+    import anoddpm
+
+    for backend in (model, onnx_path):  # the Python API: both backends tile, maps at the file's size
+        predictions = anoddpm.load(backend, device="cpu").predict(files[:2])
+        assert [p.anomaly_map.shape for p in predictions] == [image_hw(p) for p in files[:2]]
+        assert [p.pred_score for p in predictions] == pytest.approx([r["pred_score"] for r in results], abs=1e-4)
