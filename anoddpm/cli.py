@@ -14,11 +14,24 @@ from anoddpm.config import (AUGMENTATIONS, INTENSITY_MODES, MAP_REFERENCES, NOIS
                             RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, SCORERS, Config, load_config_file)
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="ROOT",
-                   help="MVTec-style root, a category folder, or a folder of good images")
+def _add_data_args(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--data", required=True, metavar="ROOT", help=data_help)
     p.add_argument("--category", metavar="NAME",
                    help="category folder under ROOT (omit when ROOT is itself a category or image folder)")
+    g = p.add_argument_group("folder layout (instead of a detected MVTec / LOCO / AD 2 / VisA layout)")
+    g.add_argument("--normal-dir", metavar="DIR", help="folder of good images under ROOT")
+    g.add_argument("--abnormal-dir", metavar="DIR",
+                   help="folder of defect images under ROOT (sub-folders = defect types)")
+    g.add_argument("--mask-dir", metavar="DIR",
+                   help="folder of masks under ROOT, same relative path as each defect image (X.png or X_mask.png); "
+                        "without it the defect images give image metrics only")
+    g.add_argument("--normal-test-dir", metavar="DIR",
+                   help="folder of good test images under ROOT (default: the held-back validation images)")
+
+
+def layout_overrides(args: argparse.Namespace) -> dict:
+    """DataConfig folder-layout fields given on the command line (None = keep the config's)."""
+    return {name: getattr(args, name, None) for name in ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir")}
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -71,7 +84,7 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
     cfg = load_config_file(args.config) if args.config else Config()
     cfg = cfg.override("data", image_size=args.image_size, channels=args.channels, augment=args.augment,
                        train_crop=args.train_crop, intensity=args.intensity, tile_size=args.tile_size,
-                       tile_scale=args.tile_scale, tile_stride=args.tile_stride)
+                       tile_scale=args.tile_scale, tile_stride=args.tile_stride, **layout_overrides(args))
     cfg = cfg.override("model", preset=args.preset)
     cfg = cfg.override("diffusion", noise=args.noise)
     cfg = cfg.override("train", batch_size=args.train_batch_size, lr=args.lr, max_steps=args.max_steps,
@@ -107,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the denoiser on good images",
                        description="Train the eps-UNet on good images; writes RUN_DIR/model.pt "
                        "(config, EMA weights, threshold, data fingerprint). Works under torchrun for DDP.")
-    _add_data_args(p)
+    _add_data_args(p, "dataset root (MVTec AD / LOCO / AD 2, VisA; detected), a category folder, or a folder of "
+                      "good images")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (checkpoints, log, model.pt)")
     p.add_argument("--image-size", type=int, help="model input side in pixels (default 128)")
     p.add_argument("--channels", type=int, choices=(1, 3),
@@ -161,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics and an HTML report on a labelled test set",
                        description="Score test/<type> images, compare with ground_truth masks, write "
                        "metrics.json, per_image.csv, plots and index.html into REPORT_DIR.")
-    p.add_argument("--model", required=True, metavar="MODEL_PT")
-    _add_data_args(p)
-    p.add_argument("--out", required=True, metavar="REPORT_DIR")
+    p.add_argument("--model", required=True, metavar="MODEL_PT", help="trained bundle (model.pt) to evaluate")
+    _add_data_args(p, "dataset root with a labelled test set (MVTec AD / LOCO / AD 2, VisA; detected), its "
+                      "category folder, or ROOT of --normal-dir/--abnormal-dir folders")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR",
+                   help="report folder (metrics.json, per_image.csv, plots, index.html)")
     _add_detect_args(p)
     _add_device_arg(p)
     p.set_defaults(handler="anoddpm.evaluate:evaluate_command")

@@ -46,6 +46,11 @@ class DataConfig:
     intensity: str = "none"  # none | per_image: each image shifted/scaled to mean 0.5, std 1/6 before the model (anoddpm.intensity)
     val_fraction: float = 0.1  # share of train/good held back for threshold calibration
     min_val_images: int = 4  # validation images kept at least (when the data has twice as many)
+    # folder layout (anoddpm.layouts): folders under the data root; empty = detect the layout instead
+    normal_dir: str = ""  # good images for training (and the validation split)
+    abnormal_dir: str = ""  # defect images for the test set (sub-folders = defect types)
+    mask_dir: str = ""  # masks of abnormal_dir's images, same relative path, X.png or X_mask.png ("" = image labels only)
+    normal_test_dir: str = ""  # good test images ("" = the held-back validation images)
 
     @property
     def input_side(self) -> int:

@@ -1,10 +1,9 @@
-"""Dataset discovery (MVTec layout, plain image folder, NFBS brain MRI), torch Datasets, val split.
+"""Datasets: image layouts (``anoddpm.layouts``) and NFBS brain MRI -> torch Datasets, val split, test samples.
 
-Layouts accepted for ``--data ROOT [--category NAME]``:
+Layouts accepted for ``--data ROOT [--category NAME]``: MVTec AD, MVTec LOCO, MVTec AD 2, VisA (as
+distributed or converted), a folder of good images or named normal/abnormal/mask folders; see
+``anoddpm.layouts``, which finds the files. This module reads them, and NFBS:
 
-* **MVTec**: ``ROOT/NAME/train/good/*.png``, ``test/<type>/X.png`` and, for every type other than
-  ``good``, ``ground_truth/<type>/X_mask.png`` of the image's size. ROOT may also be the category.
-* **Plain folder** of good images (searched recursively): training only, no test set.
 * **NFBS** (``ROOT/<ID>/sub-<ID>_ses-NFB3_T1w_brain.nii.gz`` with ``..._T1w_brainmask.nii.gz``
   beside it): training images are axial slices of the skull-stripped volume (RAS-canonical, anterior
   up), intensities clipped to the 0.5/99.5 percentiles of in-brain voxels and scaled to [0, 1];
@@ -30,8 +29,9 @@ import torch
 from torch.utils.data import Dataset
 
 from anoddpm.config import Config
-from anoddpm.imageio import (IMAGE_SUFFIXES, image_hw, list_images, load_model_image, model_image, model_mask,
-                             read_image, read_mask, scaled_hw)
+from anoddpm.imageio import (IMAGE_SUFFIXES, image_hw, load_model_image, model_image, model_mask, read_image, read_mask,
+                             scaled_hw)
+from anoddpm.layouts import Layout, TestItem, discover, resolve_category_root
 
 MIN_SLICE_AREA = 0.3  # NFBS: keep axial slices with at least this share of the largest brain area
 NFBS_BRAIN = "_T1w_brain.nii.gz"
@@ -48,6 +48,7 @@ class TestSample:
     mask_path: Path | None
     label: int  # 0 good, 1 defective
     name: str  # unique, e.g. "crack/003"
+    has_mask: bool  # False for a defect image without a mask (image label only): pixel metrics skip it
     _image: Callable[[], np.ndarray] = field(repr=False, compare=False)
     _mask: Callable[[], np.ndarray] = field(repr=False, compare=False)
 
@@ -97,90 +98,29 @@ def is_nfbs(root: Path) -> bool:
     return root.is_dir() and next(root.glob(f"*/sub-*{NFBS_BRAIN}"), None) is not None
 
 
-def _categories(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "train").is_dir())
-
-
-def resolve_category_root(root: str | Path, category: str | None) -> Path:
-    """ROOT/category, or ROOT itself when it is a category, an NFBS folder or a plain image folder."""
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"data root not found: {root}")
-    if not root.is_dir():
-        raise ValueError(f"data root {root} is not a folder")
-    if category:
-        if (root / category).is_dir():
-            return resolve_category_root(root / category, None)
-        if root.name == category and ((root / "train").is_dir() or is_nfbs(root)):
-            return root
-        available = _categories(root)
-        raise ValueError(f"unknown category {category!r} under {root}; available: "
-                         f"{', '.join(available) if available else '(none: ROOT holds no <category>/train)'}")
-    if (root / "train").is_dir() or is_nfbs(root):
-        return root
-    if (root / "test").is_dir() or (root / "ground_truth").is_dir():
-        raise ValueError(f"{root} has test/ or ground_truth/ but no train/good folder")
-    available = _categories(root)
-    if available:
-        raise ValueError(f"{root} holds categories ({', '.join(available)}); pass --category")
-    if not list_images([root])[0]:
-        raise ValueError(f"{root} is neither an MVTec category (no train/), an NFBS folder, "
-                         f"nor a folder of images ({', '.join(IMAGE_SUFFIXES)})")
-    return root
-
-
-def _kind(cat_root: Path) -> str:
-    if is_nfbs(cat_root):
-        return "nfbs"
-    return "mvtec" if (cat_root / "train").is_dir() else "folder"
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def check_test_layout(cat_root: Path) -> list[tuple[Path, str, Path | None]]:
-    """Validate test/ and ground_truth/ -> [(image, defect_type, mask or None)]; errors name both files."""
-    test = cat_root / "test"
-    if not test.is_dir():
-        return []
-    items = []
-    for type_dir in sorted(p for p in test.iterdir() if p.is_dir()):
-        for img in _images_in(type_dir):
-            if type_dir.name == "good":
-                items.append((img, "good", None))
-                continue
-            mask = cat_root / "ground_truth" / type_dir.name / f"{img.stem}_mask.png"
-            if not mask.is_file():
-                raise FileNotFoundError(f"mask {mask} for test image {img} not found")
-            if image_hw(mask) != image_hw(img):
-                raise ValueError(f"mask {mask} is {image_hw(mask)} (h, w) but its image {img} is {image_hw(img)}")
-            items.append((img, type_dir.name, mask))
-    return items
-
-
-def _train_files(cat_root: Path, kind: str) -> list[Path]:
-    if kind == "mvtec":
-        good = cat_root / "train" / "good"
-        files = _images_in(good) if good.is_dir() else []
-        if not files:
-            raise ValueError(f"{good} is missing or holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        check_test_layout(cat_root)
-        return files
-    if kind == "nfbs":
-        return sorted(cat_root.glob(f"*/sub-*{NFBS_BRAIN}"))
-    return list_images([cat_root])[0]
-
-
-def infer_channels(root: str | Path, category: str | None) -> int:
-    """3 when the first training image has colour, else 1 (NFBS volumes are grey)."""
+def _nfbs_root(cfg: Config, root: str | Path, category: str | None) -> Path | None:
+    """The NFBS folder ROOT (+ category) names, or None for an image layout."""
+    d = cfg.data
+    if d.normal_dir or d.abnormal_dir:
+        return None
     cat_root = resolve_category_root(root, category)
-    kind = _kind(cat_root)
-    if kind == "nfbs":
+    return cat_root if is_nfbs(cat_root) else None
+
+
+def image_layout(cfg: Config, root: str | Path, category: str | None) -> Layout:
+    """The image layout of ROOT (+ category) with cfg.data's folder names (``anoddpm.layouts.discover``)."""
+    d = cfg.data
+    return discover(root, category, d.normal_dir, d.abnormal_dir, d.mask_dir, d.normal_test_dir)
+
+
+def infer_channels(root: str | Path, category: str | None, cfg: Config | None = None) -> int:
+    """3 when the first training image has colour, else 1 (NFBS volumes are grey); cfg gives folder names."""
+    cfg = cfg or Config()
+    if _nfbs_root(cfg, root, category) is not None:
         return 1
-    files = _train_files(cat_root, kind)
+    files = image_layout(cfg, root, category).train
     if not files:
-        raise ValueError(f"{cat_root} holds no training images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"{root} holds no training images ({', '.join(IMAGE_SUFFIXES)})")
     rgb = read_image(files[0], channels=3)
     grey = np.allclose(rgb[..., 0], rgb[..., 1]) and np.allclose(rgb[..., 0], rgb[..., 2])
     return 1 if grey else 3
@@ -245,34 +185,48 @@ def _nfbs_slices(brain_file: Path, cfg: Config) -> list[np.ndarray]:
     return out
 
 
+def _split(files: list[Path], validation: list[Path], cfg: Config, seed: int) -> tuple[list[Path], list[Path]]:
+    """(training files, held-back validation files): a layout's own validation split, else
+    ``cfg.data.val_fraction`` of `files` chosen by `seed`."""
+    if validation:
+        return files, validation
+    order = np.random.default_rng(seed).permutation(len(files))
+    val_idx = set(order[:_n_val(len(files), cfg)].tolist())
+    return ([f for i, f in enumerate(files) if i not in val_idx], [f for i, f in enumerate(files) if i in val_idx])
+
+
 def load_training_data(cfg: Config, root: str | Path, category: str | None,
                        seed: int) -> tuple[ImageDataset, ImageDataset, dict]:
     """-> (train_ds, val_ds without augmentation, fingerprint); items float32 [C, S, S] in [0, 1].
 
-    The validation split holds back ``cfg.data.val_fraction`` of the good images (at least
-    ``cfg.data.min_val_images`` when there are twice as many; whole subjects for NFBS), chosen
-    by ``seed``, for threshold calibration.
+    The validation split is the layout's ``validation/good`` folder when it has one; else it holds back
+    ``cfg.data.val_fraction`` of the good images (at least ``cfg.data.min_val_images`` when there are
+    twice as many; whole subjects for NFBS), chosen by ``seed``, for threshold calibration.
     """
-    cat_root = resolve_category_root(root, category)
-    kind = _kind(cat_root)
-    files = _train_files(cat_root, kind)
+    nfbs = _nfbs_root(cfg, root, category)
+    if nfbs is not None:
+        kind, cat_root, files, validation = "nfbs", nfbs, sorted(nfbs.glob(f"*/sub-*{NFBS_BRAIN}")), []
+    else:
+        layout = image_layout(cfg, root, category)
+        kind, cat_root, files, validation = layout.kind, layout.root, layout.train, layout.validation
     if not files:
         raise ValueError(f"no training images found under {cat_root}")
-    order = np.random.default_rng(seed).permutation(len(files))
-    val_idx = set(order[:_n_val(len(files), cfg)].tolist())
-    rel = [f.relative_to(cat_root).as_posix() for f in files]
+    train_files, val_files = _split(files, validation, cfg, seed)
     splits: dict[bool, tuple[list[np.ndarray], list[str]]] = {False: ([], []), True: ([], [])}
-    for i, (path, name) in enumerate(zip(files, rel)):
-        arrays, names = splits[i in val_idx]
-        if kind == "nfbs":
-            slices = _nfbs_slices(path, cfg)
-            arrays.extend(slices)
-            names.extend(f"{name}#{k}" for k in range(len(slices)))
-        else:
-            d = cfg.data
-            arrays.append(load_model_image(path, d.channels, d.image_size, d.resize_policy, d.tile_size, d.tile_scale))
-            names.append(name)
-    hashed = list(files)
+    d = cfg.data
+    for held_back, group in ((False, train_files), (True, val_files)):
+        arrays, names = splits[held_back]
+        for path in group:
+            name = path.relative_to(cat_root).as_posix()
+            if kind == "nfbs":
+                slices = _nfbs_slices(path, cfg)
+                arrays.extend(slices)
+                names.extend(f"{name}#{k}" for k in range(len(slices)))
+            else:
+                arrays.append(load_model_image(path, d.channels, d.image_size, d.resize_policy, d.tile_size,
+                                               d.tile_scale))
+                names.append(name)
+    hashed = [*files, *validation]
     if kind == "nfbs":
         hashed += [m for f in files if (m := f.with_name(f.name.replace(NFBS_BRAIN, NFBS_MASK))).is_file()]
     train_ds = ImageDataset(*splits[False], augment=cfg.data.augment, seed=seed)
@@ -283,8 +237,8 @@ def load_training_data(cfg: Config, root: str | Path, category: str | None,
         "kind": kind,
         "n_train": len(train_ds),
         "n_val": len(val_ds),
-        "n_files": len(files),
-        "val_files": sorted(rel[i] for i in val_idx),
+        "n_files": len(hashed) if kind != "nfbs" else len(files),
+        "val_files": sorted(f.relative_to(cat_root).as_posix() for f in val_files),
         "seed": seed,
         "sha256": _fingerprint(cat_root, hashed),
     }
@@ -301,20 +255,25 @@ def _model_mask(mask: np.ndarray, cfg: Config) -> np.ndarray:
     return model_mask(mask, d.image_size, d.resize_policy, d.tile_size, d.tile_scale)
 
 
-def _mask_or_empty(mask: Path | None, image: Path, cfg: Config) -> np.ndarray:
-    if mask is not None:
-        return _model_mask(read_mask(mask), cfg)
+def _mask_or_empty(masks: tuple[Path, ...] | None, image: Path, cfg: Config, rule: str) -> np.ndarray:
+    """The union of `masks` (none: all False) with the model's geometry."""
+    full = None
+    for path in masks or ():
+        mask = read_mask(path, nonzero=rule == "nonzero")
+        full = mask if full is None else full | mask
+    if full is not None:
+        return _model_mask(full, cfg)
     d = cfg.data
     return np.zeros(scaled_hw(*image_hw(image), d.tile_scale) if d.tile_size else (d.image_size, d.image_size), bool)
 
 
-def _mvtec_sample(img: Path, defect_type: str, mask: Path | None, cfg: Config) -> TestSample:
+def _image_sample(item: TestItem, cfg: Config, rule: str) -> TestSample:
     d = cfg.data
-    return TestSample(path=img, defect_type=defect_type, mask_path=mask, label=int(mask is not None),
-                      name=f"{defect_type}/{img.stem}",
-                      _image=partial(load_model_image, img, d.channels, d.image_size, d.resize_policy, d.tile_size,
-                                     d.tile_scale),
-                      _mask=partial(_mask_or_empty, mask, img, cfg))
+    return TestSample(path=item.image, defect_type=item.defect_type, mask_path=item.masks[0] if item.masks else None,
+                      label=item.label, name=item.name, has_mask=item.masks is not None,
+                      _image=partial(load_model_image, item.image, d.channels, d.image_size, d.resize_policy,
+                                     d.tile_size, d.tile_scale),
+                      _mask=partial(_mask_or_empty, item.masks, item.image, cfg, rule))
 
 
 def _anomalous_volumes(cat_root: Path) -> list[tuple[Path, Path, Path]]:
@@ -350,18 +309,25 @@ def _nfbs_test_set(cat_root: Path, cfg: Config) -> list[TestSample]:
             label = int(seg_k.any())
             samples.append(TestSample(
                 path=vol_path, defect_type="lesion" if label else "good", mask_path=seg_path if label else None,
-                label=label, name=f"{vol_path.parent.name}/{vol_path.name[:-len('.nii.gz')]}_z{k:03d}",
+                label=label, name=f"{vol_path.parent.name}/{vol_path.name[:-len('.nii.gz')]}_z{k:03d}", has_mask=True,
                 _image=partial(_volume_slice, vol_path, mask_path, k, cfg),
                 _mask=partial(_model_mask, seg_k, cfg)))
     return samples
 
 
 def load_test_set(cfg: Config, root: str | Path, category: str | None) -> list[TestSample]:
-    """Labelled test samples (lazy: pixels load on access); [] for a plain image folder."""
-    cat_root = resolve_category_root(root, category)
-    kind = _kind(cat_root)
-    if kind == "nfbs":
-        return _nfbs_test_set(cat_root, cfg)
-    if kind == "folder":
-        return []
-    return [_mvtec_sample(img, t, m, cfg) for img, t, m in check_test_layout(cat_root)]
+    """Labelled test samples (lazy: pixels load on access); [] for a plain image folder.
+
+    A folder layout with defect images but no ``data.normal_test_dir`` takes its test goods from the
+    held-back validation split (seed ``cfg.train.seed``, as in training).
+    """
+    nfbs = _nfbs_root(cfg, root, category)
+    if nfbs is not None:
+        return _nfbs_test_set(nfbs, cfg)
+    layout = image_layout(cfg, root, category)
+    items = list(layout.test)
+    if layout.kind == "folder" and items and not cfg.data.normal_test_dir:
+        _, val_files = _split(layout.train, [], cfg, cfg.train.seed)
+        items = [TestItem(p, "good", (), f"good/{p.relative_to(layout.root).with_suffix('').as_posix()}")
+                 for p in val_files] + items
+    return [_image_sample(item, cfg, layout.mask_rule) for item in items]

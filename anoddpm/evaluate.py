@@ -172,6 +172,7 @@ def _test_arrays(cfg: Any, root: Path, category: str | None) -> dict[str, Any]:
         "defect_types": [str(s.defect_type) for s in items],
         "paths": [str(s.path) for s in items],
         "names": [s.name for s in items],  # unique even where paths repeat (NFBS slices of one volume)
+        "has_mask": np.array([bool(s.has_mask) for s in items], dtype=bool),
     }
 
 
@@ -191,8 +192,10 @@ def calibrate_threshold(bundle: Any, detector: torch.nn.Module, device: torch.de
         good_scores = np.r_[good_scores, scored.scores[good]]
         pick = lambda values, keep: [values[i] for i in np.flatnonzero(keep)]  # noqa: E731 - arrays or lists
         good_maps = [*good_maps, *pick(scored.maps, good)]
-        defects = {"defect_scores": scored.scores[bad], "defect_maps": pick(scored.maps, bad),
-                   "defect_masks": pick(test["masks"], bad)}
+        defects = {"defect_scores": scored.scores[bad]}
+        masked = bad & test["has_mask"]  # defects labelled without a mask say nothing about pixels
+        if masked.any():
+            defects.update(defect_maps=pick(scored.maps, masked), defect_masks=pick(test["masks"], masked))
     elif method != "quantile":
         raise ValueError(f"--method {method!r} is not allowed; choose quantile or f1")
     threshold = calibrate(good_scores, good_maps, quantile=quantile, **defects)
@@ -247,7 +250,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from eval.metrics import compute_metrics
     from eval.report import write_report
 
+    from dataclasses import replace
+
+    from anoddpm.cli import layout_overrides
+
     bundle, detector, device = _load(args)
+    bundle = replace(bundle, cfg=bundle.cfg.override("data", **layout_overrides(args)))  # folder names of --data
     root = Path(args.data)
     test = _test_arrays(bundle.cfg, root, args.category)
     threshold, source = resolve_threshold(bundle, detector, device, args.batch_size, root, args.category)
@@ -255,12 +263,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
                           desc="evaluate")
     image_t, pixel_t = float(threshold["image"]), threshold.get("pixel")
     metrics = compute_metrics(scored.scores, test["labels"], scored.maps, test["masks"],
-                              image_threshold=image_t, pixel_threshold=pixel_t)
+                              image_threshold=image_t, pixel_threshold=pixel_t, has_mask=test["has_mask"])
     written = write_report(
         args.out, metrics=metrics, scores=scored.scores, labels=test["labels"],
         defect_types=test["defect_types"], paths=test["paths"], threshold=image_t, pixel_threshold=pixel_t,
         seconds_per_image=scored.seconds_per_image, per_image={"name": test["names"]}, inputs=test["images"],
-        reconstructions=scored.reconstructions, maps=scored.maps, masks=test["masks"],
+        reconstructions=scored.reconstructions, maps=scored.maps, masks=test["masks"], has_mask=test["has_mask"],
         extra={"model": str(args.model), "data": str(root), "category": args.category,
                "detect": detect_dict(detector), "resolution": resolution(detector.cfg), "device": str(device),
                "calibration": threshold,

@@ -294,9 +294,10 @@ def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
     return _resize(np.asarray(amap, dtype=np.float32)[..., None], (height, width), Image.Resampling.BILINEAR)[..., 0]
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a defect mask -> bool [H, W] (True where the grey value is > 127)."""
-    return read_image(path, channels=1)[..., 0] > 127.5 / 255.0
+def read_mask(path: str | Path, nonzero: bool = False) -> np.ndarray:
+    """Read a defect mask -> bool [H, W] (True where the grey value is > 127, or > 0 with `nonzero`)."""
+    grey = read_image(path, channels=1)[..., 0]
+    return grey > 0.0 if nonzero else grey > 127.5 / 255.0
 
 
 def preprocess_mask(mask: np.ndarray, image_size: int, resize_policy: str) -> np.ndarray:

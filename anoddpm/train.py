@@ -514,7 +514,7 @@ def train_command(args: argparse.Namespace) -> int:
 
     cfg = resolve_train_config(args)
     if args.channels is None and args.config is None:
-        channels = infer_channels(args.data, args.category)
+        channels = infer_channels(args.data, args.category, cfg)
         print(f"channels: {channels} (from the training images; set --channels to override)", file=sys.stderr)
         cfg = cfg.override("data", channels=channels).validate()
     train(cfg, args.data, args.category, args.out, resume=args.resume, device=args.device)

@@ -265,18 +265,38 @@ def defect_pixel_share(masks: np.ndarray, defect_types: Sequence[str]) -> dict[s
             for name in sorted({str(t) for t in types[per_image > 0]})}
 
 
+def select(items: np.ndarray | Sequence[np.ndarray], keep: np.ndarray) -> np.ndarray | list[np.ndarray]:
+    """The entries of an [N, ...] array or a sequence of N arrays where keep [N] bool is True."""
+    if isinstance(items, np.ndarray):
+        return items[keep]
+    return [items[i] for i in np.flatnonzero(keep)]
+
+
+def with_masks(labels: np.ndarray, has_mask: np.ndarray | None) -> np.ndarray | None:
+    """Which images pixel metrics use: [N] bool of those whose mask is known (all when `has_mask` is None),
+    or None when no defect image has a mask (pixel metrics are then absent, not zero)."""
+    labels = np.asarray(labels).reshape(-1)
+    keep = np.ones(labels.size, bool) if has_mask is None else np.asarray(has_mask, bool).reshape(-1)
+    if keep.shape != labels.shape:
+        raise ValueError(f"has_mask must have one entry per image, got {keep.size} for {labels.size}")
+    return keep if keep[labels == 1].any() else None
+
+
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, maps: np.ndarray | None = None,
                     masks: np.ndarray | None = None, image_threshold: float | None = None,
                     pixel_threshold: float | None = None, max_pixels: int = MAX_PIXELS,
-                    fpr_limit: float = 0.3) -> dict[str, float | None]:
+                    fpr_limit: float = 0.3, has_mask: np.ndarray | None = None) -> dict[str, float | None]:
     """All headline metrics -> dict with exactly ``METRIC_KEYS`` (float, or None when undefined).
 
     scores [N], labels [N] in {0,1}; maps [N,H,W] float and masks [N,H,W] bool are optional
-    (pixel metrics are None without them). Dice/IoU use ``maps > pixel_threshold``; without a
+    (pixel metrics are None without them). ``has_mask`` [N] bool marks the images whose mask is
+    known (False: a defect image labelled without a mask); pixel metrics use only those, and are
+    None when no defect image has one. Dice/IoU use ``maps > pixel_threshold``; without a
     pixel threshold they fall back to ``image_threshold`` (image scores are reductions of the
     map, so both live in map units), and are None when neither is given.
     """
     scores, labels = _as_scores_labels(scores, labels)
+    keep = with_masks(labels, has_mask)
     result: dict[str, float | None] = {
         "image_auroc": _auroc(scores, labels),
         "image_ap": float(average_precision_score(labels, scores)) if labels.max() == 1 else None,
@@ -284,11 +304,13 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, maps: np.ndarray | N
         "image_f1_max": _f1_max(scores, labels),
         "pixel_f1_max": None, "dice": None, "iou": None,
     }
-    if maps is None or masks is None:
+    if maps is None or masks is None or keep is None:
         return result
+    if len(maps) != scores.size:
+        raise ValueError(f"maps has {len(maps)} images but scores has {scores.size}")
+    if not keep.all():
+        maps, masks = select(maps, keep), select(masks, keep)
     pixels = _as_maps_masks(maps, masks)
-    if pixels.n_images != scores.size:
-        raise ValueError(f"maps has {pixels.n_images} images but scores has {scores.size}")
     values, targets = _subsample(pixels, max_pixels)
     result["pixel_auroc"] = _auroc(values, targets)
     result["pixel_f1_max"] = _f1_max(values, targets)

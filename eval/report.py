@@ -15,8 +15,9 @@ Arrays: scores [N] float, labels [N] in {0,1}, defect_types [N] str ("good" for 
 paths [N] str; optional inputs/reconstructions [N,C,H,W] in [0,1], maps [N,H,W], masks
 [N,H,W] bool (only the few grid rows are drawn). Files written into out_dir:
 
-* ``metrics.json``: the ``METRIC_KEYS`` (None when undefined), ``threshold``,
-  ``pixel_threshold``, ``seconds_per_image``, ``n_images``, ``n_defect``,
+* ``metrics.json``: the ``METRIC_KEYS`` (None when undefined: pixel metrics without any defect
+  mask), ``threshold``, ``pixel_threshold``, ``seconds_per_image``, ``n_images``, ``n_defect``,
+  ``n_defect_without_mask`` (defect images labelled without a mask, left out of pixel metrics),
   ``per_type_image_auroc`` {type: auroc}; with maps and masks also ``per_type_pixel_auroc``
   {type: auroc of its mask pixels against every defect-free pixel} and ``defect_pixel_share``
   {type: its share of all defect pixels, the weight it has in pixel AUROC}; plus every key of ``extra``.
@@ -37,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from eval.metrics import METRIC_KEYS, defect_pixel_share, per_type_auroc, per_type_pixel_auroc
+from eval.metrics import (METRIC_KEYS, defect_pixel_share, per_type_auroc, per_type_pixel_auroc, select,
+                          with_masks)
 from eval.plots import plot_grid, plot_histogram, plot_pr, plot_roc
 
 _TITLES = {
@@ -129,8 +131,9 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, float | None], sc
                  extra: Mapping[str, Any] | None = None, per_image: Mapping[str, Sequence[Any]] | None = None,
                  inputs: np.ndarray | None = None, reconstructions: np.ndarray | None = None,
                  maps: np.ndarray | None = None, masks: np.ndarray | None = None,
-                 grid_rows: int = 8) -> dict[str, Path]:
-    """Write the report folder (see module docstring) -> {file name: path written}."""
+                 grid_rows: int = 8, has_mask: np.ndarray | None = None) -> dict[str, Path]:
+    """Write the report folder (see module docstring) -> {file name: path written}; ``has_mask`` [N] bool
+    as for ``compute_metrics`` (per-type pixel figures use only images whose mask is known)."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     n = scores.size
@@ -147,9 +150,14 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, float | None], sc
     summary.update(threshold=float(threshold), pixel_threshold=_plain(pixel_threshold),
                    seconds_per_image=_plain(seconds_per_image), n_images=int(n), n_defect=int(labels.sum()),
                    per_type_image_auroc=_plain(per_type_auroc(scores, labels, defect_types)))
-    if maps is not None and masks is not None:
-        summary.update(per_type_pixel_auroc=_plain(per_type_pixel_auroc(maps, masks, defect_types)),
-                       defect_pixel_share=_plain(defect_pixel_share(masks, defect_types)))
+    keep = with_masks(labels, has_mask)
+    summary["n_defect_without_mask"] = int(((labels == 1) & ~np.asarray(has_mask if has_mask is not None
+                                                                           else np.ones(n, bool), bool)).sum())
+    if maps is not None and masks is not None and keep is not None:
+        kept_types = [t for t, k in zip(defect_types, keep) if k]
+        kept_maps, kept_masks = select(maps, keep), select(masks, keep)
+        summary.update(per_type_pixel_auroc=_plain(per_type_pixel_auroc(kept_maps, kept_masks, kept_types)),
+                       defect_pixel_share=_plain(defect_pixel_share(kept_masks, kept_types)))
     summary.update(_plain(dict(extra or {})))
     written = {"metrics.json": out / "metrics.json", "per_image.csv": out / "per_image.csv"}
     written["metrics.json"].write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
