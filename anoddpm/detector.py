@@ -20,10 +20,12 @@ calibration on held-back good images (``set_map_reference``; stored as ``map_ref
 (uncalibrated or older bundles) the components are combined as they are.
 
 Paper path (sampler 'ancestral'): ``depth`` DDPM steps with fresh noise per step from a
-generator re-seeded with ``cfg.detect.seed`` at every call (deterministic per batch).
+generator re-seeded with ``cfg.detect.seed`` at every call, each draw made for one image and shared
+by the batch (as on the fast path), so an image's score does not depend on its batch.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 from typing import Any
 
@@ -158,7 +160,7 @@ class Detector(nn.Module):
                 step_noise = None
             else:
                 noise = self._step_noise(x_start, det.depth - 1, generator)
-                step_noise = lambda t: self._step_noise(x_start, t, generator)  # noqa: E731
+                step_noise = functools.partial(self._step_noise, x_start, generator=generator)
             total = total + partial_diffusion_reconstruct(
                 self.unet, self.diffusion, x_start, det.depth, det.steps, det.sampler, noise, step_noise
             )
@@ -166,7 +168,9 @@ class Detector(nn.Module):
         return (reconstruction if stats is None else denormalise(reconstruction, stats)).clamp(0.0, 1.0)
 
     def _step_noise(self, x: Tensor, t: int, generator: torch.Generator) -> Tensor:
-        return self._noise(tuple(x.shape), torch.full((x.shape[0],), float(t)), generator, x.device).to(x.dtype)
+        """Noise drawn for one image and shared by the batch, so no image's score depends on its batch."""
+        one = (1, *x.shape[1:])
+        return self._noise(one, torch.full((1,), float(t)), generator, x.device).to(x.dtype).expand_as(x)
 
     def component_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images [B, C, S, S] in [0, 1] -> (component maps [B, K, S, S], one per ``self.components``, before
@@ -227,7 +231,7 @@ class Detector(nn.Module):
         detector = cls.from_config(cfg, bundle.state_dict, head_state)
         reference, bank = getattr(bundle, "map_reference", None), getattr(bundle, "reference_bank", None)
         if reference is not None or bank is not None:
-            from anoddpm.evaluate import same_detect_settings
+            from anoddpm.settings_guard import same_detect_settings
 
             calibrated = (getattr(bundle, "threshold", None) or {}).get("detect")
             if same_detect_settings(calibrated, asdict(cfg.detect)):  # a reference belongs to its calibration

@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from anoddpm.cli import detect_overrides
-from anoddpm.config import DetectConfig
 from anoddpm.scoring_loop import ScoredSet, batched, score_component_maps, score_images, stack_if_same
+from anoddpm.settings_guard import calibrated_detector, same_detect_settings  # noqa: F401 (re-exported)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, torch.nn.Module, torch.device]:
@@ -47,7 +47,7 @@ def detect_dict(detector: torch.nn.Module) -> dict[str, Any]:
     return asdict(detector.cfg.detect)
 
 
-def _training_root(bundle: Any, data: str | None, category: str | None) -> tuple[Path, str | None]:
+def training_root(bundle: Any, data: str | None, category: str | None) -> tuple[Path, str | None]:
     if data is not None:
         return Path(data), category
     root = bundle.fingerprint.get("root")
@@ -208,7 +208,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     from anoddpm.bundle import update_threshold
 
     bundle, detector, device = _load(args)
-    root, category = _training_root(bundle, args.data, args.category)
+    root, category = training_root(bundle, args.data, args.category)
     quantile = args.quantile if args.quantile is not None else detector.cfg.detect.threshold_quantile
     threshold = calibrate_threshold(bundle, detector, device, args.batch_size, root, category, quantile,
                                     getattr(args, "method", "quantile"))
@@ -220,45 +220,25 @@ def calibrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def same_detect_settings(stored: dict[str, Any] | None, current: dict[str, Any]) -> bool:
-    """True when a stored threshold was calibrated with the detection settings now in use.
-
-    A field missing from the stored dict (a bundle older than that field) counts as its default.
-    """
-    defaults = asdict(DetectConfig())
-    return stored is not None and all(stored.get(k, defaults.get(k)) == v for k, v in current.items()
-                                      if k != "threshold_quantile")
-
-
-def resolve_threshold(bundle: Any, detector: torch.nn.Module, device: torch.device, batch_size: int,
-                      root: Path, category: str | None) -> tuple[dict[str, Any], str]:
-    """(threshold dict, where it came from): the bundle's, or calibrated now on the validation split."""
-    current = detect_dict(detector)
-    if bundle.threshold is not None and same_detect_settings(bundle.threshold.get("detect"), current):
-        return dict(bundle.threshold), "bundle"
-    why = "has no threshold" if bundle.threshold is None else "was calibrated with other detection settings"
-    print(f"anoddpm evaluate: {bundle.path} {why}; calibrating on the validation split now "
-          "(the bundle is not changed; run `anoddpm calibrate` to store one)", file=sys.stderr)
-    threshold = calibrate_threshold(bundle, detector, device, batch_size, root, category,
-                                    current["threshold_quantile"], "quantile")
-    return threshold, "validation split (on the fly)"
-
-
 def evaluate_command(args: argparse.Namespace) -> int:
     """`anoddpm evaluate`: score the test set, write metrics + report into --out; returns the exit code."""
+    from dataclasses import replace
+
+    from anoddpm.bundle import load_bundle
+    from anoddpm.cli import layout_overrides
+    from anoddpm.device import resolve_device
     from anoddpm.tiled import resolution
     from eval.metrics import compute_metrics
     from eval.report import write_report
 
-    from dataclasses import replace
-
-    from anoddpm.cli import layout_overrides
-
-    bundle, detector, device = _load(args)
+    device = resolve_device(args.device)
+    bundle = load_bundle(args.model, map_location=device)
     bundle = replace(bundle, cfg=bundle.cfg.override("data", **layout_overrides(args)))  # folder names of --data
     root = Path(args.data)
     test = _test_arrays(bundle.cfg, root, args.category)
-    threshold, source = resolve_threshold(bundle, detector, device, args.batch_size, root, args.category)
+    detector, threshold, source = calibrated_detector(bundle, device, args.batch_size, detect_overrides(args),
+                                                      "evaluate", data=root, category=args.category,
+                                                      calibrate_missing=True)
     scored = score_images(detector, test["images"], device, args.batch_size, keep_reconstructions=True,
                           desc="evaluate")
     image_t, pixel_t = float(threshold["image"]), threshold.get("pixel")

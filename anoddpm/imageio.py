@@ -308,18 +308,26 @@ def preprocess_mask(mask: np.ndarray, image_size: int, resize_policy: str) -> np
     return out[..., 0] > 127
 
 
-def list_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and path.resolve().is_relative_to(folder)
+
+
+def list_images(paths: Sequence[str | Path],
+                exclude: str | Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Files and folders (recursive) -> (sorted unique image paths, [(path, reason skipped)]).
 
-    Hidden files (name starting with '.') inside folders are ignored silently.
+    Hidden files (name starting with '.') inside folders are ignored silently, and so is everything
+    inside `exclude` (a command's own output folder, so its maps are never inspected as inputs).
     """
     images: set[Path] = set()
     skipped: list[tuple[Path, str]] = []
+    excluded = None if exclude is None else Path(exclude).resolve()
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if not f.is_file() or any(part.startswith(".") for part in f.relative_to(p).parts):
+                if (not f.is_file() or any(part.startswith(".") for part in f.relative_to(p).parts)
+                        or _inside(f, excluded)):
                     continue
                 if f.suffix.lower() in IMAGE_SUFFIXES:
                     images.add(f)

@@ -4,6 +4,11 @@
   running again with the same ``--out`` skips every path already in scores.csv or errors.csv
   (delete a row from errors.csv to retry that file). At the end the file is rewritten sorted by
   path, one row per path.
+* ``DIR/settings.json`` records the model, detection settings, preprocessing and threshold the rows were
+  made with; a run into a DIR whose rows were made with others is refused (naming what differs), so
+  stale rows are never kept as if made now. Detection flags that differ from the bundle's calibration
+  recalibrate on its held-back good images first (``anoddpm.settings_guard``).
+* Paths are stored exactly, names with newlines or undecodable bytes included (``surrogateescape``).
 * Bad files (corrupt, empty, not an image, too many pixels) go to errors.csv and stderr and are
   skipped; they never stop the run.
 * Under ``torchrun --nproc_per_node=N`` the sorted list of paths still to score is sharded
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import sys
 from dataclasses import asdict
@@ -31,25 +37,27 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from anoddpm.atomic import atomic_write_text
+from anoddpm.atomic import atomic_write_bytes, atomic_write_text
 from anoddpm.cli import detect_overrides
 from anoddpm.config import Config
-from anoddpm.evaluate import same_detect_settings
 from anoddpm.imageio import image_hw, list_images, load_model_image, resize_map, restore_map, save_png
 from anoddpm.scoring_loop import batched, forward_images
+from anoddpm.settings_guard import calibrated_detector, flag_of
 
 SCORE_FIELDS = ("path", "pred_score", "pred_label", "threshold", "seconds")
 ERROR_FIELDS = ("path", "error")
+PATH_ERRORS = "surrogateescape"  # file names that are not UTF-8 round-trip through the CSVs byte for byte
+SETTINGS_NAME = "settings.json"  # what the rows were made with: model, detection settings, threshold
 
 
 def read_rows(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
     """Complete rows of a CSV written by this module; a torn last line or malformed row is dropped."""
     if not path.is_file():
         return []
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = _read_text(path)
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-    rows = list(csv.reader(text.splitlines()))
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows:
         return []
     if tuple(rows[0]) != fields:
@@ -73,17 +81,25 @@ class _CsvAppender:
     def __init__(self, path: Path, fields: tuple[str, ...]):
         self.path, self.fields = path, fields
         text = _to_csv(read_rows(path, fields), fields)
-        if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
-            atomic_write_text(path, text)
+        if not path.is_file() or _read_text(path) != text:
+            _write_text(path, text)
 
     def write(self, rows: list[dict]) -> None:
         if not rows:
             return
-        with open(self.path, "a", encoding="utf-8", newline="") as handle:
+        with open(self.path, "a", encoding="utf-8", errors=PATH_ERRORS, newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.fields, lineterminator="\n")
             writer.writerows(rows)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", PATH_ERRORS)
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8", PATH_ERRORS))
 
 
 def _to_csv(rows: list[dict], fields: tuple[str, ...]) -> str:
@@ -102,7 +118,7 @@ def _merge(out: Path, name: str, fields: tuple[str, ...]) -> list[dict[str, str]
         for row in read_rows(path, fields):
             merged.setdefault(row["path"], row)
     rows = [merged[k] for k in sorted(merged)]
-    atomic_write_text(main, _to_csv(rows, fields))
+    _write_text(main, _to_csv(rows, fields))
     for path in parts:
         path.unlink()
     return rows
@@ -147,36 +163,71 @@ def _report_error(path: str, error: str) -> dict[str, str]:
     return {"path": path, "error": error}
 
 
+def results_record(model: str | Path, detector: torch.nn.Module, threshold: float | None) -> dict:
+    """What the rows of one --out folder were made with (DIR/settings.json): model, detection settings,
+    data settings (preprocessing, tiling), image threshold."""
+    cfg = detector.cfg.to_dict()
+    return {"model": str(Path(model).resolve()), "detect": cfg["detect"], "data": cfg["data"], "threshold": threshold}
+
+
+def check_results_record(out: Path, record: dict) -> None:
+    """ValueError when --out already holds rows made with another model, settings or threshold than
+    `record` (they would be kept as if made now); rows made with the same ones are resumed."""
+    saved_path = out / SETTINGS_NAME
+    has_rows = any(read_rows(out / f"{name}.csv", fields) for name, fields in (("scores", SCORE_FIELDS),
+                                                                                ("errors", ERROR_FIELDS)))
+    if not has_rows:
+        return
+    fix = (f"choose another --out, or delete {out / 'scores.csv'}, {out / 'errors.csv'} and {saved_path} "
+           "to score again")
+    if not saved_path.is_file():
+        raise ValueError(f"{out / 'scores.csv'} records no settings ({SETTINGS_NAME} is missing), so its rows "
+                         f"may come from other settings; {fix}")
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+        differences = [flag_of(k) + f" {saved['detect'].get(k)} -> {v}"
+                       for k, v in record["detect"].items() if saved["detect"].get(k) != v]
+        differences += [f"{k} {saved.get(k)} -> {record[k]}" for k in ("model", "threshold", "data")
+                        if saved.get(k) != record[k]]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{saved_path} is not readable ({err}); {fix}") from err
+    if differences:
+        raise ValueError(f"{out / 'scores.csv'} holds rows made with other settings ({'; '.join(differences)}); "
+                         f"{fix}")
+
+
 def score_command(args: argparse.Namespace) -> int:
     """Score --input files/folders with --model into --out (see module docstring); returns the exit code."""
     from anoddpm.bundle import load_bundle
-    from anoddpm.detector import Detector
     from anoddpm.device import resolve_device
-    from anoddpm.tiled import inspection_detector
 
     rank, world, dist_device = _dist_setup(args.device)
     try:
         device = dist_device or resolve_device(args.device)
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; give a folder for scores.csv")
+        images, skipped = list_images(args.input, exclude=out)
+        if not images:
+            raise FileNotFoundError(f"no images found in --input {' '.join(map(str, args.input))}")
         bundle = load_bundle(args.model, map_location=device)
-        overrides = {k: v for k, v in detect_overrides(args).items() if v is not None}
-        detector = inspection_detector(Detector.from_bundle(bundle, device, **overrides).eval(), args.batch_size)
-        threshold = None if bundle.threshold is None else float(bundle.threshold["image"])
+        detector, calibration, _ = calibrated_detector(bundle, device, args.batch_size, detect_overrides(args),
+                                                       "score")
+        threshold = None if calibration is None else float(calibration["image"])
         if rank == 0 and threshold is None:
             print("anoddpm score: the bundle has no threshold (run `anoddpm calibrate`); pred_label is left empty",
                   file=sys.stderr)
-        elif rank == 0 and not same_detect_settings(bundle.threshold.get("detect"), asdict(detector.cfg.detect)):
-            print("anoddpm score: warning: the bundle's threshold was calibrated with other detection settings; "
-                  "run `anoddpm calibrate` with the same flags", file=sys.stderr)
         scale = 2.0 * threshold if threshold else 1.0
+        record = results_record(args.model, detector, threshold)
+        check_results_record(out, record)
 
-        images, skipped = list_images(args.input)
         absolute = [p.absolute() for p in images]
-        root = Path(os.path.commonpath([p.parent for p in absolute])) if absolute else Path(".")
+        root = Path(os.path.commonpath([p.parent for p in absolute]))
         done = _done_paths(out)
         todo = [p for p in absolute if str(p) not in done]
         _barrier(world)  # every rank has read the done set before anyone writes
+        if rank == 0:
+            atomic_write_text(out / SETTINGS_NAME, json.dumps(record, indent=2) + "\n")
         suffix = "" if world == 1 else f".part-{rank}"
         scores_file = _CsvAppender(out / f"scores{suffix}.csv", SCORE_FIELDS)
         errors_file = _CsvAppender(out / f"errors{suffix}.csv", ERROR_FIELDS)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -80,24 +79,30 @@ class _InspectionGraph(nn.Module):
 
 def export_onnx(bundle_path: str | Path, out_path: str | Path, steps: int | None = None,
                 with_reconstruction: bool = False) -> Path:
-    """Export the bundle's fast inspection path (K = `steps` or the bundle's) to `out_path`; returns it."""
-    from anoddpm.bundle import load_bundle
-    from anoddpm.detector import Detector
+    """Export the bundle's fast inspection path (K = `steps` or the bundle's) to `out_path`; returns it.
 
+    The threshold and map reference embedded are those calibrated for the exported settings: the bundle's
+    own, or (other --steps, or a bundle calibrated on the paper path) recalibrated now on its held-back
+    good images (``anoddpm.settings_guard``); ValueError when that is not possible."""
+    from anoddpm.bundle import load_bundle
+    from anoddpm.settings_guard import calibrated_detector
+    from anoddpm.tiled import TiledDetector
+
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"--out {out_path} is a folder; give the .onnx file to write, e.g. {out_path / 'model.onnx'}")
     bundle = load_bundle(bundle_path)
     if bundle.threshold is None or bundle.threshold.get("image") is None:
         raise ValueError(f"{bundle.path} has no threshold; run `anoddpm calibrate --model {bundle.path}` first")
-    detector = Detector.from_bundle(bundle, torch.device("cpu"), steps=steps, sampler="ddim").eval()
+    detector, threshold, _ = calibrated_detector(bundle, torch.device("cpu"), bundle.cfg.train.batch_size,
+                                                 {"steps": steps, "sampler": "ddim"}, "export")
+    if isinstance(detector, TiledDetector):  # calibrated tile by tile; the graph is one tile's, the runtime tiles
+        detector = detector.detector
     cfg = detector.cfg
-    calibrated = bundle.threshold.get("detect")
-    if calibrated and any(calibrated.get(k) != v for k, v in cfg.to_dict()["detect"].items() if k in calibrated):
-        print(f"warning: the threshold of {bundle.path} was calibrated with detect settings {calibrated}, the "
-              f"export uses {cfg.to_dict()['detect']}; re-calibrate with the same --steps for exact labels",
-              file=sys.stderr)
     names = (*OUTPUT_NAMES, "reconstruction") if with_reconstruction else OUTPUT_NAMES
     return export_module(_InspectionGraph(detector, with_reconstruction), out_path, channels=cfg.data.channels,
                          image_size=cfg.data.input_side,
-                         metadata=onnx_metadata(cfg, bundle.threshold, bundle.fingerprint), output_names=names)
+                         metadata=onnx_metadata(cfg, threshold, bundle.fingerprint), output_names=names)
 
 
 def export_command(args: argparse.Namespace) -> int:

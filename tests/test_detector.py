@@ -53,8 +53,9 @@ def test_shapes_ranges_and_determinism(sampler, samples):
     assert score.min() > 0
 
 
-def test_score_does_not_depend_on_batch_composition():
-    cfg = _cfg()
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
+def test_score_does_not_depend_on_batch_composition(sampler):
+    cfg = _cfg(sampler=sampler, depth=6 if sampler == "ancestral" else 50)
     det = Detector.from_config(cfg, _randomised_state(cfg)).eval()
     images = _images(3)
     with torch.inference_mode():

@@ -43,7 +43,7 @@ def exported(tmp_path_factory, images) -> tuple[Path, Path]:
     bundle = _bundle(tmp / "model.pt", None)
     with torch.inference_mode():
         scores = Detector.from_bundle(load_bundle(bundle), steps=STEPS)(images)[1].sort().values
-    threshold = {"image": float(scores[1:3].mean()), "pixel": None, "method": "quantile"}
+    threshold = {"image": float(scores[1:3].mean()), "pixel": None, "method": "quantile", "detect": {"steps": STEPS}}
     bundle = _bundle(tmp / "model.pt", threshold)
     onnx_path = tmp / "model.onnx"
     code = cli(["export", "--model", str(bundle), "--out", str(onnx_path), "--steps", str(STEPS),

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ def _score_cmd(model: Path, inputs: Path, out: Path) -> list[str]:
 def test_thousand_files_with_bad_ones_survive_a_kill_and_resume(tmp_path):
     cfg = tiny_config().override("detect", depth=50, steps=1)
     model = make_bundle(tmp_path / "model.pt", tmp_path, "none", cfg)
-    update_threshold(model, {"image": 0.05, "pixel": None, "method": "quantile", "quantile": 0.99, "n_good": 2})
+    update_threshold(model, {"image": 0.05, "pixel": None, "method": "quantile", "quantile": 0.99, "n_good": 2,
+                             "detect": asdict(cfg.detect)})
     inputs, out = tmp_path / "inputs", tmp_path / "out"
     bad = _make_inputs(inputs)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from anoddpm.bundle import update_threshold
 from anoddpm.cli import main
 from anoddpm.score import SCORE_FIELDS
 from anoddpm.synth import make_synthetic_dataset
-from test_evaluate_cli import make_bundle
+from test_evaluate_cli import make_bundle, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLD = {"image": 0.05, "pixel": 0.02, "method": "quantile", "quantile": 0.99, "n_good": 2}
@@ -36,7 +37,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     (inputs / "b" / "truncated.png").write_bytes((cat / "train" / "good" / "000.png").read_bytes()[:60])
     (inputs / "b" / "notes.txt").write_text("not an image")
     model = make_bundle(tmp / "model.pt", tmp / "data", "cat")
-    update_threshold(model, THRESHOLD)
+    update_threshold(model, {**THRESHOLD, "detect": asdict(tiny_config().detect)})  # calibrated for its settings
     return inputs, model
 
 
@@ -111,6 +112,7 @@ def test_resume_after_interruption_has_no_duplicate_or_missing_rows(
     full = reference[1]
     out = tmp_path / "resumed"
     out.mkdir()
+    shutil.copy(reference[0] / "settings.json", out)  # what the interrupted run was made with
     kept = [{**r, "seconds": "123.0"} for r in full[:14]]  # marks rows that must not be rescored
     with (out / "scores.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=SCORE_FIELDS, lineterminator="\n")
