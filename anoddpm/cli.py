@@ -6,12 +6,14 @@ on an ONNX file work on a line PC that has only deploy/requirements.txt (no torc
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable, Sequence
 
 from anoddpm import __version__
 from anoddpm.config import (AUGMENTATIONS, INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS,
                             RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, SCORERS, Config, load_config_file)
+from anoddpm.run_log import LOGGERS
 
 
 def _add_data_args(p: argparse.ArgumentParser, data_help: str) -> None:
@@ -148,13 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "head.budget_fraction of the budget; its bundle scores with the fused map (default: on; skipped "
                    "when its share of --max-steps is under head.min_steps, dropped when it does not beat the "
                    "residual on held-back synthetic anomalies; docs/quality.md)")
-    p.add_argument("--batch-size", dest="train_batch_size", type=int, help="images per step (default 8)")
+    p.add_argument("--batch-size", dest="train_batch_size", type=int, metavar="N", help="images per step (default 8)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps of the run (default 10000)")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget; stops cleanly and saves")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
     p.add_argument("--seed", type=int, help="seed for weights, data order and noise (default 0)")
     p.add_argument("--config", metavar="FILE", help="YAML or JSON config; flags override it")
+    p.add_argument("--logger", choices=LOGGERS, default="none",
+                   help="also write loss, learning rate and calibration scalars for TensorBoard into RUN_DIR/tensorboard "
+                        "(needs the tensorboard package; default none: RUN_DIR/log.jsonl only)")
     _add_device_arg(p)
     p.set_defaults(handler="anoddpm.train:train_command")
 
@@ -187,10 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score image files and folders into scores.csv",
                        description="Score files and folders; bad files are reported and skipped. "
                        "Under torchrun the inputs are sharded across ranks and merged.")
-    p.add_argument("--model", required=True, metavar="MODEL_PT")
+    p.add_argument("--model", required=True, metavar="MODEL_PT", help="trained bundle (model.pt) to score with")
     p.add_argument("--input", required=True, nargs="+", metavar="PATH", help="image files and/or folders")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: scores.csv, errors.csv, maps/, overlays/")
     p.add_argument("--save-maps", action="store_true", help="also write anomaly-map PNGs")
+    p.add_argument("--save-overlays", action="store_true",
+                   help="also write DIR/overlays/*.png: the map over the image, colour scale tied to the pixel "
+                        "threshold, predicted region outlined (needs a calibrated bundle)")
     _add_detect_args(p)
     _add_device_arg(p)
     p.set_defaults(handler="anoddpm.score:score_command")
@@ -198,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the inspection path to one ONNX file",
                        description="Bundle -> model.onnx: preprocessed image batch -> reconstruction -> "
                        "anomaly_map, pred_score; threshold and config in the metadata.")
-    p.add_argument("--model", required=True, metavar="MODEL_PT")
-    p.add_argument("--out", required=True, metavar="ONNX")
+    p.add_argument("--model", required=True, metavar="MODEL_PT", help="calibrated bundle (model.pt) to export")
+    p.add_argument("--out", required=True, metavar="ONNX", help="ONNX file to write (e.g. model.onnx)")
     p.add_argument("--steps", type=int, help="K fast-path steps baked into the graph (default: bundle's)")
     p.add_argument("--with-reconstruction", action="store_true", help="also output the reconstruction")
     p.set_defaults(handler="deploy.export:export_command")
@@ -207,11 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="production-line inspection with an ONNX model (no torch needed)",
                        description="Inspect files/folders once, or watch a hot folder; appends one JSON line "
                        "per image to DIR/inspections.jsonl.")
-    p.add_argument("--model", required=True, metavar="ONNX")
+    p.add_argument("--model", required=True, metavar="ONNX", help="exported model (.onnx, from `anoddpm export`)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", metavar="PATH", help="image files and/or folders")
     src.add_argument("--watch", metavar="DIR", help="hot folder to watch until Ctrl-C/SIGTERM")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: inspections.jsonl, ok/, ng/, maps/")
     p.add_argument("--sort", action="store_true", help="move inspected files into DIR/ok and DIR/ng")
     p.add_argument("--save-maps", action="store_true", help="also write anomaly-map PNGs")
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between folder scans (watch)")
@@ -220,9 +228,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print what a bundle or ONNX file contains",
                        description="Config, threshold, versions and training-data fingerprint of a file.")
-    p.add_argument("path", metavar="PATH", help="model.pt bundle or .onnx file")
+    p.add_argument("path", metavar="PATH", nargs="?", help="model.pt bundle or .onnx file (same as --model)")
+    p.add_argument("--model", metavar="MODEL", help="model.pt bundle or .onnx file")
     p.set_defaults(handler="anoddpm.info:info_command")
+    for verb_parser in sub.choices.values():
+        _add_verbosity_args(verb_parser)
     return parser
+
+
+def _add_verbosity_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
+    g.add_argument("-v", "--verbose", action="store_true", help="also print debug messages")
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to the sys.stderr of the moment (not the one at set-up), beside tqdm's bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def configure_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """Route the anoddpm, eval, deploy and noise loggers to stderr: INFO by default, WARNING with -q, DEBUG with -v."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter())
+    for name in ("anoddpm", "eval", "deploy", "noise"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, _StderrHandler)] + [handler]
+        logger.setLevel(level)
 
 
 def _load_handler(spec: str) -> Callable[[argparse.Namespace], int | None]:
@@ -235,6 +280,7 @@ def _load_handler(spec: str) -> Callable[[argparse.Namespace], int | None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `anoddpm` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
     handler = _load_handler(args.handler)
     try:
         return int(handler(args) or 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,10 +24,32 @@ def _step(title: str, argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
+MARKER = ".anoddpm-demo"  # marks a folder this demo wrote, so a rerun may replace it
+OUTPUTS = ("data", "run", "report", "model.onnx", "inspect")
+
+
+def fresh_demo_folder(out: Path) -> None:
+    """Make `out` ready for a run: a folder a previous demo wrote loses its outputs; any other non-empty
+    folder is refused (ValueError), so the demo never deletes files it did not write."""
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise ValueError(f"{out} is not empty and was not written by the demo; choose another --out")
+        for name in OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by python -m anoddpm.demo; rerunning the demo replaces this folder's outputs\n")
+
+
 def run_demo(out: Path, minutes: float, size: int, preset: str, n_train: int, max_steps: int | None = None) -> dict:
     """Run every step into `out`; returns the summary (metrics and seconds per step).
 
-    Training stops at `minutes` or `max_steps`, whichever comes first."""
+    Training stops at `minutes` or `max_steps`, whichever comes first. A rerun into the same folder replaces
+    the previous demo's outputs (``fresh_demo_folder``)."""
+    fresh_demo_folder(out)
     data, run, report = out / "data", out / "run", out / "report"
     onnx_path, inspect_dir = out / "model.onnx", out / "inspect"
     seconds = {
@@ -73,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=60, help="generated training images (default 60)")
     p.add_argument("--max-steps", type=int, help="also stop training after this many steps")
     args = p.parse_args(argv)
-    summary = run_demo(Path(args.out), args.minutes, args.size, args.preset, args.n_train, args.max_steps)
+    try:
+        summary = run_demo(Path(args.out), args.minutes, args.size, args.preset, args.n_train, args.max_steps)
+    except ValueError as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 2
     _print_summary(summary)
     return 0
 

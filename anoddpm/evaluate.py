@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from dataclasses import asdict
+import logging
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ from tqdm import tqdm
 from anoddpm.cli import detect_overrides
 from anoddpm.scoring_loop import ScoredSet, batched, score_component_maps, score_images, stack_if_same
 from anoddpm.settings_guard import calibrated_detector, same_detect_settings  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, torch.nn.Module, torch.device]:
@@ -99,8 +101,8 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
     # one reconstruction per image serves every component map ('fused' has two), each fitting its own reference
     components, seconds = score_component_maps(detector, good_images, device, batch_size, desc="validation")
     if len(components) < MIN_REFERENCE_IMAGES:
-        print(f"map reference: not fitted, {len(components)} held-back good images are fewer than "
-              f"{MIN_REFERENCE_IMAGES}; maps stay unnormalised", file=sys.stderr)
+        log.warning("map reference: not fitted, %d held-back good images are fewer than %d; maps stay "
+                    "unnormalised", len(components), MIN_REFERENCE_IMAGES)
     else:
         kinds = range(components.shape[1])
         detector.set_map_reference(torch.from_numpy(np.stack([reference_map(components[:, k]) for k in kinds])))
@@ -118,8 +120,8 @@ def _fit_reference_bank(detector: Any, bank_images: Any, device: torch.device, b
 
     n = 0 if bank_images is None else len(bank_images)
     if n < MIN_REFERENCE_IMAGES:
-        print(f"map reference: no nearest_good bank, {n} training images are fewer than {MIN_REFERENCE_IMAGES}; "
-              "maps stay unnormalised", file=sys.stderr)
+        log.warning("map reference: no nearest_good bank, %d training images are fewer than %d; maps stay "
+                    "unnormalised", n, MIN_REFERENCE_IMAGES)
         return
     images = _BankImages(bank_images, np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int)))
     pooled, _ = score_component_maps(detector, images, device, batch_size, desc="reference bank", reduce=pool_bank_maps)
@@ -222,8 +224,6 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """`anoddpm evaluate`: score the test set, write metrics + report into --out; returns the exit code."""
-    from dataclasses import replace
-
     from anoddpm.bundle import load_bundle
     from anoddpm.cli import layout_overrides
     from anoddpm.device import resolve_device
@@ -254,7 +254,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
                "calibration": threshold,
                "threshold_source": source})
     _print_summary(metrics, image_t, scored.seconds_per_image, len(test["paths"]), written["index.html"])
-    _print_per_type(json.loads(written["metrics.json"].read_text()))
+    summary = json.loads(written["metrics.json"].read_text())
+    _print_per_type(summary)
+    if summary["n_defect_without_mask"]:
+        print(f"  {summary['n_defect_without_mask']} defect images have no mask: "
+              + ("pixel metrics leave them out" if metrics["pixel_auroc"] is not None
+                 else "pixel metrics are absent (no defect image has a mask)"))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`anoddpm info PATH`: what a model bundle (model.pt) or an exported model.onnx contains."""
+"""`anoddpm info --model PATH` (or `info PATH`): what a model bundle (model.pt) or an exported model.onnx contains."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,9 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def info_command(args: argparse.Namespace) -> int:
-    """Print the description of args.path as indented JSON."""
-    print(json.dumps(describe(args.path), indent=2, default=str))
+    """Print the description of the file given as PATH or --model (exactly one) as indented JSON."""
+    given = [x for x in (args.path, getattr(args, "model", None)) if x]
+    if len(given) != 1:
+        raise ValueError("name the model file once: `anoddpm info --model FILE` (or `anoddpm info FILE`)")
+    print(json.dumps(describe(given[0]), indent=2, default=str))
     return 0

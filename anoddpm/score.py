@@ -20,6 +20,9 @@
   ``--score max``) and 255 is twice that. Without a calibrated threshold the scale is 1. Maps have each
   input file's own size (bilinear; ``imageio.restore_map`` inverts the resize policy, a tiled map is resized
   from the file's size times ``data.tile_scale``).
+* ``--save-overlays`` writes ``DIR/overlays/<stem>.png`` (same sub-folders): the map over the image at the
+  file's size on a colour scale tied to the pixel threshold, the predicted region outlined
+  (``eval.overlays``); it needs a calibrated bundle.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import io
 import json
 import os
 import sys
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +43,10 @@ from tqdm import tqdm
 from anoddpm.atomic import atomic_write_bytes, atomic_write_text
 from anoddpm.cli import detect_overrides
 from anoddpm.config import Config
-from anoddpm.imageio import image_hw, list_images, load_model_image, resize_map, restore_map, save_png
+from anoddpm.imageio import image_hw, list_images, load_model_image, read_image, resize_map, restore_map, save_png
 from anoddpm.scoring_loop import batched, forward_images
 from anoddpm.settings_guard import calibrated_detector, flag_of
+from eval.overlays import save_overlay
 
 SCORE_FIELDS = ("path", "pred_score", "pred_label", "threshold", "seconds")
 ERROR_FIELDS = ("path", "error")
@@ -219,6 +224,7 @@ def score_command(args: argparse.Namespace) -> int:
         scale = 2.0 * threshold if threshold else 1.0
         record = results_record(args.model, detector, threshold)
         check_results_record(out, record)
+        overlay_threshold = _overlay_threshold(calibration, bundle, args)
 
         absolute = [p.absolute() for p in images]
         root = Path(os.path.commonpath([p.parent for p in absolute]))
@@ -234,7 +240,7 @@ def score_command(args: argparse.Namespace) -> int:
             errors_file.write([_report_error(str(p.absolute()), why) for p, why in skipped
                                if str(p.absolute()) not in done])
         _score_shard(detector, bundle.cfg, todo[rank::world], device, args, threshold, scale, root, out,
-                     scores_file, errors_file, show_progress=rank == 0)
+                     scores_file, errors_file, show_progress=rank == 0, overlay_threshold=overlay_threshold)
         _barrier(world)
         if rank == 0:
             rows = _merge(out, "scores", SCORE_FIELDS)
@@ -246,6 +252,20 @@ def score_command(args: argparse.Namespace) -> int:
         if world > 1:
             dist.destroy_process_group()
     return 0
+
+
+def _overlay_threshold(calibration: dict[str, Any] | None, bundle: Any, args: argparse.Namespace) -> float | None:
+    """The pixel threshold of the calibration in use that overlays are drawn against (None without
+    --save-overlays); without a calibration they cannot be drawn (ValueError)."""
+    if not getattr(args, "save_overlays", False):
+        return None
+    from deploy.runtime import thresholds
+
+    pixel = thresholds(calibration)[1]
+    if pixel is None:
+        raise ValueError(f"--save-overlays needs a calibrated threshold and {bundle.path} has none; "
+                         f"run `anoddpm calibrate --model {bundle.path}` first")
+    return pixel
 
 
 def _load(path: Path, cfg: Config) -> np.ndarray:
@@ -262,7 +282,8 @@ def _file_sized(amap: np.ndarray, path: Path, cfg: Config) -> np.ndarray:
 
 def _score_shard(detector: torch.nn.Module, cfg: Config, paths: list[Path], device: torch.device,
                  args: argparse.Namespace, threshold: float | None, scale: float, root: Path, out: Path,
-                 scores_file: _CsvAppender, errors_file: _CsvAppender, show_progress: bool) -> None:
+                 scores_file: _CsvAppender, errors_file: _CsvAppender, show_progress: bool,
+                 overlay_threshold: float | None = None) -> None:
     with tqdm(total=len(paths), unit="img", desc="score", disable=not show_progress) as bar:
         for chunk in batched(paths, args.batch_size):
             good, arrays, errors = [], [], []
@@ -282,8 +303,13 @@ def _score_shard(detector: torch.nn.Module, cfg: Config, paths: list[Path], devi
                                  "pred_label": "" if threshold is None else int(score > threshold),
                                  "threshold": "" if threshold is None else repr(threshold),
                                  "seconds": f"{per_image:.6f}"})
+                    if args.save_maps or overlay_threshold is not None:
+                        full = _file_sized(amap, path, cfg)
                     if args.save_maps:
-                        save_png(out / "maps" / _map_name(path, root),
-                                 np.clip(_file_sized(amap, path, cfg) / scale, 0.0, 1.0))
+                        save_png(out / "maps" / _map_name(path, root), np.clip(full / scale, 0.0, 1.0))
+                    if overlay_threshold is not None:
+                        save_overlay(out / "overlays" / _map_name(path, root), read_image(path, cfg.data.channels),
+                                     full, overlay_threshold, title=f"{path.name}  score {score:.4g}  "
+                                     f"{'' if threshold is None else 'NG' if score > threshold else 'OK'}")
                 scores_file.write(rows)
             bar.update(len(chunk))

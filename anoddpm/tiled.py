@@ -16,7 +16,7 @@
 """
 from __future__ import annotations
 
-import sys
+import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,6 +27,8 @@ from tqdm import tqdm
 from anoddpm.config import Config
 from anoddpm.scoring_loop import BatchResult, ScoredSet, _timed_inference, score_component_maps, stack_if_same
 from eval.tiling import Stitcher, image_score, pad_to_tile, tile_batches, tile_grid
+
+log = logging.getLogger(__name__)
 
 
 def random_tiles(images: Sequence[Tensor], side: int, seed: int, step: int, rank: int) -> Tensor:
@@ -129,8 +131,8 @@ def fit_tiled_references(tiled: TiledDetector, bank_images: Any, device: torch.d
     elif det.map_reference == "good_mean":
         n = 0 if tiles is None else len(tiles)
         if n < MIN_REFERENCE_IMAGES:
-            print(f"map reference: not fitted, {n} training tiles are fewer than {MIN_REFERENCE_IMAGES}; "
-                  "maps stay unnormalised", file=sys.stderr)
+            log.warning("map reference: not fitted, %d training tiles are fewer than %d; maps stay unnormalised", n,
+                        MIN_REFERENCE_IMAGES)
             return
         chosen = np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int))
         components, _ = score_component_maps(detector, [tiles[int(j)] for j in chosen], device, batch_size,

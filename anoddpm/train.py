@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
+import logging
 import os
 import random
 import signal
@@ -40,15 +40,18 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from anoddpm.anomalies import synthesize_anomalies
-from anoddpm.atomic import append_jsonl, atomic_torch_save, atomic_write_text
+from anoddpm.atomic import atomic_torch_save, atomic_write_text
 from anoddpm.bundle import save_bundle, update_threshold
 from anoddpm.config import Config
 from anoddpm.device import resolve_device
 from anoddpm.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
 from anoddpm.imageio import save_png
 from anoddpm.intensity import model_inputs
+from anoddpm.run_log import RunLog
 from anoddpm.tiled import as_tiles, random_tiles
 from anoddpm.unet import build_unet
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 BUDGET_FIELDS = ("max_steps", "max_minutes")  # the only train fields a resume may change
@@ -247,13 +250,14 @@ def _load_checkpoint(path: Path, cfg: Config, fingerprint: dict[str, Any], dist:
 
 
 def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str | Path,
-          resume: bool = False, device: str = "auto") -> Path:
+          resume: bool = False, device: str = "auto", logger: str = "none") -> Path:
     """Train on good images of ROOT[/category]; writes RUN_DIR/{config.json,log.jsonl,checkpoint.pt,model.pt}.
 
     Returns the bundle path. Under DDP rank 0 alone trains the head, writes and calibrates the bundle;
     the other ranks return when the denoiser phase ends. cfg.train.batch_size is per process; under
     DDP the global batch is batch_size * WORLD_SIZE. max_steps counts the run's total optimizer steps
-    (including resumed ones).
+    (including resumed ones). `logger` 'tensorboard' mirrors log.jsonl and the calibration to
+    RUN_DIR/tensorboard (``anoddpm.run_log``).
     """
     from anoddpm.data import load_training_data
     from noise import make_noise
@@ -261,6 +265,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
     cfg.validate()
     out = Path(out_dir)
     dist = _Dist(device)
+    run_log: RunLog | None = None
     try:
         dev, tc, dc = dist.device, cfg.train, cfg.diffusion
         max_steps, max_minutes = tc.max_steps, tc.max_minutes
@@ -271,8 +276,9 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         ckpt_path = out / "checkpoint.pt"
         if ckpt_path.exists() and not resume:  # checked on every rank so none is left waiting
             raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        run_log = RunLog(out, logger) if dist.main else None
         if dist.main:
-            print(json.dumps(cfg.to_dict(), indent=2), flush=True)
+            log.info("config:\n%s", json.dumps(cfg.to_dict(), indent=2))
             out.mkdir(parents=True, exist_ok=True)
             for stale in out.glob(".*.tmp"):  # left by a process killed mid-write; the target itself is intact
                 stale.unlink(missing_ok=True)
@@ -309,7 +315,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             if ckpt["sampler"]["position"] != step * tc.batch_size * dist.world:
                 raise ValueError(f"{ckpt_path}: sampler position does not match step {step}")
             if dist.main:
-                print(f"resuming from {ckpt_path} at step {step}", flush=True)
+                log.info("resuming from %s at step %d", ckpt_path, step)
         net = model
         if dist.world > 1:
             net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -396,7 +402,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                     loss_sum.zero_()
                     loss_count = 0
                     if dist.main:
-                        append_jsonl(out / "log.jsonl", record)
+                        run_log(record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
                 if step % tc.checkpoint_every == 0:
                     save_checkpoint()
@@ -410,28 +416,31 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         bundle = out / "model.pt"
         if dist.main:
             elapsed = time.perf_counter() - start_time
-            print(f"trained {step - start_step} steps in {elapsed:.1f} s "
-                  f"({(step - start_step) / max(elapsed, 1e-9):.2f} steps/s)", flush=True)
+            log.info("trained %d steps in %.1f s (%.2f steps/s)", step - start_step, elapsed,
+                     (step - start_step) / max(elapsed, 1e-9))
             head_state = None
             if with_head and not interrupted:
                 head_minutes = None if tc.max_minutes is None else max(0.0, tc.max_minutes - elapsed / 60)
-                log_fn = functools.partial(append_jsonl, out / "log.jsonl")
+                log_fn = run_log
                 head = _train_head_phase(cfg, ema, diffusion, as_tiles(train_ds, cfg), dev, tc.max_steps - max_steps,
                                          head_minutes, log_fn)
                 head_state = _checked_head(cfg, ema, diffusion, head, as_tiles(val_ds, cfg), dev, log_fn)
             save_bundle(bundle, cfg=cfg, state_dict=ema.state_dict(), fingerprint=fingerprint,
                         head_state_dict=head_state)
-            print(f"bundle: {bundle}", flush=True)
+            log.info("bundle: %s", bundle)
         if interrupted:
             if dist.main:
-                print(f"interrupted at step {step}; checkpoint saved, continue with --resume",
-                      file=sys.stderr, flush=True)
+                log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
             raise KeyboardInterrupt
         if dist.main:
-            calibrate_bundle(bundle, val_ds, dev, train_ds)
+            threshold = calibrate_bundle(bundle, val_ds, dev, train_ds)
+            run_log.scalars("calibration", step, {k: threshold[k] for k in ("image", "pixel", "n_good")
+                                                  if threshold.get(k) is not None})
         # no barrier here: the other ranks would wait through the head phase, longer than NCCL's timeout
         return bundle
     finally:
+        if run_log is not None:
+            run_log.close()
         dist.close()
 
 
@@ -453,8 +462,8 @@ def _checked_head(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, hea
     from anoddpm.head_check import MIN_CHECK_IMAGES, compare_scorers_on_synthetic, head_earns_its_place
 
     if len(val_ds) < MIN_CHECK_IMAGES:
-        print(f"scoring head: kept unchecked, {len(val_ds)} held-back good images are fewer than "
-              f"{MIN_CHECK_IMAGES}", file=sys.stderr, flush=True)
+        log.warning("scoring head: kept unchecked, %d held-back good images are fewer than %d", len(val_ds),
+                    MIN_CHECK_IMAGES)
         return head.state_dict()
     detector = Detector(ema, diffusion, cfg.override("detect", scorer="fused"), head).to(device).eval()
     check = compare_scorers_on_synthetic(detector, val_ds, device, cfg.train.batch_size)
@@ -463,8 +472,8 @@ def _checked_head(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, hea
     figures = ", ".join(f"{name} image / pixel AUROC {check[name]['image_auroc']:.3f} / "
                         f"{check[name]['pixel_auroc']:.3f}" for name in ("fused", "residual"))
     verdict = "kept" if kept else "dropped, the bundle scores with the residual"
-    print(f"scoring head: {verdict} ({check['n_anomalous']} synthetic anomalies on {check['n_good']} held-back "
-          f"good images: {figures})", flush=True)
+    log.info("scoring head: %s (%d synthetic anomalies on %d held-back good images: %s)", verdict,
+             check["n_anomalous"], check["n_good"], figures)
     return head.state_dict() if kept else None
 
 
@@ -482,8 +491,7 @@ def _train_head_phase(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion,
     generator = torch.Generator(device=device).manual_seed((cfg.train.seed + 2) * 1_000_003)
     summary = train_head(head, detector.reconstruct, train_ds, cfg, generator, max(1, max_steps), max_minutes,
                          device, log_fn=log_fn)
-    print(f"scoring head: {summary['steps']} steps in {summary['minutes']:.1f} min, loss {summary['loss']:.4f}",
-          flush=True)
+    log.info("scoring head: %d steps in %.1f min, loss %.4f", summary["steps"], summary["minutes"], summary["loss"])
     return head
 
 
@@ -503,7 +511,7 @@ def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device,
     threshold = calibrate(scored.scores, scored.maps, quantile=bundle.cfg.detect.threshold_quantile)
     threshold["detect"] = bundle.cfg.to_dict()["detect"]
     update_threshold(bundle_path, threshold, **fitted_reference(detector))
-    print(f"calibrated on {len(val_ds)} held-back good images: image threshold {threshold['image']:.6g}", flush=True)
+    log.info("calibrated on %d held-back good images: image threshold %.6g", len(val_ds), threshold["image"])
     return threshold
 
 
@@ -515,7 +523,8 @@ def train_command(args: argparse.Namespace) -> int:
     cfg = resolve_train_config(args)
     if args.channels is None and args.config is None:
         channels = infer_channels(args.data, args.category, cfg)
-        print(f"channels: {channels} (from the training images; set --channels to override)", file=sys.stderr)
+        log.info("channels: %d (from the training images; set --channels to override)", channels)
         cfg = cfg.override("data", channels=channels).validate()
-    train(cfg, args.data, args.category, args.out, resume=args.resume, device=args.device)
+    train(cfg, args.data, args.category, args.out, resume=args.resume, device=args.device,
+          logger=getattr(args, "logger", "none"))
     return 0

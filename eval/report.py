@@ -24,7 +24,9 @@ paths [N] str; optional inputs/reconstructions [N,C,H,W] in [0,1], maps [N,H,W],
 * ``per_image.csv``: path, defect_type, label, pred_score, pred_label (``score > threshold``),
   then one column per entry of ``per_image`` (name -> [N] values).
 * ``roc.png``, ``pr.png`` (only with both classes), ``histogram.png``, ``grid.png`` (with
-  inputs and maps), and ``index.html`` linking them all.
+  inputs and maps), ``overlays/<name>.png`` for every image with ``overlays/page-NNN.html`` paging them
+  (with inputs and maps; ``eval.overlays``; name = the ``per_image`` "name" column, else the index),
+  and ``index.html`` linking them all.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import numpy as np
 
 from eval.metrics import (METRIC_KEYS, defect_pixel_share, per_type_auroc, per_type_pixel_auroc, select,
                           with_masks)
+from eval.overlays import save_overlay, write_overlay_pages
 from eval.plots import plot_grid, plot_histogram, plot_pr, plot_roc
 
 _TITLES = {
@@ -100,7 +103,24 @@ def _write_csv(path: Path, paths: Sequence[str], types: Sequence[str], labels: n
                              int(scores[i] > threshold), *extra])
 
 
-def _write_html(path: Path, summary: dict, images: Sequence[str]) -> None:
+def _write_overlays(out: Path, scores: np.ndarray, labels: np.ndarray, types: Sequence[str], names: Sequence[str],
+                    threshold: float, pixel_threshold: float | None, inputs: Any, maps: Any, masks: Any) -> Path:
+    """overlays/<name>.png for every image and overlays/page-NNN.html, highest score first -> the first page."""
+    folder = out / "overlays"
+    pixel = pixel_threshold if pixel_threshold is not None else threshold  # the map-unit threshold of pred_mask
+    pngs, captions, classes = [], [], []
+    for i in np.argsort(-scores, kind="stable"):
+        ng = bool(scores[i] > threshold)
+        rel = f"{names[i]}.png"
+        save_overlay(folder / rel, inputs[i], maps[i], pixel, None if masks is None else masks[i],
+                     title=f"{names[i]}  score {scores[i]:.4g}  {'NG' if ng else 'OK'}")
+        pngs.append(rel)
+        captions.append(f"{names[i]}: score {scores[i]:.4g} ({'NG' if ng else 'OK'}), truth {types[i]}")
+        classes.append("miss" if labels[i] and not ng else "false-alarm" if ng and not labels[i] else "")
+    return write_overlay_pages(folder, pngs, captions, classes)[0]
+
+
+def _write_html(path: Path, summary: dict, images: Sequence[str], overlays: Path | None = None) -> None:
     metric_rows = "".join(f"<tr><td>{_TITLES[k]}</td><td>{_fmt(summary[k])}</td></tr>" for k in METRIC_KEYS)
     info_keys = ("threshold", "pixel_threshold", "seconds_per_image", "n_images", "n_defect")
     info_rows = "".join(f"<tr><td>{k}</td><td>{_fmt(summary[k])}</td></tr>" for k in info_keys)
@@ -109,6 +129,10 @@ def _write_html(path: Path, summary: dict, images: Sequence[str]) -> None:
                         f"<td>{_fmt(share.get(t))}</td></tr>" for t, v in summary["per_type_image_auroc"].items())
     figures = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>'
                       for name in images)
+    overlay_link = "" if overlays is None else (
+        f'<h2>Every image</h2><p><a href="{overlays.relative_to(path.parent).as_posix()}">Per-image overlays</a> '
+        f"({summary['n_images']} images, highest score first): heat map over the image on a scale tied to the "
+        "pixel threshold, predicted region and ground-truth outlines.</p>")
     path.write_text(f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>anoddpm evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
@@ -120,6 +144,7 @@ img{{max-width:100%}}</style></head><body>
 <h2>Per defect type</h2><table><tr><th>defect type</th><th>image AUROC (vs good images)</th>
 <th>pixel AUROC (vs defect-free pixels)</th><th>share of defect pixels</th></tr>{type_rows}</table>
 <h2>Plots</h2>{figures}
+{overlay_link}
 <p>Files: <a href="metrics.json">metrics.json</a>, <a href="per_image.csv">per_image.csv</a></p>
 </body></html>
 """)
@@ -131,7 +156,7 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, float | None], sc
                  extra: Mapping[str, Any] | None = None, per_image: Mapping[str, Sequence[Any]] | None = None,
                  inputs: np.ndarray | None = None, reconstructions: np.ndarray | None = None,
                  maps: np.ndarray | None = None, masks: np.ndarray | None = None,
-                 grid_rows: int = 8, has_mask: np.ndarray | None = None) -> dict[str, Path]:
+                 grid_rows: int = 8, has_mask: np.ndarray | None = None, overlays: bool = True) -> dict[str, Path]:
     """Write the report folder (see module docstring) -> {file name: path written}; ``has_mask`` [N] bool
     as for ``compute_metrics`` (per-type pixel figures use only images whose mask is known)."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -172,7 +197,11 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, float | None], sc
         written["grid.png"] = plot_grid(
             [inputs[i] for i in rows], None if reconstructions is None else [reconstructions[i] for i in rows],
             [maps[i] for i in rows], None if masks is None else [masks[i] for i in rows], out / "grid.png", titles)
+    if overlays and inputs is not None and maps is not None:
+        names = per_image["name"] if "name" in per_image else [f"{i:05d}" for i in range(n)]
+        written["overlays"] = _write_overlays(out, scores, labels, defect_types, [str(x) for x in names],
+                                              float(threshold), pixel_threshold, inputs, maps, masks)
     images = [name for name in ("roc.png", "pr.png", "histogram.png", "grid.png") if name in written]
     written["index.html"] = out / "index.html"
-    _write_html(written["index.html"], summary, images)
+    _write_html(written["index.html"], summary, images, written.get("overlays"))
     return written

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
-from anoddpm.demo import run_demo
+import pytest
+
+from anoddpm.demo import MARKER, fresh_demo_folder, run_demo
 from eval.metrics import METRIC_KEYS
 
 
@@ -19,3 +21,19 @@ def test_demo_steps_end_to_end(tmp_path):
     assert len(records) == 5 and all({"pred_score", "pred_label", "latency_ms"} <= r.keys() for r in records)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log if "step" in r) == 4
+
+
+def test_a_demo_folder_can_be_reused_and_a_foreign_one_is_refused(tmp_path):
+    out = tmp_path / "demo_out"
+    fresh_demo_folder(out)
+    (out / "data" / "demo").mkdir(parents=True)
+    (out / "model.onnx").write_bytes(b"x")
+    (out / "notes.txt").write_text("mine")
+    fresh_demo_folder(out)  # a second `make demo`
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "notes.txt"])
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "a.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not written by the demo"):
+        fresh_demo_folder(foreign)
+    assert (foreign / "a.png").exists()
