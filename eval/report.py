@@ -199,9 +199,9 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, float | None], sc
             [maps[i] for i in rows], None if masks is None else [masks[i] for i in rows], out / "grid.png", titles)
     if overlays and inputs is not None and maps is not None:
         names = per_image["name"] if "name" in per_image else [f"{i:05d}" for i in range(n)]
-        written["overlays"] = _write_overlays(out, scores, labels, defect_types, [str(x) for x in names],
+        written["overlays/page-001.html"] = _write_overlays(out, scores, labels, defect_types, [str(x) for x in names],
                                               float(threshold), pixel_threshold, inputs, maps, masks)
     images = [name for name in ("roc.png", "pr.png", "histogram.png", "grid.png") if name in written]
     written["index.html"] = out / "index.html"
-    _write_html(written["index.html"], summary, images, written.get("overlays"))
+    _write_html(written["index.html"], summary, images, written.get("overlays/page-001.html"))
     return written

@@ -62,7 +62,7 @@ def test_report_overlays_every_image_highest_score_first(tmp_path):
                            per_image={"name": [f"t/{i}" for i in range(n)]}, inputs=rng.random((n, 1, 16, 16)),
                            maps=maps, masks=masks)
     assert sorted(p.name for p in (tmp_path / "overlays" / "t").iterdir()) == [f"{i}.png" for i in range(n)]
-    page = written["overlays"].read_text()
+    page = written["overlays/page-001.html"].read_text()
     assert page.index('"t/3.png"') < page.index('"t/0.png"')  # highest score first
     assert page.count('class="miss"') == 1  # image 2 is a defect scored under the threshold
     assert "overlays/page-001.html" in written["index.html"].read_text()
