@@ -249,6 +249,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         defect_types=test["defect_types"], paths=test["paths"], threshold=image_t, pixel_threshold=pixel_t,
         seconds_per_image=scored.seconds_per_image, per_image={"name": test["names"]}, inputs=test["images"],
         reconstructions=scored.reconstructions, maps=scored.maps, masks=test["masks"], has_mask=test["has_mask"],
+        overlay_aspects=_file_aspects(bundle.cfg, test["paths"]),
         extra={"model": str(args.model), "data": str(root), "category": args.category,
                "detect": detect_dict(detector), "resolution": resolution(detector.cfg), "device": str(device),
                "calibration": threshold,
@@ -261,6 +262,21 @@ def evaluate_command(args: argparse.Namespace) -> int:
               + ("pixel metrics leave them out" if metrics["pixel_auroc"] is not None
                  else "pixel metrics are absent (no defect image has a mask)"))
     return 0
+
+
+def _file_aspects(cfg: Any, paths: list[str]) -> list[float]:
+    """Per test image, how much to stretch its rows so a squashed S x S input (resize policy ``resize``) is shown in
+    its file's proportions (H / W); 1 for the other policies, tiling and volumes, whose geometry keeps them."""
+    from anoddpm.imageio import IMAGE_SUFFIXES, image_hw
+
+    d = cfg.data
+    if d.resize_policy != "resize" or d.tile_size:
+        return [1.0] * len(paths)
+    aspects = []
+    for path in paths:
+        height, width = image_hw(path) if Path(path).suffix.lower() in IMAGE_SUFFIXES else (1, 1)
+        aspects.append(height / width)
+    return aspects
 
 
 def _print_per_type(summary: dict) -> None:

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
 SCALE_MAX = 2.0  # colour scale: 0 .. 2 x threshold
-FADE_BELOW = 0.5  # transparent below this share of the threshold
+FADE_BELOW = 0.75  # transparent below this share of the threshold
 MAX_ALPHA = 0.7
 CMAP = "turbo"
 PER_PAGE = 24
@@ -47,16 +47,18 @@ def overlay_rgba(amap: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def save_overlay(path: str | Path, image: np.ndarray, amap: np.ndarray, threshold: float,
-                 gt_mask: np.ndarray | None = None, title: str | None = None, scale_label: str | None = None) -> Path:
+                 gt_mask: np.ndarray | None = None, title: str | None = None, scale_label: str | None = None,
+                 aspect: float = 1.0) -> Path:
     """Write the overlay PNG of one image: image [C, H, W] or [H, W(, C)] in [0, 1], amap [H, W] (same
-    size), threshold > 0 in map units (the pixel threshold), optional ground truth bool [H, W]."""
+    size), threshold > 0 in map units (the pixel threshold), optional ground truth bool [H, W]; `aspect`
+    stretches rows against columns (a squashed S x S input back to its file's proportions: (H/W) / (S/S))."""
     shown, amap = _display(image), np.asarray(amap, dtype=np.float32)
     if shown.shape[:2] != amap.shape:
         raise ValueError(f"overlay image {shown.shape[:2]} and map {amap.shape} must have the same size")
-    h, w = amap.shape
+    h, w = amap.shape[0] * aspect, amap.shape[1]
     fig, ax = plt.subplots(figsize=(4.0 * w / max(h, w) + 1.3, 4.0 * h / max(h, w) + 0.5))  # long side 4 in
-    ax.imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.imshow(overlay_rgba(amap, threshold), interpolation="nearest")
+    ax.imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", aspect=aspect)
+    ax.imshow(overlay_rgba(amap, threshold), interpolation="nearest", aspect=aspect)
     predicted = amap > threshold
     if predicted.any() and not predicted.all():
         ax.contour(predicted.astype(np.float32), levels=[0.5], colors="white", linewidths=1.2)

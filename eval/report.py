@@ -104,7 +104,8 @@ def _write_csv(path: Path, paths: Sequence[str], types: Sequence[str], labels: n
 
 
 def _write_overlays(out: Path, scores: np.ndarray, labels: np.ndarray, types: Sequence[str], names: Sequence[str],
-                    threshold: float, pixel_threshold: float | None, inputs: Any, maps: Any, masks: Any) -> Path:
+                    threshold: float, pixel_threshold: float | None, inputs: Any, maps: Any, masks: Any,
+                    aspects: Sequence[float] | None) -> Path:
     """overlays/<name>.png for every image and overlays/page-NNN.html, highest score first -> the first page."""
     folder = out / "overlays"
     pixel = pixel_threshold if pixel_threshold is not None else threshold  # the map-unit threshold of pred_mask
@@ -113,7 +114,8 @@ def _write_overlays(out: Path, scores: np.ndarray, labels: np.ndarray, types: Se
         ng = bool(scores[i] > threshold)
         rel = f"{names[i]}.png"
         save_overlay(folder / rel, inputs[i], maps[i], pixel, None if masks is None else masks[i],
-                     title=f"{names[i]}  score {scores[i]:.4g}  {'NG' if ng else 'OK'}")
+                     title=f"{names[i]}  score {scores[i]:.4g}  {'NG' if ng else 'OK'}",
+                     aspect=1.0 if aspects is None else float(aspects[i]))
         pngs.append(rel)
         captions.append(f"{names[i]}: score {scores[i]:.4g} ({'NG' if ng else 'OK'}), truth {types[i]}")
         classes.append("miss" if labels[i] and not ng else "false-alarm" if ng and not labels[i] else "")
@@ -156,9 +158,11 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, float | None], sc
                  extra: Mapping[str, Any] | None = None, per_image: Mapping[str, Sequence[Any]] | None = None,
                  inputs: np.ndarray | None = None, reconstructions: np.ndarray | None = None,
                  maps: np.ndarray | None = None, masks: np.ndarray | None = None,
-                 grid_rows: int = 8, has_mask: np.ndarray | None = None, overlays: bool = True) -> dict[str, Path]:
+                 grid_rows: int = 8, has_mask: np.ndarray | None = None, overlays: bool = True,
+                 overlay_aspects: Sequence[float] | None = None) -> dict[str, Path]:
     """Write the report folder (see module docstring) -> {file name: path written}; ``has_mask`` [N] bool
-    as for ``compute_metrics`` (per-type pixel figures use only images whose mask is known)."""
+    as for ``compute_metrics`` (per-type pixel figures use only images whose mask is known); ``overlay_aspects``
+    [N] row stretch of each overlay (``eval.overlays.save_overlay``'s aspect), default 1."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     n = scores.size
@@ -200,7 +204,7 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, float | None], sc
     if overlays and inputs is not None and maps is not None:
         names = per_image["name"] if "name" in per_image else [f"{i:05d}" for i in range(n)]
         written["overlays/page-001.html"] = _write_overlays(out, scores, labels, defect_types, [str(x) for x in names],
-                                              float(threshold), pixel_threshold, inputs, maps, masks)
+                                              float(threshold), pixel_threshold, inputs, maps, masks, overlay_aspects)
     images = [name for name in ("roc.png", "pr.png", "histogram.png", "grid.png") if name in written]
     written["index.html"] = out / "index.html"
     _write_html(written["index.html"], summary, images, written.get("overlays/page-001.html"))
