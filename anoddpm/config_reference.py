@@ -1,6 +1,6 @@
-"""The README's configuration table, generated from the dataclasses in config.py.
+"""The configuration table of docs/usage.md, generated from the dataclasses in config.py.
 
-`python -m anoddpm.config_reference` prints it; a test checks the README holds exactly this text,
+`python -m anoddpm.config_reference` prints it; a test checks docs/usage.md holds exactly this text,
 so the documentation cannot drift from the code. Descriptions are the fields' trailing comments
 (or the section's docstring when a field has none).
 """

@@ -1,4 +1,4 @@
-"""Config: round trips, file loading, flag overrides, validation errors, README reference table."""
+"""Config: round trips, file loading, flag overrides, validation errors, docs/usage.md reference table."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from anoddpm.cli import build_parser, resolve_train_config
 from anoddpm.config import Config, load_config_file
 from anoddpm.config_reference import reference_markdown
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 
 
 def test_dict_round_trip_and_json():
@@ -65,6 +65,6 @@ def test_missing_config_file_is_named(tmp_path):
         load_config_file(tmp_path / "nope.json")
 
 
-def test_readme_reference_table_matches_dataclasses():
-    assert reference_markdown() in README.read_text(), (
-        "README configuration table is out of date: paste `python -m anoddpm.config_reference`")
+def test_usage_reference_table_matches_dataclasses():
+    assert reference_markdown() in USAGE.read_text(), (
+        "docs/usage.md configuration table is out of date: paste `python -m anoddpm.config_reference`")
