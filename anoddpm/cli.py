@@ -6,7 +6,9 @@ on an ONNX file work on a line PC that has only deploy/requirements.txt (no torc
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -14,6 +16,8 @@ from anoddpm import __version__
 from anoddpm.config import (AUGMENTATIONS, INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS,
                             RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, SCORERS, Config, load_config_file)
 from anoddpm.run_log import LOGGERS
+
+DEBUG_ENV = "ANODDPM_DEBUG"  # set to 1 for tracebacks instead of one-line errors (like --debug)
 
 
 def _add_data_args(p: argparse.ArgumentParser, data_help: str) -> None:
@@ -103,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Flow: synth/train -> calibrate -> evaluate/score -> export -> inspect.",
     )
     parser.add_argument("--version", action="version", version=f"anoddpm {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of one line (also {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("synth", help="write a synthetic MVTec-layout defect dataset",
@@ -278,18 +284,38 @@ def _load_handler(spec: str) -> Callable[[argparse.Namespace], int | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `anoddpm` console script; returns the exit code."""
+    """Entry point of the `anoddpm` console script; returns the exit code (0 done, 1 failed, 2 bad input or
+    usage, 130 interrupted). Errors are one line; the traceback only with --debug or ANODDPM_DEBUG=1."""
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 are printed, not fatal
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
-    handler = _load_handler(args.handler)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return int(handler(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"anoddpm {args.verb}: error: {err}", file=sys.stderr)
-        return 2
+        return int(_load_handler(args.handler)(args) or 0)
     except KeyboardInterrupt:
         print(f"anoddpm {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line unless debugging
+        if debug:
+            raise
+        code, text = error_line(err)
+        print(f"anoddpm {args.verb}: error: {text}", file=sys.stderr)
+        return code
+
+
+def error_line(err: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an error: 2 for bad input or usage, 1 for everything else."""
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return 2, " ".join(str(err).split())
+    if isinstance(err, OSError):
+        where = f": {err.filename}" if err.filename else ""
+        if err.errno == errno.ENOSPC:
+            return 1, f"disk full{where}; free space and run again (results written before are kept)"
+        return 1, f"{err.strerror or err}{where}"
+    text = " ".join(str(err).split())[:300]
+    return 1, f"unexpected {type(err).__name__}: {text} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from anoddpm.config_check import check_ranges, check_types
+
 RESIZE_POLICIES = ("resize", "crop", "pad")
 AUGMENTATIONS = ("none", "flips", "texture")
 INTENSITY_MODES = ("none", "per_image")
@@ -206,6 +208,8 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise ValueError naming the first field whose value is not allowed; return self."""
+        for f in fields(self):
+            check_ranges(f.name, getattr(self, f.name))
         checks = [
             ("data.resize_policy", self.data.resize_policy, RESIZE_POLICIES),
             ("data.augment", self.data.augment, AUGMENTATIONS),
@@ -287,10 +291,13 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 
 
 def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} must be a mapping of its fields, got {data!r}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}; allowed: {', '.join(known)}")
+    check_types(cls, data, where)
     kwargs = {}
     for name, value in data.items():
         default = getattr(cls(), name) if name in known else None

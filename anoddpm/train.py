@@ -274,6 +274,8 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             max_steps = _denoiser_steps_before_head(cfg)
             max_minutes = None if tc.max_minutes is None else tc.max_minutes * (1 - cfg.head.budget_fraction)
         ckpt_path = out / "checkpoint.pt"
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; give a run folder")
         if ckpt_path.exists() and not resume:  # checked on every rank so none is left waiting
             raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
         run_log = RunLog(out, logger) if dist.main else None
@@ -282,7 +284,6 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             out.mkdir(parents=True, exist_ok=True)
             for stale in out.glob(".*.tmp"):  # left by a process killed mid-write; the target itself is intact
                 stale.unlink(missing_ok=True)
-            atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         dist.barrier()
 
         random.seed(tc.seed)
@@ -290,6 +291,10 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         torch.manual_seed(tc.seed)
         train_ds, val_ds, fingerprint = load_training_data(cfg, data_root, category, tc.seed)
         n = len(train_ds)
+        if n == 0 or len(val_ds) == 0:
+            raise ValueError(f"{data_root}: {fingerprint['n_files']} good image(s) leave {n} to train on and "
+                             f"{len(val_ds)} held back to calibrate the threshold; give at least 2 good images "
+                             "(and data.val_fraction > 0)")
         model = build_unet(cfg).to(dev)
         for name in ("train_crop", "tile_size"):
             if getattr(cfg.data, name) % model.size_multiple:
@@ -316,6 +321,8 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                 raise ValueError(f"{ckpt_path}: sampler position does not match step {step}")
             if dist.main:
                 log.info("resuming from %s at step %d", ckpt_path, step)
+        if dist.main:  # only once a resume was accepted: a refused one leaves the run's config.json as it was
+            atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         net = model
         if dist.world > 1:
             net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)

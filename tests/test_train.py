@@ -117,6 +117,7 @@ def test_resume_with_another_config_or_without_flag_is_refused(data_root, tmp_pa
     train(_cfg(2), data_root, "syn", run, device="cpu")
     with pytest.raises(ValueError, match=r"train\.lr \(checkpoint 0\.001, now 0\.002\)"):
         train(_cfg(4, lr=2e-3), data_root, "syn", run, resume=True, device="cpu")
+    assert json.loads((run / "config.json").read_text())["train"]["lr"] == 1e-3  # the refused settings not written
     with pytest.raises(ValueError, match="already holds a checkpoint; pass --resume"):
         train(_cfg(4), data_root, "syn", run, device="cpu")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
