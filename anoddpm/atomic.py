@@ -76,3 +76,11 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def out_folder(path: str | Path) -> Path:
+    """`path` as an output folder (created later by the writes); ValueError when it is an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file; give a folder (it is created when missing)")
+    return path

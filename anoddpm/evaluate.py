@@ -224,6 +224,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """`anoddpm evaluate`: score the test set, write metrics + report into --out; returns the exit code."""
+    from anoddpm.atomic import out_folder
     from anoddpm.bundle import load_bundle
     from anoddpm.cli import layout_overrides
     from anoddpm.device import resolve_device
@@ -231,6 +232,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from eval.metrics import compute_metrics
     from eval.report import write_report
 
+    out_folder(args.out)
     device = resolve_device(args.device)
     bundle = load_bundle(args.model, map_location=device)
     bundle = replace(bundle, cfg=bundle.cfg.override("data", **layout_overrides(args)))  # folder names of --data

@@ -120,21 +120,23 @@ def array_image(image: np.ndarray, channels: int) -> np.ndarray:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
         raise ValueError(f"image array must be [H, W] or [H, W, C] with C = 1, 3 or 4, got shape {arr.shape}")
-    arr = arr[..., :3]
+    return _to_channels(_unit_range(arr[..., :3]), channels)
+
+
+def _unit_range(arr: np.ndarray, slack: float = 0.0) -> np.ndarray:
+    """uint8 (/255), uint16 (/65535), bool or float in [0, 1] (+- slack) -> float32; anything else ValueError."""
     if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
-    elif arr.dtype == np.uint16:
-        arr = arr.astype(np.float32) / 65535.0
-    elif arr.dtype == np.bool_:
-        arr = arr.astype(np.float32)
-    elif np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or arr.min() < 0.0 or arr.max() > 1.0:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.floating):
+        if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < -slack or arr.max() > 1.0 + slack):
             raise ValueError(f"float image values must be finite and in [0, 1], got [{np.nanmin(arr):.4g}, "
                              f"{np.nanmax(arr):.4g}] (divide 8-bit data by 255, or pass it as uint8)")
-        arr = arr.astype(np.float32)
-    else:
-        raise ValueError(f"image array dtype {arr.dtype} is not allowed; use uint8, uint16, bool or float in [0, 1]")
-    return _to_channels(arr, channels)
+        return arr.astype(np.float32, copy=False)
+    raise ValueError(f"image array dtype {arr.dtype} is not allowed; use uint8, uint16, bool or float in [0, 1]")
 
 
 def pil_image(image: Image.Image, channels: int) -> np.ndarray:
@@ -182,12 +184,14 @@ def _apply(arr: np.ndarray, size: int, policy: str, resample: Image.Resampling) 
 
 
 def preprocess(image: np.ndarray, image_size: int, resize_policy: str) -> np.ndarray:
-    """float [H, W, C] in [0, 1] -> float32 [C, S, S] in [0, 1] (S = image_size), bilinear."""
+    """[H, W, C] float in [0, 1] (or uint8 / uint16 / bool, scaled like a file's pixels) -> float32 [C, S, S]
+    in [0, 1] (S = image_size), bilinear; other dtypes or values outside [0, 1] raise ValueError."""
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3:
         raise ValueError(f"image must be [H, W] or [H, W, C], got shape {image.shape}")
-    out = _apply(image.astype(np.float32, copy=False), image_size, resize_policy, Image.Resampling.BILINEAR)
+    image = _unit_range(np.asarray(image), slack=1e-3)  # rounding may leave a float a hair outside [0, 1]
+    out = _apply(image, image_size, resize_policy, Image.Resampling.BILINEAR)
     return np.ascontiguousarray(out.transpose(2, 0, 1).clip(0.0, 1.0), dtype=np.float32)
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from anoddpm.atomic import atomic_write_bytes, atomic_write_text
+from anoddpm.atomic import atomic_write_bytes, atomic_write_text, out_folder
 from anoddpm.cli import detect_overrides
 from anoddpm.config import Config
 from anoddpm.imageio import image_hw, list_images, load_model_image, read_image, resize_map, restore_map, save_png
@@ -208,9 +208,7 @@ def score_command(args: argparse.Namespace) -> int:
     rank, world, dist_device = _dist_setup(args.device)
     try:
         device = dist_device or resolve_device(args.device)
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a folder for scores.csv")
+        out = out_folder(args.out)
         images, skipped = list_images(args.input, exclude=out)
         if not images:
             raise FileNotFoundError(f"no images found in --input {' '.join(map(str, args.input))}")

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from anoddpm.anomalies import synthesize_anomalies
-from anoddpm.atomic import atomic_torch_save, atomic_write_text
+from anoddpm.atomic import atomic_torch_save, atomic_write_text, out_folder
 from anoddpm.bundle import save_bundle, update_threshold
 from anoddpm.config import Config
 from anoddpm.device import resolve_device
@@ -274,8 +274,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             max_steps = _denoiser_steps_before_head(cfg)
             max_minutes = None if tc.max_minutes is None else tc.max_minutes * (1 - cfg.head.budget_fraction)
         ckpt_path = out / "checkpoint.pt"
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a run folder")
+        out_folder(out)
         if ckpt_path.exists() and not resume:  # checked on every rank so none is left waiting
             raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
         run_log = RunLog(out, logger) if dist.main else None

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from anoddpm.atomic import append_jsonl
+from anoddpm.atomic import append_jsonl, out_folder
 from anoddpm.imageio import image_hw, list_images, save_png
 from deploy.runtime import Inspector
 from deploy.watch import Snapshot, claim, free_name, restore_claims, snapshot, watch_folder
@@ -202,7 +202,7 @@ def watch(recorder: Recorder, folder: str | Path, poll_interval: float, stop: th
 def inspect_command(args: argparse.Namespace) -> int:
     """`anoddpm inspect --model model.onnx (--input PATH... | --watch DIR) --out DIR`; 1 if any file failed."""
     inspector = Inspector(args.model, providers=args.providers)
-    recorder = Recorder(inspector, Path(args.out), sort=args.sort, save_maps=args.save_maps)
+    recorder = Recorder(inspector, out_folder(args.out), sort=args.sort, save_maps=args.save_maps)
     print(f"model {inspector.path} on {inspector.provider}; threshold {inspector.image_threshold:.6g}; "
           f"log {recorder.log_path}", file=sys.stderr)
     if args.watch:
@@ -211,7 +211,7 @@ def inspect_command(args: argparse.Namespace) -> int:
         with _stop_on_signals(stop):
             watch(recorder, args.watch, args.poll_interval, stop)
     else:
-        paths, skipped = list_images(args.input)
+        paths, skipped = list_images(args.input, exclude=args.out)
         for path, why in skipped:
             print(f"skipped {path}: {why}", file=sys.stderr)
         if not paths:
