@@ -18,6 +18,7 @@ import torch
 
 from anoddpm import BUNDLE_FORMAT_VERSION, __version__
 from anoddpm.atomic import atomic_torch_save
+from anoddpm.bundle_check import check_bundle_file, check_weights
 from anoddpm.config import Config
 
 
@@ -87,8 +88,7 @@ def save_bundle(path: str | Path, *, cfg: Config, state_dict: Mapping[str, torch
 
 
 def _read_raw(path: Path, map_location: Any) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"model bundle not found: {path}")
+    check_bundle_file(path)
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -116,6 +116,7 @@ def load_bundle(path: str | Path, map_location: Any = "cpu") -> Bundle:
     """Read model.pt safely (weights_only); ValueError naming the file if it is not a usable bundle."""
     path = Path(path)
     raw = _read_raw(path, map_location)
+    check_weights(path, raw)
     try:
         cfg = Config.from_dict(raw["config"]).validate()
     except (ValueError, TypeError) as err:

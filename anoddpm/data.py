@@ -107,10 +107,10 @@ def _nfbs_root(cfg: Config, root: str | Path, category: str | None) -> Path | No
     return cat_root if is_nfbs(cat_root) else None
 
 
-def image_layout(cfg: Config, root: str | Path, category: str | None) -> Layout:
+def image_layout(cfg: Config, root: str | Path, category: str | None, with_test: bool = True) -> Layout:
     """The image layout of ROOT (+ category) with cfg.data's folder names (``anoddpm.layouts.discover``)."""
     d = cfg.data
-    return discover(root, category, d.normal_dir, d.abnormal_dir, d.mask_dir, d.normal_test_dir)
+    return discover(root, category, d.normal_dir, d.abnormal_dir, d.mask_dir, d.normal_test_dir, with_test)
 
 
 def infer_channels(root: str | Path, category: str | None, cfg: Config | None = None) -> int:
@@ -118,7 +118,7 @@ def infer_channels(root: str | Path, category: str | None, cfg: Config | None = 
     cfg = cfg or Config()
     if _nfbs_root(cfg, root, category) is not None:
         return 1
-    files = image_layout(cfg, root, category).train
+    files = image_layout(cfg, root, category, with_test=False).train
     if not files:
         raise ValueError(f"{root} holds no training images ({', '.join(IMAGE_SUFFIXES)})")
     rgb = read_image(files[0], channels=3)
@@ -207,7 +207,7 @@ def load_training_data(cfg: Config, root: str | Path, category: str | None,
     if nfbs is not None:
         kind, cat_root, files, validation = "nfbs", nfbs, sorted(nfbs.glob(f"*/sub-*{NFBS_BRAIN}")), []
     else:
-        layout = image_layout(cfg, root, category)
+        layout = image_layout(cfg, root, category, with_test=False)
         kind, cat_root, files, validation = layout.kind, layout.root, layout.train, layout.validation
     if not files:
         raise ValueError(f"no training images found under {cat_root}")

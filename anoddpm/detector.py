@@ -228,7 +228,12 @@ class Detector(nn.Module):
         """
         cfg = bundle.cfg.override("detect", **detect_overrides).validate()
         head_state = getattr(bundle, "head_state_dict", None)
-        detector = cls.from_config(cfg, bundle.state_dict, head_state)
+        try:
+            detector = cls.from_config(cfg, bundle.state_dict, head_state)
+        except RuntimeError as err:  # load_state_dict: missing or unexpected keys, wrong shapes
+            first = str(err).strip().splitlines()
+            raise ValueError(f"{getattr(bundle, 'path', 'the bundle')}: its weights do not fit its config "
+                             f"({' '.join(first[:2])[:300]}); the file was altered or mixes two models") from err
         reference, bank = getattr(bundle, "map_reference", None), getattr(bundle, "reference_bank", None)
         if reference is not None or bank is not None:
             from anoddpm.settings_guard import same_detect_settings

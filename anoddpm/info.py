@@ -50,6 +50,8 @@ def describe_onnx(path: Path) -> dict[str, Any]:
 def describe(path: str | Path) -> dict[str, Any]:
     """Dispatch on the file: ONNX by suffix, everything else is read as a bundle."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; pass the model.pt or .onnx file in it")
     if not path.is_file():
         raise FileNotFoundError(f"no such model file: {path}")
     return describe_onnx(path) if path.suffix.lower() == ".onnx" else describe_bundle(path)

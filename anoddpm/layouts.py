@@ -163,14 +163,15 @@ def _train_good(cat_root: Path) -> list[Path]:
     return files
 
 
-def _mvtec_family(cat_root: Path) -> Layout:
+def _mvtec_family(cat_root: Path, with_test: bool = True) -> Layout:
     train, validation = _train_good(cat_root), images_in(cat_root / "validation" / "good")
     if (cat_root / "test_public").is_dir():
-        test = _typed_test_items(cat_root / "test_public", cat_root / "test_public" / "ground_truth")
+        public = cat_root / "test_public"
+        test = _typed_test_items(public, public / "ground_truth") if with_test else []
         return Layout("mvtec_ad2", cat_root, train, validation, test)
     gt = cat_root / "ground_truth"
     loco = gt.is_dir() and any(p.is_dir() for t in gt.iterdir() if t.is_dir() for p in t.iterdir())
-    test = _typed_test_items(cat_root / "test", gt)
+    test = _typed_test_items(cat_root / "test", gt) if with_test else []
     return Layout("mvtec_loco" if loco else "mvtec", cat_root, train, validation, test,
                   "nonzero" if loco else "half")
 
@@ -231,9 +232,10 @@ def _named_folders(root: Path, normal: str, abnormal: str, mask_dir: str, normal
 
 
 def discover(root: str | Path, category: str | None, normal_dir: str = "", abnormal_dir: str = "",
-             mask_dir: str = "", normal_test_dir: str = "") -> Layout:
+             mask_dir: str = "", normal_test_dir: str = "", with_test: bool = True) -> Layout:
     """The image layout of ROOT (+ category): see the module docstring. NFBS volumes are not an image layout
-    (``anoddpm.data`` reads them); ValueError/FileNotFoundError name the folder or file at fault."""
+    (``anoddpm.data`` reads them); ValueError/FileNotFoundError name the folder or file at fault. Without
+    `with_test` the MVTec family's test set is not read (training needs none: a missing test mask is no error)."""
     if normal_dir or abnormal_dir:
         base = Path(root) / category if category else Path(root)
         if not base.is_dir():
@@ -244,5 +246,5 @@ def discover(root: str | Path, category: str | None, normal_dir: str = "", abnor
     if visa is not None:
         return _visa(*visa)
     if (cat_root / "train").is_dir():
-        return _mvtec_family(cat_root)
+        return _mvtec_family(cat_root, with_test)
     return Layout("folder", cat_root, list_images([cat_root])[0])

@@ -2,7 +2,8 @@
 
 Every image gives one JSON line in OUT/inspections.jsonl (flushed and fsynced per line):
 ``time, path, pred_score, pred_label, latency_ms`` (+ ``size, mtime_ns``, ``moved_to``, ``map``),
-or ``time, path, error`` for a file that could not be read; ``latency_ms`` runs from the start of
+or ``time, path, error`` for a file that could not be read (once per path: a file logged unreadable that
+later decodes, a writer that paused longer than the grace, gets its result with ``supersedes_error``); ``latency_ms`` runs from the start of
 reading the file to its result (the inference of its whole batch included). ``--sort`` moves inspected files to
 OUT/ok or OUT/ng (a clashing name gets a ``_1``, ``_2`` ... suffix; nothing is overwritten).
 ``--save-maps`` writes OUT/maps/<name>.png with the anomaly map scaled so that the pixel threshold
@@ -48,10 +49,15 @@ class Recorder:
         self.sort = sort
         self.save_maps = save_maps
         self.counts = {"ok": 0, "ng": 0, "error": 0}
+        self.failed: set[str] = set()  # paths logged unreadable and not inspected since
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    def error(self, path: Path, err: Exception, snap: Snapshot | None = None) -> dict[str, Any]:
-        """Log an image that could not be inspected."""
+    def error(self, path: Path, err: Exception, snap: Snapshot | None = None) -> dict[str, Any] | None:
+        """Log an image that could not be inspected; a later version of a path already logged unreadable
+        (a writer that paused longer than the grace, then went on) is not logged again. None when not logged."""
+        if snap is not None and str(path) in self.failed:
+            return None
+        self.failed.add(str(path))
         record: dict[str, Any] = {"time": _now(), "path": str(path), "error": str(err)}
         if snap is not None:
             record.update(size=snap.size, mtime_ns=snap.mtime_ns)
@@ -66,6 +72,10 @@ class Recorder:
         label = "ng" if result["pred_label"] else "ok"
         record: dict[str, Any] = {"time": _now(), "path": str(path), "pred_score": result["pred_score"],
                                   "pred_label": result["pred_label"], "latency_ms": round(latency_ms, 3)}
+        if str(path) in self.failed:  # it was still being written when logged unreadable: that record is void
+            self.failed.discard(str(path))
+            self.counts["error"] -= 1
+            record["supersedes_error"] = True
         if snap is not None:
             record.update(size=snap.size, mtime_ns=snap.mtime_ns)
         map_path = free_name(self.out_dir / "maps" / f"{path.stem}.png") if self.save_maps else None

@@ -11,13 +11,15 @@ module the PyTorch path uses) and returns maps of each input's own size.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from anoddpm.imageio import array_image, as_image_list, load_model_image, model_image, read_any, resize_map
+from anoddpm.imageio import (RESIZE_POLICIES, array_image, as_image_list, load_model_image, model_image, read_any,
+                             resize_map)
 from eval.tiling import Stitcher, image_score, tile_batches
 
 ONNX_FORMAT_VERSION = 1
@@ -43,12 +45,41 @@ def parse_metadata(raw: dict[str, str], path: str | Path) -> dict[str, Any]:
         meta["steps"] = int(raw["steps"])
     except KeyError as err:
         raise ValueError(f"{path} metadata lacks the field {err.args[0]!r}") from err
-    except ValueError as err:
-        raise ValueError(f"{path} metadata is not valid: {err}") from err
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{path} metadata is not valid: {err}; re-export the model") from err
+    _check_preprocessing(meta, path)
     threshold = meta["threshold"]
     if not isinstance(threshold, dict) or not isinstance(threshold.get("image"), (int, float)):
         raise ValueError(f"{path} metadata holds no image threshold; calibrate the bundle and re-export")
     return meta
+
+
+def _check_preprocessing(meta: dict[str, Any], path: str | Path) -> None:
+    """ValueError naming the metadata field that is not what `anoddpm export` writes."""
+    for key in ("config", "preprocessing", "fingerprint"):
+        if not isinstance(meta[key], dict):
+            raise ValueError(f"{path} metadata field {key!r} must be a JSON object, got {type(meta[key]).__name__}; "
+                             "re-export the model")
+    prep = meta["preprocessing"]
+    for key, low, default in (("image_size", 1, None), ("channels", 1, None), ("tile_size", 0, 0), ("tile_stride", 0, 0)):
+        value = prep.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{path} metadata preprocessing.{key}={value!r} must be an integer >= {low}; "
+                             "re-export the model")
+    scale = prep.get("tile_scale", 1.0)
+    if (prep["channels"] not in (1, 3) or prep.get("resize_policy") not in RESIZE_POLICIES
+            or not isinstance(scale, (int, float)) or not 0 < scale <= 1):
+        raise ValueError(f"{path} metadata preprocessing {prep} is not valid (channels 1 or 3, resize_policy one of "
+                         f"{', '.join(RESIZE_POLICIES)}, tile_scale in (0, 1]); re-export the model")
+
+
+def _check_graph_input(session: ort.InferenceSession, channels: int, side: int, path: Path) -> None:
+    """The graph's input [B, C, S, S] must be the one its metadata describes, or every image would fail."""
+    shape = session.get_inputs()[0].shape
+    fixed = [d for d in shape[1:] if isinstance(d, int)]
+    if len(shape) != 4 or (len(fixed) == 3 and fixed != [channels, side, side]):
+        raise ValueError(f"{path}: its metadata describes input [B, {channels}, {side}, {side}] but the graph takes "
+                         f"{shape}; the file was altered, re-export the model")
 
 
 def thresholds(threshold: dict[str, Any] | None) -> tuple[float | None, float | None]:
@@ -111,8 +142,13 @@ class Inspector:
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None, batch_size: int = 8,
                  threads: int | None = None):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(f"{self.path} is a folder; pass the .onnx file `anoddpm export` wrote")
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        if zipfile.is_zipfile(self.path):
+            raise ValueError(f"{self.path} is a PyTorch bundle (model.pt), not an ONNX model; export it first: "
+                             f"anoddpm export --model {self.path} --out model.onnx")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         self.batch_size = batch_size
@@ -129,6 +165,7 @@ class Inspector:
         detect = self.metadata["config"].get("detect", {})
         self.score_reduction, self.topk = str(detect.get("score", "max")), int(detect.get("topk", 100))
         self.input_side = self.tile_size or self.image_size
+        _check_graph_input(self.session, self.channels, self.input_side, self.path)
         self.image_threshold, self.pixel_threshold = thresholds(self.metadata["threshold"])
         outputs = {o.name for o in self.session.get_outputs()}
         missing = [name for name in OUTPUT_NAMES if name not in outputs]

@@ -10,6 +10,7 @@ uninspected. numpy/torch-free.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
@@ -28,9 +29,11 @@ class Snapshot(NamedTuple):
     mtime_ns: int
 
 
-def scan(folder: Path) -> dict[str, Snapshot]:
-    """Top-level, non-hidden image files of `folder` -> {path: Snapshot}; vanished files are left out."""
+def scan(folder: Path, unreadable: set[str] | None = None) -> dict[str, Snapshot]:
+    """Top-level, non-hidden image files of `folder` -> {path: Snapshot}; vanished files are left out, and so
+    are entries that cannot be read (a symlink loop, no permission), each reported once per `unreadable` set."""
     found: dict[str, Snapshot] = {}
+    reported = set() if unreadable is None else unreadable
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.name.startswith(".") or Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
@@ -40,6 +43,11 @@ def scan(folder: Path) -> dict[str, Snapshot]:
                     continue
                 st = entry.stat()
             except FileNotFoundError:
+                continue
+            except OSError as err:
+                if entry.path not in reported:
+                    reported.add(entry.path)
+                    print(f"skipped {entry.path}: {err.strerror or err}", file=sys.stderr)
                 continue
             found[entry.path] = Snapshot(entry.path, st.st_size, st.st_mtime_ns)
     return found
@@ -69,8 +77,9 @@ def watch_folder(folder: str | Path, handle: Callable[[list[Snapshot]], Iterable
         raise ValueError(f"--poll-interval={poll_interval} must be positive")
     done = set(seen)
     previous: dict[str, Snapshot] = {}
+    unreadable: set[str] = set()
     while not stop.is_set():
-        current = scan(folder)
+        current = scan(folder, unreadable)
         done &= set(current.values())  # a file that left the folder is forgotten: its name may return
         ready = sorted((s for p, s in current.items() if previous.get(p) == s and s not in done),
                        key=lambda s: (s.mtime_ns, s.path))

@@ -131,3 +131,14 @@ def test_inspect_sort_with_out_inside_the_input_never_touches_its_outputs(tmp_pa
     assert sorted_files == ["maps/a.png", "maps/b.png", "ng/b.png", "ok/a.png"]
     assert main(args) == 2  # nothing left to inspect: its own outputs are not inputs
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted_files
+
+
+def test_training_does_not_read_the_test_masks(tmp_path: Path) -> None:
+    from anoddpm.data import load_training_data
+
+    cat = make_synthetic_dataset(tmp_path / "data", category="cat", size=32, n_train=6, n_test_good=1, n_test_defect=2)
+    for mask in (cat / "ground_truth").rglob("*.png"):
+        mask.unlink()
+        break
+    train_ds, val_ds, _ = load_training_data(tiny_config(), tmp_path / "data", "cat", 0)
+    assert len(train_ds) + len(val_ds) == 6

@@ -91,7 +91,7 @@ def test_test_set(synth_root):
     ("empty_train", ValueError, "train/good"),
     ("no_train", ValueError, "no train/good"),
 ])
-def test_layout_errors_before_training(synth_root, tmp_path, breakage, error, pattern):
+def test_layout_errors_before_training_or_evaluation(synth_root, tmp_path, breakage, error, pattern):
     cat = _copy(synth_root, tmp_path) / "synthetic"
     if breakage == "missing_mask":
         (cat / "ground_truth" / "crack" / "000_mask.png").unlink()
@@ -102,6 +102,11 @@ def test_layout_errors_before_training(synth_root, tmp_path, breakage, error, pa
             p.unlink()
     else:
         shutil.rmtree(cat / "train")
+    if breakage in ("missing_mask", "mask_size"):  # training never reads the test set; evaluate refuses it
+        load_training_data(CFG, cat.parent, "synthetic", 0)
+        with pytest.raises(error, match=pattern):
+            load_test_set(CFG, cat.parent, "synthetic")
+        return
     with pytest.raises(error, match=pattern):
         load_training_data(CFG, cat.parent, "synthetic", 0)
 

@@ -32,7 +32,7 @@ def test_info_bundle_and_onnx(bundle, tmp_path, capsys):
     assert out["map_reference"] is None
     assert out["head_parameters"] is None
 
-    update_threshold(path, {"image": 0.25, "pixel": 0.5}, torch.full((1, 1, 32, 32), 2.0))
+    update_threshold(path, {"image": 0.25, "pixel": 0.5, "detect": {}}, torch.full((1, 1, 32, 32), 2.0))  # default settings
     assert cli(["info", str(path)]) == 0
     described = json.loads(capsys.readouterr().out)["map_reference"]
     assert described == {"shape": [1, 1, 32, 32], "min": 2.0, "mean": 2.0, "max": 2.0}
