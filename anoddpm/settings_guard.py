@@ -9,7 +9,7 @@ not at hand. The bundle file is never changed here (``anoddpm calibrate`` stores
 """
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +18,7 @@ import torch
 
 from anoddpm.config import DetectConfig
 
+log = logging.getLogger(__name__)
 IGNORED = ("threshold_quantile",)  # how the threshold was picked, not how scores are made
 _FLAGGED = ("depth", "steps", "samples", "sampler", "residual", "residual_norm", "score", "scorer", "map_reference",
             "reference_neighbours")  # DetectConfig fields with a flag of their name; noise is --detect-noise
@@ -85,8 +86,8 @@ def calibrated_detector(bundle: Any, device: torch.device, batch_size: int, over
         flags = " ".join(flag_of(k) for k in detect_differences(stored, current)) or "the detection flags"
         raise ValueError(f"{bundle.path} {why} and cannot be recalibrated: {err}; run `anoddpm calibrate --model "
                          f"{bundle.path} --data ROOT` with the same flags, or drop {flags}") from err
-    print(f"anoddpm {verb}: {bundle.path} {why}; calibrating on its held-back good images under {root} now "
-          "(the bundle is not changed; `anoddpm calibrate` with the same flags stores it)", file=sys.stderr)
+    log.warning("%s: %s %s; calibrating on its held-back good images under %s now (the bundle is not changed; "
+                "`anoddpm calibrate` with the same flags stores it)", verb, bundle.path, why, root)
     threshold = calibrate_threshold(bundle, detector, device, batch_size, root, category,
                                     current["threshold_quantile"], "quantile")
     return detector, threshold, "validation split (on the fly)"
