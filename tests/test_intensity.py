@@ -61,7 +61,8 @@ def test_onnx_graph_carries_the_normalisation(tmp_path):
     cfg = _cfg("per_image")
     bundle = save_bundle(tmp_path / "model.pt", cfg=cfg, state_dict=_random_detector_state(cfg),
                          fingerprint={"source": "random", "n": 0},
-                         threshold={"image": 1.0, "pixel": None, "method": "quantile"})
+                         threshold={"image": 1.0, "pixel": None, "method": "quantile",
+                                    "detect": cfg.to_dict()["detect"]})
     onnx_path = export_onnx(bundle, tmp_path / "model.onnx")
     x = torch.cat([_images(2), 0.5 * _images(2) + 0.1])
     with torch.inference_mode():

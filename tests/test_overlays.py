@@ -72,14 +72,15 @@ def test_score_save_overlays_writes_one_per_scored_file(tmp_path):
     from anoddpm.bundle import update_threshold
     from anoddpm.cli import main
     from anoddpm.synth import make_synthetic_dataset
-    from test_evaluate_cli import make_bundle
+    from test_evaluate_cli import make_bundle, tiny_config
 
     cat = make_synthetic_dataset(tmp_path / "data", category="cat", size=32, n_train=3, n_test_good=1, n_test_defect=2)
     model = make_bundle(tmp_path / "model.pt", tmp_path / "data", "cat")
     args = ["score", "--model", str(model), "--input", str(cat / "test"), "--out", str(tmp_path / "out"),
             "--save-overlays"]
     assert main(args) == 2  # no threshold: nothing to tie the colour scale to
-    update_threshold(model, {"image": 0.05, "pixel": 0.02, "method": "quantile", "quantile": 0.99, "n_good": 2})
+    update_threshold(model, {"image": 0.05, "pixel": 0.02, "method": "quantile", "quantile": 0.99, "n_good": 2,
+                             "detect": tiny_config().to_dict()["detect"]})  # calibrated for its own settings
     assert main(args) == 0
     written = sorted(p.relative_to(tmp_path / "out" / "overlays").as_posix()
                      for p in (tmp_path / "out" / "overlays").rglob("*.png"))
