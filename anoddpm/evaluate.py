@@ -35,13 +35,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, torch.nn.Module, torch.device]
     from anoddpm.bundle import load_bundle
     from anoddpm.detector import Detector
     from anoddpm.device import resolve_device
-
     from anoddpm.tiled import inspection_detector
 
     device = resolve_device(args.device)
     bundle = load_bundle(args.model, map_location=device)
     overrides = {k: v for k, v in detect_overrides(args).items() if v is not None}
-    return bundle, inspection_detector(Detector.from_bundle(bundle, device, **overrides).eval(), args.batch_size), device
+    detector = Detector.from_bundle(bundle, device, **overrides).eval()
+    return bundle, inspection_detector(detector, args.batch_size), device
 
 
 def detect_dict(detector: torch.nn.Module) -> dict[str, Any]:
@@ -254,8 +254,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         overlay_aspects=_file_aspects(bundle.cfg, test["paths"]),
         extra={"model": str(args.model), "data": str(root), "category": args.category,
                "detect": detect_dict(detector), "resolution": resolution(detector.cfg), "device": str(device),
-               "calibration": threshold,
-               "threshold_source": source})
+               "calibration": threshold, "threshold_source": source})
     _print_summary(metrics, image_t, scored.seconds_per_image, len(test["paths"]), written["index.html"])
     summary = json.loads(written["metrics.json"].read_text())
     _print_per_type(summary)

@@ -116,6 +116,23 @@ def test_tiled_detector_maps_have_the_image_size_whatever_the_batch() -> None:
     assert len(GridTiles([image[0:1]], TILE)) == len(tile_grid(30, 45, TILE))
 
 
+def test_good_mean_reference_is_the_mean_map_of_the_training_tiles() -> None:
+    from anoddpm.scoring_loop import score_component_maps
+    from anoddpm.tiled import fit_tiled_references
+    from eval.threshold import reference_map
+
+    torch.manual_seed(0)
+    detector = Detector.from_config(_tiny_tiled_config().override("detect", map_reference="good_mean")).eval()
+    rng = np.random.default_rng(4)
+    images = [rng.random((1, 40, 48), dtype=np.float32), rng.random((1, 24, 20), dtype=np.float32)]
+    tiles = GridTiles(images, TILE)
+    assert len(tiles) == 20 + 4  # 4 x 5 tiles, then 2 x 2 (starts 0, 8 down and 0, 4 across)
+    fit_tiled_references(TiledDetector(detector), images, torch.device("cpu"), batch_size=8)
+    components, _ = score_component_maps(detector, [tiles[j] for j in range(len(tiles))], torch.device("cpu"))
+    assert detector.has_map_reference and tuple(detector.map_reference.shape) == (1, 1, TILE, TILE)
+    np.testing.assert_allclose(detector.map_reference[0, 0].numpy(), reference_map(components[:, 0]), rtol=1e-5)
+
+
 def test_config_refuses_bad_tile_settings() -> None:
     with pytest.raises(ValueError, match="data.tile_size=20"):
         _tiny_tiled_config().override("data", tile_size=20).validate()
