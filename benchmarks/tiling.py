@@ -8,16 +8,21 @@ prints one JSON line per arm. Both arms are compared at the same resolution, the
 --tile-scale: the squashed arm's maps are resized up to it, and the masks are rescaled to it (nearest).
 Throughput counts the frames' native megapixels over the wall time of reading, preprocessing and scoring.
 
+``--denoiser blur`` skips training: both arms use the same training-free reconstruction (a Gaussian blur that
+heals thin marks), so the difference is the resolution alone.
+
 ``--rss-frame WxH --model TILED_MODEL_PT`` instead scores one random frame of that size (tile_scale 1 of the
 bundle unless --tile-scale is given) in a fresh process and prints its peak resident memory.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,9 +33,11 @@ import torch
 from anoddpm.bundle import load_bundle
 from anoddpm.config import Config
 from anoddpm.detector import Detector
+from anoddpm.diffusion import GaussianDiffusion
 from anoddpm.frames import make_frame_dataset, parse_frame_size
-from anoddpm.imageio import load_model_image, read_mask, rescale_mask, resize_map
+from anoddpm.imageio import image_hw, load_model_image, read_mask, rescale_mask, resize_map
 from anoddpm.tiled import TiledDetector
+from benchmarks.blur_denoiser import BlurDenoiser
 from eval.metrics import compute_metrics, per_type_auroc
 
 
@@ -51,15 +58,25 @@ def _train(arm: str, args: argparse.Namespace, data: Path) -> Path:
 
     bundle = Path(args.out) / arm / "model.pt"
     if not bundle.is_file():
-        train(_arm_config(arm, args), data, None, bundle.parent, device="cpu")
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
+            train(_arm_config(arm, args), data, None, bundle.parent, device="cpu")
     return bundle
 
 
-def _score_arm(arm: str, bundle_path: Path, data: Path, eval_scale: float, batch_size: int) -> dict[str, Any]:
-    """Score every test frame of `data` with the bundle; metrics at the frames' size times eval_scale."""
-    bundle = load_bundle(bundle_path)
-    detector = Detector.from_bundle(bundle).eval()
-    d, device = bundle.cfg.data, torch.device("cpu")
+def _detector(arm: str, args: argparse.Namespace, data: Path) -> Detector:
+    """The arm's trained bundle (trained here when missing), or with --denoiser blur the training-free
+    stand-in (``benchmarks.blur_denoiser``: reconstruction = Gaussian blur) so only the resolution differs."""
+    if args.denoiser == "blur":
+        cfg = _arm_config(arm, args).override("detect", map_reference="none")
+        diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+        return Detector(BlurDenoiser(diffusion, args.blur_sigma), diffusion, cfg).eval()
+    return Detector.from_bundle(load_bundle(_train(arm, args, data))).eval()
+
+
+def _score_arm(arm: str, detector: Detector, data: Path, eval_scale: float, batch_size: int) -> dict[str, Any]:
+    """Score every test frame of `data`; metrics at the frames' size times eval_scale."""
+    cfg = detector.cfg
+    d, device = cfg.data, torch.device("cpu")
     tiled = TiledDetector(detector, batch_size) if d.tile_size else None
     files = sorted(p for p in (data / "test").rglob("*.png"))
     scores, maps, masks, types, megapixels, seconds = [], [], [], [], 0.0, 0.0
@@ -74,9 +91,8 @@ def _score_arm(arm: str, bundle_path: Path, data: Path, eval_scale: float, batch
             amap, score = out[0, 0].numpy(), float(pred[0])
         seconds += time.perf_counter() - start
         mask_path = data / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
-        native = read_mask(mask_path) if mask_path.is_file() else None
-        h, w = (native.shape if native is not None else np.asarray(read_mask(path)).shape)
-        mask = rescale_mask(native if native is not None else np.zeros((h, w), bool), eval_scale)
+        h, w = image_hw(path)
+        mask = rescale_mask(read_mask(mask_path) if mask_path.is_file() else np.zeros((h, w), bool), eval_scale)
         megapixels += h * w / 1e6
         scores.append(score)
         maps.append(resize_map(amap, *mask.shape))
@@ -89,7 +105,9 @@ def _score_arm(arm: str, bundle_path: Path, data: Path, eval_scale: float, batch
             "megapixels_per_s": round(megapixels / seconds, 4), "seconds_per_frame": round(seconds / len(files), 3),
             "n_frames": len(files), "eval_resolution": f"native x {eval_scale:g}",
             "config": {"image_size": d.image_size, "tile_size": d.tile_size, "tile_scale": d.tile_scale,
-                       "preset": bundle.cfg.model.preset, "max_steps": bundle.cfg.train.max_steps}}
+                       "model": "blur stand-in" if isinstance(detector.unet, BlurDenoiser) else cfg.model.preset,
+                       "max_steps": None if isinstance(detector.unet, BlurDenoiser) else cfg.train.max_steps,
+                       "map_reference": cfg.detect.map_reference}}
 
 
 def _rss(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,6 +143,9 @@ def main() -> None:
     parser.add_argument("--tile-scale", type=float, default=None, help="tiled arm's scale (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--denoiser", choices=("trained", "blur"), default="trained",
+                        help="trained = one bundle per arm; blur = a training-free Gaussian-blur stand-in")
+    parser.add_argument("--blur-sigma", type=float, default=2.0, help="blur of the stand-in, pixels")
     parser.add_argument("--rss-frame", metavar="WxH", help="only measure peak RSS scoring one frame of this size")
     parser.add_argument("--model", help="tiled bundle for --rss-frame")
     args = parser.parse_args()
@@ -142,8 +163,7 @@ def main() -> None:
         make_frame_dataset(Path(args.out) / "data", "frames", (height, width), args.n_train, args.n_test_good,
                            args.n_test_defect, args.seed)
     for arm in ("squashed", "tiled"):
-        bundle = _train(arm, args, data)
-        result = _score_arm(arm, bundle, data, args.tile_scale, args.batch_size)
+        result = _score_arm(arm, _detector(arm, args, data), data, args.tile_scale, args.batch_size)
         print(json.dumps({**result, "frame_size": args.frame_size, **context,
                           "load_average_1min_after": round(os.getloadavg()[0], 2)}), flush=True)
 

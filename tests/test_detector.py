@@ -10,7 +10,7 @@ from anoddpm.config import Config
 from anoddpm.detector import Detector
 from anoddpm.diffusion import GaussianDiffusion
 from anoddpm.unet import build_unet
-from blur_denoiser import BlurDenoiser
+from benchmarks.blur_denoiser import BlurDenoiser
 from eval.scoring import gaussian_blur
 
 SIZE = 32

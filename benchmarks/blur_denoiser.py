@@ -1,4 +1,4 @@
-"""A stand-in eps model for tests: its x0 estimate is a Gaussian blur of the rescaled x_t, so it
+"""A stand-in eps model for tests and benchmarks: its x0 estimate is a Gaussian blur of the rescaled x_t, so it
 reconstructs smooth images and heals sharp marks (no training needed)."""
 from __future__ import annotations
 
