@@ -36,6 +36,8 @@ class Bundle:
     map_reference: torch.Tensor | None = None  # [1, K, S, S] reference map per component map (K = 2 for fused), if fitted
     # nearest_good bank, if fitted: "features" [N, F] thumbnails, "maps" [N, K, s, s] pooled component maps
     reference_bank: dict[str, torch.Tensor] | None = None
+    feature_memory: torch.Tensor | None = None  # [M, D] good patch features of the feature_memory component, if fitted
+    backbone: dict[str, str] | None = None  # {"name", "sha256"} of the backbone weights the calibration used, if any
 
 
 def _plain(obj: Any) -> Any:
@@ -125,15 +127,18 @@ def load_bundle(path: str | Path, map_location: Any = "cpu") -> Bundle:
                 "torch": raw.get("torch_version")}
     return Bundle(cfg=cfg, state_dict=raw["state_dict"], fingerprint=raw["fingerprint"],
                   threshold=raw["threshold"], versions=versions, path=path, head_state_dict=raw.get("head_state_dict"),
-                  map_reference=raw.get("map_reference"), reference_bank=raw.get("reference_bank"))
+                  map_reference=raw.get("map_reference"), reference_bank=raw.get("reference_bank"),
+                  feature_memory=raw.get("feature_memory"), backbone=raw.get("backbone"))
 
 
 def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
                      map_reference: torch.Tensor | None = None,
-                     reference_bank: Mapping[str, torch.Tensor] | None = None) -> Path:
+                     reference_bank: Mapping[str, torch.Tensor] | None = None,
+                     feature_memory: torch.Tensor | None = None, backbone: Mapping[str, str] | None = None) -> Path:
     """Replace the calibration stored in model.pt: the threshold and the references fitted with it, the
-    reference maps [1, K, S, S] and the nearest_good bank {"features", "maps"} (None removes each);
-    atomic rewrite, everything else kept.
+    reference maps [1, K, S, S], the nearest_good bank {"features", "maps"}, the feature_memory bank [M, D] and
+    the backbone identity {"name", "sha256"} they were computed with (None removes each); atomic rewrite,
+    everything else kept.
 
     A threshold carrying the detection settings it was calibrated with ("detect") makes them the
     bundle's config.detect, so every later command (score, evaluate, export) uses what was calibrated.
@@ -155,4 +160,10 @@ def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
     if reference_bank is not None:
         raw["reference_bank"] = {k: reference_bank[k].detach().to("cpu", torch.float32, copy=True)
                                  for k in ("features", "maps")}
+    raw.pop("feature_memory", None)
+    if feature_memory is not None:
+        raw["feature_memory"] = feature_memory.detach().to("cpu", torch.float32, copy=True)
+    raw.pop("backbone", None)
+    if backbone is not None:
+        raw["backbone"] = _plain(dict(backbone))
     return atomic_torch_save(raw, path)

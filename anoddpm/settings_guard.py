@@ -53,6 +53,28 @@ def describe_differences(stored: Mapping[str, Any] | None, current: Mapping[str,
                      for k in detect_differences(stored, current))
 
 
+LEGACY_AUTO = ("residual", "head")  # what scorer 'auto' combined in thresholds that predate feature components
+
+
+def calibrated_components(threshold: Mapping[str, Any], has_head: bool) -> tuple[str, ...]:
+    """The component maps a stored threshold was calibrated with (older thresholds: from their detect.scorer)."""
+    from anoddpm.config import scorer_components
+
+    if threshold.get("components") is not None:
+        return tuple(threshold["components"])
+    scorer = (threshold.get("detect") or {}).get("scorer", "auto")
+    if scorer == "auto":
+        return tuple(c for c in LEGACY_AUTO if has_head or c != "head")
+    return scorer_components(scorer, has_head)
+
+
+def calibrated_for(threshold: Mapping[str, Any] | None, detector: Any) -> bool:
+    """True when `threshold` (a bundle's, or None) was calibrated with the detector's settings and components, so
+    the same scorer name ('auto') meaning other component maps in another version never passes."""
+    return (threshold is not None and same_detect_settings(threshold.get("detect"), asdict(detector.cfg.detect))
+            and calibrated_components(threshold, detector.head is not None) == tuple(detector.components))
+
+
 def calibrated_detector(bundle: Any, device: torch.device, batch_size: int, overrides: Mapping[str, Any],
                         verb: str, *, data: str | Path | None = None, category: str | None = None,
                         calibrate_missing: bool = False) -> tuple[Any, dict[str, Any] | None, str]:
@@ -74,10 +96,13 @@ def calibrated_detector(bundle: Any, device: torch.device, batch_size: int, over
     stored = None if bundle.threshold is None else bundle.threshold.get("detect")
     if bundle.threshold is None and not calibrate_missing:
         return detector, None, "none"
-    if bundle.threshold is not None and same_detect_settings(stored, current):
+    if calibrated_for(bundle.threshold, detector):
         return detector, dict(bundle.threshold), "bundle"
+    differences = describe_differences(stored, current) if detect_differences(stored, current) else (
+        f"components {', '.join(calibrated_components(bundle.threshold, detector.head is not None))} -> "
+        f"{', '.join(detector.components)}")
     why = ("has no threshold" if bundle.threshold is None else
-           f"was calibrated for other detection settings ({describe_differences(stored, current)})")
+           f"was calibrated for other detection settings ({differences})")
     try:
         root, category = training_root(bundle, data, category)
         if not root.exists():

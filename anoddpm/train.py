@@ -516,6 +516,7 @@ def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device,
     scored = score_good_and_fit_reference(detector, val_ds, device, bundle.cfg.train.batch_size, bank_images=train_ds)
     threshold = calibrate(scored.scores, scored.maps, quantile=bundle.cfg.detect.threshold_quantile)
     threshold["detect"] = bundle.cfg.to_dict()["detect"]
+    threshold["components"] = list(detector.components)
     update_threshold(bundle_path, threshold, **fitted_reference(detector))
     log.info("calibrated on %d held-back good images: image threshold %.6g", len(val_ds), threshold["image"])
     return threshold

@@ -1,0 +1,103 @@
+"""Feature-space component maps from a frozen backbone (``anoddpm.backbone``), in torch (they run in the ONNX graph).
+
+- ``patch_features``: PatchCore's local patch descriptor: each stage's features average-pooled over a
+  ``pool`` x ``pool`` neighbourhood, upsampled to the first stage's grid and concatenated.
+- ``feature_residual_map`` ('feature_residual', DDAD's comparison): per location and stage, 1 - cosine similarity of
+  the input's and the reconstruction's features, upsampled and summed over the stages.
+- ``memory_distance_map`` ('feature_memory', PatchCore): per location, the Euclidean distance of the input's patch
+  descriptor to its nearest descriptor in a bank of good training patches (``greedy_coreset`` of them).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+CORESET_CANDIDATES = 40_000  # patch descriptors the greedy coreset picks from (a random subset beyond that)
+MEMORY_CHUNK = 4096  # bank rows compared at once: bounds the [locations, bank] distance matrix
+
+
+def patch_features(stages: list[Tensor], pool: int) -> Tensor:
+    """Stage feature maps [B, C_i, h_i, w_i] (first = finest) -> patch descriptors [B, sum C_i, h_0, w_0]."""
+    size = stages[0].shape[-2:]
+    pooled = []
+    for x in stages:
+        if pool > 1:
+            x = F.avg_pool2d(x, pool, stride=1, padding=pool // 2, count_include_pad=False)
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        pooled.append(x)
+    return torch.cat(pooled, dim=1)
+
+
+def feature_residual_map(seen: list[Tensor], rebuilt: list[Tensor], size: int) -> Tensor:
+    """Stage features of inputs and of their reconstructions -> sum over stages of (1 - cosine) [B, 1, size, size]."""
+    total = None
+    for a, b in zip(seen, rebuilt):
+        distance = 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-6).unsqueeze(1)
+        distance = F.interpolate(distance, size=(size, size), mode="bilinear", align_corners=False)
+        total = distance if total is None else total + distance
+    return total
+
+
+def memory_distance_map(features: Tensor, bank: Tensor, size: int) -> Tensor:
+    """Descriptors [B, D, h, w] and a bank [M, D] -> distance to the nearest bank row [B, 1, size, size] (>= 0)."""
+    b, d, h, w = features.shape
+    queries = features.permute(0, 2, 3, 1).reshape(-1, d)
+    nearest = None
+    for start in range(0, bank.shape[0], MEMORY_CHUNK):
+        rows = bank[start : start + MEMORY_CHUNK]
+        squared = ((queries * queries).sum(1, keepdim=True) - 2.0 * queries @ rows.T + (rows * rows).sum(1)[None])
+        chunk = squared.amin(dim=1)
+        nearest = chunk if nearest is None else torch.minimum(nearest, chunk)
+    distance = nearest.clamp_min(0.0).sqrt().view(b, 1, h, w)
+    return F.interpolate(distance, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def greedy_coreset(features: Tensor, size: int, generator: torch.Generator, projection_dim: int = 128) -> Tensor:
+    """Indices [min(size, N)] of a greedy k-center coreset of `features` [N, D] (PatchCore's subsampling): each pick is
+    the row farthest from those picked so far, distances measured after a seeded random projection to
+    `projection_dim` dimensions (Johnson-Lindenstrauss) to save time; the first pick is drawn with `generator`."""
+    n = features.shape[0]
+    if size >= n:
+        return torch.arange(n)
+    x = features
+    if features.shape[1] > projection_dim:
+        matrix = torch.randn(features.shape[1], projection_dim, generator=generator) / math.sqrt(projection_dim)
+        x = features @ matrix.to(features)
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = int(torch.randint(n, (1,), generator=generator))
+    squared = (x * x).sum(1)
+    nearest = torch.full((n,), float("inf"), dtype=x.dtype)
+    for i in range(1, size):
+        last = x[chosen[i - 1]]
+        nearest = torch.minimum(nearest, squared - 2.0 * (x @ last) + squared[chosen[i - 1]])
+        chosen[i] = int(torch.argmax(nearest))
+    return chosen
+
+
+def fit_feature_memory(backbone: torch.nn.Module, pool: int, images: Sequence, size: int, seed: int,
+                       device: torch.device, batch_size: int = 16) -> Tensor:
+    """Bank [min(size, N), D] of good patch descriptors from `images` (a sequence of [C, S, S] in [0, 1]): every
+    location's ``patch_features``, then a ``greedy_coreset`` of `size` rows over at most CORESET_CANDIDATES of them
+    (drawn at random with `seed`), so fitting time stays bounded on large training sets."""
+    from tqdm import tqdm
+
+    from anoddpm.scoring_loop import batched
+
+    rows = []
+    with torch.no_grad():
+        for chunk in tqdm(batched(images, batch_size), total=-(-len(images) // batch_size), desc="feature memory",
+                          unit="batch", leave=False):
+            x = torch.stack([torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in chunk]).to(device)
+            f = patch_features(backbone(x), pool)
+            rows.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu())
+    features = torch.cat(rows)
+    generator = torch.Generator().manual_seed(seed)
+    if features.shape[0] > CORESET_CANDIDATES:
+        features = features[torch.randperm(features.shape[0], generator=generator)[:CORESET_CANDIDATES]]
+    return features[greedy_coreset(features, size, generator)].contiguous()
