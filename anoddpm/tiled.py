@@ -117,8 +117,9 @@ class TiledDetector:
 
 def fit_tiled_references(tiled: TiledDetector, bank_images: Any, device: torch.device, batch_size: int) -> None:
     """Fit the per-tile reference of ``detect.map_reference`` on the grid tiles of `bank_images` (the training
-    split): the nearest_good bank, or the good_mean map over at most BANK_MAX_IMAGES evenly spaced tiles."""
-    from anoddpm.evaluate import _fit_reference_bank
+    split): the nearest_good bank, or the good_mean map over at most BANK_MAX_IMAGES evenly spaced tiles; a
+    feature_memory bank from the same tiles first."""
+    from anoddpm.evaluate import _fit_feature_memory, _fit_reference_bank
     from eval.neighbour_reference import BANK_MAX_IMAGES
     from eval.threshold import MIN_REFERENCE_IMAGES, reference_map
 
@@ -126,6 +127,8 @@ def fit_tiled_references(tiled: TiledDetector, bank_images: Any, device: torch.d
     detector.set_map_reference(None)
     detector.set_reference_bank(None)
     tiles = None if bank_images is None else as_tiles(bank_images, detector.cfg)
+    if "feature_memory" in detector.components:
+        _fit_feature_memory(detector, tiles, device)
     if det.map_reference == "nearest_good":
         _fit_reference_bank(detector, tiles, device, batch_size)
     elif det.map_reference == "good_mean":
@@ -137,8 +140,10 @@ def fit_tiled_references(tiled: TiledDetector, bank_images: Any, device: torch.d
         chosen = np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int))
         components, _ = score_component_maps(detector, [tiles[int(j)] for j in chosen], device, batch_size,
                                              desc="reference tiles")
-        detector.set_map_reference(torch.from_numpy(np.stack([reference_map(components[:, k])
-                                                              for k in range(components.shape[1])])))
+        referenced = detector.referenced.tolist()  # a feature_memory map keeps its units (reference 1)
+        detector.set_map_reference(torch.from_numpy(np.stack([
+            reference_map(components[:, k]) if referenced[k] else np.ones_like(components[0, k])
+            for k in range(components.shape[1])])))
 
 
 def score_tiled_set(tiled: TiledDetector, images: Sequence, device: torch.device, keep_maps: bool = True,
