@@ -14,7 +14,7 @@ resize policy's geometry); ``pred_mask`` is that map above the pixel threshold. 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,7 +43,7 @@ class _TorchBackend:
         from anoddpm.bundle import load_bundle
         from anoddpm.detector import Detector
         from anoddpm.device import resolve_device
-        from anoddpm.evaluate import same_detect_settings
+        from anoddpm.settings_guard import calibrated_for
         from deploy.runtime import thresholds
 
         self.device = resolve_device(device)
@@ -53,7 +53,7 @@ class _TorchBackend:
         self.image_size, self.channels, self.resize_policy = data.image_size, data.channels, data.resize_policy
         self.tile_size, self.tile_scale = data.tile_size, data.tile_scale
         threshold = bundle.threshold
-        if threshold is not None and not same_detect_settings(threshold.get("detect"), asdict(self.detector.cfg.detect)):
+        if threshold is not None and not calibrated_for(threshold, self.detector):
             log.warning("%s: its threshold was calibrated with other detection settings; pred_label and pred_mask "
                         "are None (run `anoddpm calibrate --model %s`)", path, path)
             threshold = None

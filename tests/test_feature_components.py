@@ -11,7 +11,7 @@ import torch
 from anoddpm.bundle import load_bundle
 from anoddpm.cli import main
 from anoddpm.detector import Detector
-from anoddpm.evaluate import calibrated_for
+from anoddpm.settings_guard import calibrated_for
 from anoddpm.synth import make_synthetic_dataset
 from deploy.export import export_onnx
 from deploy.runtime import Inspector
