@@ -98,7 +98,7 @@ def calibrated_detector(bundle: Any, device: torch.device, batch_size: int, over
         return detector, None, "none"
     if calibrated_for(bundle.threshold, detector):
         return detector, dict(bundle.threshold), "bundle"
-    differences = describe_differences(stored, current) if detect_differences(stored, current) else (
+    differences = describe_differences(stored, current) if stored is None or detect_differences(stored, current) else (
         f"components {', '.join(calibrated_components(bundle.threshold, detector.head is not None))} -> "
         f"{', '.join(detector.components)}")
     why = ("has no threshold" if bundle.threshold is None else
