@@ -73,7 +73,9 @@ def greedy_coreset(features: Tensor, size: int, generator: torch.Generator, proj
     chosen[0] = int(torch.randint(n, (1,), generator=generator))
     squared = (x * x).sum(1)
     nearest = torch.full((n,), float("inf"), dtype=x.dtype)
-    for i in range(1, size):
+    from tqdm import tqdm
+
+    for i in tqdm(range(1, size), desc="coreset", unit="pick", leave=False, mininterval=2.0):
         last = x[chosen[i - 1]]
         nearest = torch.minimum(nearest, squared - 2.0 * (x @ last) + squared[chosen[i - 1]])
         chosen[i] = int(torch.argmax(nearest))
