@@ -97,7 +97,7 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
     detector.set_reference_bank(None)
     if "feature_memory" in detector.components:
         _fit_feature_memory(detector, bank_images, device)
-    if det.map_reference == "nearest_good":
+    if det.map_reference == "nearest_good" and bool(detector.referenced.any()):  # feature_memory alone: no reference
         _fit_reference_bank(detector, bank_images, device, batch_size)
     if det.map_reference != "good_mean":
         return score_images(detector, good_images, device, batch_size, desc="validation")
