@@ -250,8 +250,6 @@ class Config:
         if not self.backbone.layers or self.backbone.pool < 1 or self.backbone.pool % 2 == 0:
             raise ValueError(f"backbone.layers={list(self.backbone.layers)} must name at least one stage and "
                              f"backbone.pool={self.backbone.pool} must be odd and positive")
-        if self.detect.memory_size < 1:
-            raise ValueError(f"detect.memory_size={self.detect.memory_size} must be at least 1")
         if self.data.channels not in (1, 3):
             raise ValueError(f"data.channels={self.data.channels} is not allowed; choose 1 or 3")
         if self.data.image_size < 16 or self.data.image_size % 8:

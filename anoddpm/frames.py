@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from anoddpm.synth import _family_params, _save, _smooth_noise, _texture, _to_u8
+from anoddpm.synth import _smooth_noise, write_dataset
 
 FRAME_DEFECTS = ("spot", "stain", "line", "crack")
 TEXTURE_SCALE = 256  # the frames' texture has the scale of a synth image of this side, pixels
@@ -95,23 +95,5 @@ def make_frame_dataset(out: str | Path, category: str = "frames", frame_hw: tupl
         raise ValueError(f"frame size {frame_hw[1]}x{frame_hw[0]}: both sides must be at least 64 px")
     if n_train < 1 or n_test_good < 0 or n_test_defect < 0:
         raise ValueError("n_train must be at least 1 and the test counts must not be negative")
-    root = Path(out) / category
-    if (root / "train").exists() or (root / "test").exists():
-        raise ValueError(f"{root} already holds a dataset; choose another --out or --category")
-    seeds = np.random.SeedSequence([seed, zlib.crc32(category.encode()), 1]).spawn(4)
-    params = _family_params(np.random.default_rng(seeds[0]), TEXTURE_SCALE)
-    rng_train, rng_good, rng_defect = (np.random.default_rng(s) for s in seeds[1:])
-    for i in range(n_train):
-        _save(root / "train" / "good" / f"{i:03d}.png", _to_u8(_texture(rng_train, frame_hw, params)))
-    for i in range(n_test_good):
-        _save(root / "test" / "good" / f"{i:03d}.png", _to_u8(_texture(rng_good, frame_hw, params)))
-    for i in range(n_test_defect):
-        kind, index = FRAME_DEFECTS[i % len(FRAME_DEFECTS)], i // len(FRAME_DEFECTS)
-        good = _to_u8(_texture(rng_defect, frame_hw, params))
-        mask = np.zeros_like(good, dtype=bool)
-        while not mask.any():  # a defect that changes no 8-bit value is redrawn
-            bad = _to_u8(_frame_defect(rng_defect, kind, good.astype(np.float64) / 255.0))
-            mask = bad != good
-        _save(root / "test" / kind / f"{index:03d}.png", bad)
-        _save(root / "ground_truth" / kind / f"{index:03d}_mask.png", mask.astype(np.uint8) * 255)
-    return root
+    return write_dataset(Path(out) / category, [seed, zlib.crc32(category.encode()), 1], frame_hw, TEXTURE_SCALE,
+                         FRAME_DEFECTS, _frame_defect, n_train, n_test_good, n_test_defect)

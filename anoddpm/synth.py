@@ -17,6 +17,7 @@ import argparse
 import time
 import zlib
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -151,23 +152,30 @@ def make_synthetic_dataset(out: str | Path, category: str = "synthetic", size: i
             raise ValueError(f"{name}={n} must not be negative")
     if n_train < 1:
         raise ValueError(f"n_train={n_train} must be at least 1")
-    root = Path(out) / category
+    return write_dataset(Path(out) / category, [seed, zlib.crc32(category.encode())], size, size, DEFECTS,
+                         lambda rng, kind, good: _defect(rng, kind, good)[0], n_train, n_test_good, n_test_defect)
+
+
+def write_dataset(root: Path, entropy: list[int], texture_size: Any, family_scale: int, kinds: Sequence[str],
+                  draw_defect: Callable[[np.random.Generator, str, np.ndarray], np.ndarray], n_train: int,
+                  n_test_good: int, n_test_defect: int) -> Path:
+    """Write good textures of one family (``_texture`` at `texture_size`) and defects of `kinds` in turn, each
+    drawn by `draw_defect(rng, kind, good in [0, 1])`, in the MVTec layout under `root` (refused when it holds one)."""
     if (root / "train").exists() or (root / "test").exists():
         raise ValueError(f"{root} already holds a dataset; choose another --out or --category")
-    seeds = np.random.SeedSequence([seed, zlib.crc32(category.encode())]).spawn(4)
-    params = _family_params(np.random.default_rng(seeds[0]), size)
+    seeds = np.random.SeedSequence(entropy).spawn(4)
+    params = _family_params(np.random.default_rng(seeds[0]), family_scale)
     rng_train, rng_good, rng_defect = (np.random.default_rng(s) for s in seeds[1:])
     for i in range(n_train):
-        _save(root / "train" / "good" / f"{i:03d}.png", _to_u8(_texture(rng_train, size, params)))
+        _save(root / "train" / "good" / f"{i:03d}.png", _to_u8(_texture(rng_train, texture_size, params)))
     for i in range(n_test_good):
-        _save(root / "test" / "good" / f"{i:03d}.png", _to_u8(_texture(rng_good, size, params)))
+        _save(root / "test" / "good" / f"{i:03d}.png", _to_u8(_texture(rng_good, texture_size, params)))
     for i in range(n_test_defect):
-        kind, index = DEFECTS[i % len(DEFECTS)], i // len(DEFECTS)
-        good = _to_u8(_texture(rng_defect, size, params))
+        kind, index = kinds[i % len(kinds)], i // len(kinds)
+        good = _to_u8(_texture(rng_defect, texture_size, params))
         mask = np.zeros_like(good, dtype=bool)
         while not mask.any():  # a defect that changes no 8-bit value is redrawn
-            bad, _ = _defect(rng_defect, kind, good.astype(np.float64) / 255.0)
-            bad = _to_u8(bad)
+            bad = _to_u8(draw_defect(rng_defect, kind, good.astype(np.float64) / 255.0))
             mask = bad != good
         _save(root / "test" / kind / f"{index:03d}.png", bad)
         _save(root / "ground_truth" / kind / f"{index:03d}_mask.png", mask.astype(np.uint8) * 255)

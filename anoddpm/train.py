@@ -26,9 +26,7 @@ import json
 import logging
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,10 +39,14 @@ from tqdm import tqdm
 
 from anoddpm.anomalies import synthesize_anomalies
 from anoddpm.atomic import atomic_torch_save, atomic_write_text, out_folder
-from anoddpm.bundle import save_bundle, update_threshold
+from anoddpm.bundle import save_bundle
+from anoddpm.checkpointing import (CHECKPOINT_FORMAT, StopFlag, load_checkpoint, rng_state, set_rng_state,
+                                   weights_digest)
 from anoddpm.config import Config
 from anoddpm.device import resolve_device
 from anoddpm.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
+from anoddpm.head_phase import (calibrate_bundle, checked_head, denoiser_steps_before_head, head_is_trained,
+                                train_head_phase)
 from anoddpm.imageio import save_png
 from anoddpm.intensity import model_inputs
 from anoddpm.run_log import RunLog
@@ -53,8 +55,6 @@ from anoddpm.unet import build_unet
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
-BUDGET_FIELDS = ("max_steps", "max_minutes")  # the only train fields a resume may change
 HASH_ENV = "ANODDPM_WEIGHT_HASH_DIR"  # tests: each rank writes a digest of its final weights here
 
 
@@ -120,73 +120,6 @@ class _Dist:
             torch.distributed.destroy_process_group()
 
 
-def _rng_state(noise_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],  # builtins: weights_only loads it
-        "torch": torch.get_rng_state(),
-        "noise": noise_gen.get_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], noise_gen: torch.Generator, device: torch.device) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    noise_gen.set_state(state["noise"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    diffs = []
-    for section in sorted(set(saved) | set(current)):
-        a, b = saved.get(section, {}), current.get(section, {})
-        for key in sorted(set(a) | set(b)):
-            if section == "train" and key in BUDGET_FIELDS:
-                continue
-            if a.get(key) != b.get(key):
-                diffs.append(f"{section}.{key} (checkpoint {a.get(key)!r}, now {b.get(key)!r})")
-    return diffs
-
-
-class _StopFlag:
-    """Set by SIGINT/SIGTERM so the loop saves a checkpoint and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        h.update(k.encode())
-        h.update(state_dict[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _sample_grid(path: Path, cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor) -> None:
     """PNG rows of input as the model sees it | noised (t=depth-1) | EMA reconstruction with a few DDIM steps."""
     from noise import make_noise
@@ -224,31 +157,6 @@ def healing_loss(model: nn.Module, diffusion: GaussianDiffusion, x_clean: Tensor
     return (err.mean(dim=(1, 2, 3)) * weight).mean()
 
 
-def _load_checkpoint(path: Path, cfg: Config, fingerprint: dict[str, Any], dist: _Dist) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupted?): {err}") from err
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has checkpoint format {ckpt.get('format')!r}; this anoddpm reads {CHECKPOINT_FORMAT}")
-    try:  # fields added since the checkpoint was written take their defaults, which keep the old behaviour
-        saved = Config.from_dict(ckpt["config"]).to_dict()
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"--resume: {path} holds a config this anoddpm cannot read: {err}") from err
-    diffs = _config_diff(saved, cfg.to_dict())
-    if diffs:
-        raise ValueError(f"--resume: the config differs from {path} in {'; '.join(diffs)}; only --max-steps and "
-                         "--max-minutes may change when resuming (use another --out for a new run)")
-    if ckpt["fingerprint"] != json.loads(json.dumps(fingerprint, default=str)):
-        raise ValueError(f"--resume: the training data differs from the data {path} was trained on")
-    if len(ckpt["rng"]) != dist.world:
-        raise ValueError(f"--resume: {path} was written by {len(ckpt['rng'])} process(es), now {dist.world}; "
-                         "resume with the same --nproc_per_node")
-    return ckpt
-
-
 def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str | Path,
           resume: bool = False, device: str = "auto", logger: str = "none") -> Path:
     """Train on good images of ROOT[/category]; writes RUN_DIR/{config.json,log.jsonl,checkpoint.pt,model.pt}.
@@ -271,7 +179,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         max_steps, max_minutes = tc.max_steps, tc.max_minutes
         with_head = head_is_trained(cfg)
         if with_head:  # the denoiser's share of the budget; the head gets the rest
-            max_steps = _denoiser_steps_before_head(cfg)
+            max_steps = denoiser_steps_before_head(cfg)
             max_minutes = None if tc.max_minutes is None else tc.max_minutes * (1 - cfg.head.budget_fraction)
         ckpt_path = out / "checkpoint.pt"
         out_folder(out)
@@ -308,13 +216,13 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         noise_gen = torch.Generator(device=dev).manual_seed((tc.seed + 1) * 1_000_003 + dist.rank)
         step = 0
         if resume:
-            ckpt = _load_checkpoint(ckpt_path, cfg, fingerprint, dist)
+            ckpt = load_checkpoint(ckpt_path, cfg, fingerprint, dist.world)
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["rng"][dist.rank], noise_gen, dev)
+            set_rng_state(ckpt["rng"][dist.rank], noise_gen, dev)
             step = ckpt["step"]
             if ckpt["sampler"]["position"] != step * tc.batch_size * dist.world:
                 raise ValueError(f"{ckpt_path}: sampler position does not match step {step}")
@@ -327,7 +235,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
         def save_checkpoint() -> None:
-            rng = dist.gather(_rng_state(noise_gen, dev))
+            rng = dist.gather(rng_state(noise_gen, dev))
             if dist.main:
                 atomic_torch_save({
                     "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "step": step,
@@ -361,7 +269,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         interrupted = False
         bar = tqdm(total=max_steps, initial=step, unit="step", mininterval=1.0, dynamic_ncols=True,
                    disable=not (dist.main and sys.stderr.isatty()))
-        with _StopFlag() as flag:
+        with StopFlag() as flag:
             data = batches()
             while step < max_steps:
                 minutes = (time.perf_counter() - start_time) / 60
@@ -418,7 +326,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             if step % tc.checkpoint_every != 0 or interrupted:
                 save_checkpoint()
         if os.environ.get(HASH_ENV):
-            atomic_write_text(Path(os.environ[HASH_ENV]) / f"rank{dist.rank}.txt", _weights_digest(model.state_dict()))
+            atomic_write_text(Path(os.environ[HASH_ENV]) / f"rank{dist.rank}.txt", weights_digest(model.state_dict()))
         bundle = out / "model.pt"
         if dist.main:
             elapsed = time.perf_counter() - start_time
@@ -428,9 +336,9 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             if with_head and not interrupted:
                 head_minutes = None if tc.max_minutes is None else max(0.0, tc.max_minutes - elapsed / 60)
                 log_fn = run_log
-                head = _train_head_phase(cfg, ema, diffusion, as_tiles(train_ds, cfg), dev, tc.max_steps - max_steps,
+                head = train_head_phase(cfg, ema, diffusion, as_tiles(train_ds, cfg), dev, tc.max_steps - max_steps,
                                          head_minutes, log_fn)
-                head_state = _checked_head(cfg, ema, diffusion, head, as_tiles(val_ds, cfg), dev, log_fn)
+                head_state = checked_head(cfg, ema, diffusion, head, as_tiles(val_ds, cfg), dev, log_fn)
             save_bundle(bundle, cfg=cfg, state_dict=ema.state_dict(), fingerprint=fingerprint,
                         head_state_dict=head_state)
             log.info("bundle: %s", bundle)
@@ -448,78 +356,6 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         if run_log is not None:
             run_log.close()
         dist.close()
-
-
-def _denoiser_steps_before_head(cfg: Config) -> int:
-    """The denoiser's share of train.max_steps when a head follows it (the head gets the rest)."""
-    return max(1, round(cfg.train.max_steps * (1 - cfg.head.budget_fraction)))
-
-
-def head_is_trained(cfg: Config) -> bool:
-    """Whether training ends with a scoring head: head.enabled and its share of max_steps >= head.min_steps."""
-    return cfg.head.enabled and cfg.train.max_steps - _denoiser_steps_before_head(cfg) >= cfg.head.min_steps
-
-
-def _checked_head(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, head: nn.Module,
-                  val_ds: Any, device: torch.device, log_fn: Any) -> dict[str, Tensor] | None:
-    """The head's weights if the fused map beats the residual on held-back synthetic anomalies (or the
-    scorer names the head explicitly, or there are too few held-back images to check); else None."""
-    from anoddpm.detector import Detector
-    from anoddpm.head_check import MIN_CHECK_IMAGES, compare_scorers_on_synthetic, head_earns_its_place
-
-    if len(val_ds) < MIN_CHECK_IMAGES:
-        log.warning("scoring head: kept unchecked, %d held-back good images are fewer than %d", len(val_ds),
-                    MIN_CHECK_IMAGES)
-        return head.state_dict()
-    detector = Detector(ema, diffusion, cfg.override("detect", scorer="fused"), head).to(device).eval()
-    check = compare_scorers_on_synthetic(detector, val_ds, device, cfg.train.batch_size)
-    kept = head_earns_its_place(check) or cfg.detect.scorer in ("head", "fused")
-    log_fn({"head_check": check, "head_kept": kept})
-    figures = ", ".join(f"{name} image / pixel AUROC {check[name]['image_auroc']:.3f} / "
-                        f"{check[name]['pixel_auroc']:.3f}" for name in ("fused", "residual"))
-    verdict = "kept" if kept else "dropped, the bundle scores with the residual"
-    log.info("scoring head: %s (%d synthetic anomalies on %d held-back good images: %s)", verdict,
-             check["n_anomalous"], check["n_good"], figures)
-    return head.state_dict() if kept else None
-
-
-def _train_head_phase(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, train_ds: Any, device: torch.device,
-                      max_steps: int, max_minutes: float | None, log_fn: Any) -> nn.Module:
-    """Train the scoring head on the frozen EMA denoiser's reconstructions; returns it (eval mode)."""
-    from anoddpm.detector import Detector
-    from anoddpm.head import build_head, train_head
-
-    detector = Detector(ema, diffusion, cfg.override("detect", scorer="residual")).to(device).eval()
-    torch.manual_seed(cfg.train.seed + 2)  # head init independent of how the denoiser phase ran
-    head = build_head(cfg)
-    if getattr(train_ds, "transform", None) is not None:
-        train_ds.transform.set_random_seed(cfg.train.seed + 2)
-    generator = torch.Generator(device=device).manual_seed((cfg.train.seed + 2) * 1_000_003)
-    summary = train_head(head, detector.reconstruct, train_ds, cfg, generator, max(1, max_steps), max_minutes,
-                         device, log_fn=log_fn)
-    log.info("scoring head: %d steps in %.1f min, loss %.4f", summary["steps"], summary["minutes"], summary["loss"])
-    return head
-
-
-def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device,
-                     train_ds: Any = None) -> dict[str, Any]:
-    """Score held-back good images with the bundle's Detector and store the threshold (and the map reference
-    fitted with it, on train_ds for nearest_good) in the bundle."""
-    from anoddpm.bundle import load_bundle
-    from anoddpm.detector import Detector
-    from anoddpm.evaluate import fitted_reference, score_good_and_fit_reference
-    from anoddpm.tiled import inspection_detector
-    from eval.threshold import calibrate
-
-    bundle = load_bundle(bundle_path, map_location=device)
-    detector = inspection_detector(Detector.from_bundle(bundle, device).eval(), bundle.cfg.train.batch_size)
-    scored = score_good_and_fit_reference(detector, val_ds, device, bundle.cfg.train.batch_size, bank_images=train_ds)
-    threshold = calibrate(scored.scores, scored.maps, quantile=bundle.cfg.detect.threshold_quantile)
-    threshold["detect"] = bundle.cfg.to_dict()["detect"]
-    threshold["components"] = list(detector.components)
-    update_threshold(bundle_path, threshold, **fitted_reference(detector))
-    log.info("calibrated on %d held-back good images: image threshold %.6g", len(val_ds), threshold["image"])
-    return threshold
 
 
 def train_command(args: argparse.Namespace) -> int:

@@ -84,7 +84,8 @@ def run_peer(data: str, category: str | None, seed: int = 0) -> tuple[dict[str, 
     start = time.perf_counter()
     train_ds, _, _ = load_training_data(cfg, data, category, seed)
     arrays = [train_ds.arrays[i] for i in range(len(train_ds.arrays))]
-    rows = torch.cat([descriptors(chunk).permute(0, 2, 3, 1).reshape(-1, 152) for chunk in batched(arrays, 16)])
+    rows = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+                      for f in (descriptors(chunk) for chunk in batched(arrays, 16))])
     generator = torch.Generator().manual_seed(seed)
     bank = rows[torch.randperm(rows.shape[0], generator=generator)[: max(1, int(PEER_BANK_FRACTION * len(rows)))]]
     fit = time.perf_counter() - start
