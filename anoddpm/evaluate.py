@@ -87,7 +87,7 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
     from anoddpm.detector import combine_component_maps
     from anoddpm.tiled import TiledDetector, fit_tiled_references
     from eval.scoring import image_score
-    from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised, reference_map
+    from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised
 
     if isinstance(detector, TiledDetector):  # per-tile references from the training split's tiles
         fit_tiled_references(detector, bank_images, device, batch_size)
@@ -97,7 +97,7 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
     detector.set_reference_bank(None)
     if "feature_memory" in detector.components:
         _fit_feature_memory(detector, bank_images, device)
-    if det.map_reference == "nearest_good" and bool(detector.referenced.any()):  # feature_memory alone: no reference
+    if det.map_reference == "nearest_good":
         _fit_reference_bank(detector, bank_images, device, batch_size)
     if det.map_reference != "good_mean":
         return score_images(detector, good_images, device, batch_size, desc="validation")
@@ -107,29 +107,47 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
         log.warning("map reference: not fitted, %d held-back good images are fewer than %d; maps stay "
                     "unnormalised", len(components), MIN_REFERENCE_IMAGES)
     else:
-        referenced = detector.referenced.tolist()  # a feature_memory map keeps its units (reference 1)
-        kinds = range(components.shape[1])
-        detector.set_map_reference(torch.from_numpy(np.stack([
-            reference_map(components[:, k]) if referenced[k] else np.ones_like(components[0, k]) for k in kinds])))
+        set_good_mean_reference(detector, components)
+        referenced = detector.referenced.tolist()
         components = np.stack([held_out_normalised(components[:, k]) if referenced[k] else components[:, k]
-                               for k in kinds], axis=1)
+                               for k in range(components.shape[1])], axis=1)
     maps = combine_component_maps(torch.from_numpy(components))
     scores = image_score(maps, det.score, det.topk).double().numpy()
     return ScoredSet(scores=scores, maps=maps[:, 0].numpy(), reconstructions=None, seconds_per_image=seconds)
 
 
+def evenly_spaced(n: int) -> np.ndarray:
+    """Indices of at most BANK_MAX_IMAGES evenly spaced items out of `n` (a bank's images or tiles)."""
+    from eval.neighbour_reference import BANK_MAX_IMAGES
+
+    return np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int))
+
+
+def set_good_mean_reference(detector: Any, components: np.ndarray) -> None:
+    """Give the detector the good_mean reference of good component maps [N, K, S, S]: each referenced component's
+    ``reference_map``; a feature_memory map keeps its units (reference 1)."""
+    from eval.threshold import reference_map
+
+    referenced = detector.referenced.tolist()
+    detector.set_map_reference(torch.from_numpy(np.stack([
+        reference_map(components[:, k]) if referenced[k] else np.ones_like(components[0, k])
+        for k in range(components.shape[1])])))
+
+
 def _fit_reference_bank(detector: Any, bank_images: Any, device: torch.device, batch_size: int) -> None:
     """Give the detector the nearest_good bank of `bank_images` (>= MIN_REFERENCE_IMAGES, else a message;
     at most BANK_MAX_IMAGES of them, evenly spaced)."""
-    from eval.neighbour_reference import BANK_MAX_IMAGES, pool_bank_maps, thumbnail_features
+    from eval.neighbour_reference import pool_bank_maps, thumbnail_features
     from eval.threshold import MIN_REFERENCE_IMAGES
 
+    if not bool(detector.referenced.any()):  # feature_memory alone: no map is divided by a reference
+        return
     n = 0 if bank_images is None else len(bank_images)
     if n < MIN_REFERENCE_IMAGES:
         log.warning("map reference: no nearest_good bank, %d training images are fewer than %d; maps stay "
                     "unnormalised", n, MIN_REFERENCE_IMAGES)
         return
-    images = _BankImages(bank_images, np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int)))
+    images = _BankImages(bank_images, evenly_spaced(n))
     pooled, _ = score_component_maps(detector, images, device, batch_size, desc="reference bank", reduce=pool_bank_maps)
     features = torch.cat([thumbnail_features(torch.stack(chunk))
                           for chunk in batched((images[j] for j in range(len(images))), 256)])
@@ -140,13 +158,12 @@ def _fit_feature_memory(detector: Any, bank_images: Any, device: torch.device) -
     """Give the detector its feature_memory bank: a coreset of the patch features of `bank_images` (at most
     BANK_MAX_IMAGES of them, evenly spaced)."""
     from anoddpm.feature_scoring import fit_feature_memory
-    from eval.neighbour_reference import BANK_MAX_IMAGES
 
     n = 0 if bank_images is None else len(bank_images)
     if n == 0:
         raise ValueError("detect.scorer uses feature_memory, which needs the training images to fit its bank; "
                          "none were given")
-    images = _BankImages(bank_images, np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int)))
+    images = _BankImages(bank_images, evenly_spaced(n))
     cfg = detector.cfg
     detector.set_feature_memory(fit_feature_memory(detector.backbone, cfg.backbone.pool, images,
                                                    cfg.detect.memory_size, cfg.detect.seed, device))

@@ -119,9 +119,8 @@ def fit_tiled_references(tiled: TiledDetector, bank_images: Any, device: torch.d
     """Fit the per-tile reference of ``detect.map_reference`` on the grid tiles of `bank_images` (the training
     split): the nearest_good bank, or the good_mean map over at most BANK_MAX_IMAGES evenly spaced tiles; a
     feature_memory bank from the same tiles first."""
-    from anoddpm.evaluate import _fit_feature_memory, _fit_reference_bank
-    from eval.neighbour_reference import BANK_MAX_IMAGES
-    from eval.threshold import MIN_REFERENCE_IMAGES, reference_map
+    from anoddpm.evaluate import _fit_feature_memory, _fit_reference_bank, evenly_spaced, set_good_mean_reference
+    from eval.threshold import MIN_REFERENCE_IMAGES
 
     detector, det = tiled.detector, tiled.detector.cfg.detect
     detector.set_map_reference(None)
@@ -137,13 +136,10 @@ def fit_tiled_references(tiled: TiledDetector, bank_images: Any, device: torch.d
             log.warning("map reference: not fitted, %d training tiles are fewer than %d; maps stay unnormalised", n,
                         MIN_REFERENCE_IMAGES)
             return
-        chosen = np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int))
+        chosen = evenly_spaced(n)
         components, _ = score_component_maps(detector, [tiles[int(j)] for j in chosen], device, batch_size,
                                              desc="reference tiles")
-        referenced = detector.referenced.tolist()  # a feature_memory map keeps its units (reference 1)
-        detector.set_map_reference(torch.from_numpy(np.stack([
-            reference_map(components[:, k]) if referenced[k] else np.ones_like(components[0, k])
-            for k in range(components.shape[1])])))
+        set_good_mean_reference(detector, components)
 
 
 def score_tiled_set(tiled: TiledDetector, images: Sequence, device: torch.device, keep_maps: bool = True,
