@@ -48,13 +48,20 @@ def memory_distance_map(features: Tensor, bank: Tensor, size: int) -> Tensor:
     """Descriptors [B, D, h, w] and a bank [M, D] -> distance to the nearest bank row [B, 1, size, size] (>= 0)."""
     b, d, h, w = features.shape
     queries = features.permute(0, 2, 3, 1).reshape(-1, d)
-    nearest = None
+    nearest, index = None, None
     for start in range(0, bank.shape[0], MEMORY_CHUNK):
         rows = bank[start : start + MEMORY_CHUNK]
-        squared = ((queries * queries).sum(1, keepdim=True) - 2.0 * queries @ rows.T + (rows * rows).sum(1)[None])
-        chunk = squared.amin(dim=1)
-        nearest = chunk if nearest is None else torch.minimum(nearest, chunk)
-    distance = nearest.clamp_min(0.0).sqrt().view(b, 1, h, w)
+        squared = (rows * rows).sum(1)[None] - 2.0 * queries @ rows.T
+        chunk, chunk_index = squared.min(dim=1)
+        chunk_index = chunk_index + start
+        if nearest is None:
+            nearest, index = chunk, chunk_index
+        else:
+            closer = chunk < nearest
+            nearest, index = torch.where(closer, chunk, nearest), torch.where(closer, chunk_index, index)
+    # the expansion finds the nearest row; its distance is measured directly: |q|^2 - 2 q.r + |r|^2 cancels to a few
+    # float32 ulps of |q|^2, which the square root magnifies near 0 (and the ONNX and torch paths would disagree there)
+    distance = (queries - bank[index]).norm(dim=1).view(b, 1, h, w)
     return F.interpolate(distance, size=(size, size), mode="bilinear", align_corners=False)
 
 
