@@ -37,6 +37,7 @@ class Bundle:
     # nearest_good bank, if fitted: "features" [N, F] thumbnails, "maps" [N, K, s, s] pooled component maps
     reference_bank: dict[str, torch.Tensor] | None = None
     feature_memory: torch.Tensor | None = None  # [M, D] good patch features of the feature_memory component, if fitted
+    component_scale: torch.Tensor | None = None  # [K] per-component unit of detect.fusion max, if fitted
     backbone: dict[str, str] | None = None  # {"name", "sha256"} of the backbone weights the calibration used, if any
 
 
@@ -128,13 +129,15 @@ def load_bundle(path: str | Path, map_location: Any = "cpu") -> Bundle:
     return Bundle(cfg=cfg, state_dict=raw["state_dict"], fingerprint=raw["fingerprint"],
                   threshold=raw["threshold"], versions=versions, path=path, head_state_dict=raw.get("head_state_dict"),
                   map_reference=raw.get("map_reference"), reference_bank=raw.get("reference_bank"),
-                  feature_memory=raw.get("feature_memory"), backbone=raw.get("backbone"))
+                  feature_memory=raw.get("feature_memory"), backbone=raw.get("backbone"),
+                  component_scale=raw.get("component_scale"))
 
 
 def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
                      map_reference: torch.Tensor | None = None,
                      reference_bank: Mapping[str, torch.Tensor] | None = None,
-                     feature_memory: torch.Tensor | None = None, backbone: Mapping[str, str] | None = None) -> Path:
+                     feature_memory: torch.Tensor | None = None, backbone: Mapping[str, str] | None = None,
+                     component_scale: torch.Tensor | None = None) -> Path:
     """Replace the calibration stored in model.pt: the threshold and the references fitted with it, the
     reference maps [1, K, S, S], the nearest_good bank {"features", "maps"}, the feature_memory bank [M, D] and
     the backbone identity {"name", "sha256"} they were computed with (None removes each); atomic rewrite,
@@ -163,6 +166,9 @@ def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
     raw.pop("feature_memory", None)
     if feature_memory is not None:
         raw["feature_memory"] = feature_memory.detach().to("cpu", torch.float32, copy=True)
+    raw.pop("component_scale", None)
+    if component_scale is not None:
+        raw["component_scale"] = component_scale.detach().to("cpu", torch.float32, copy=True)
     raw.pop("backbone", None)
     if backbone is not None:
         raw["backbone"] = _plain(dict(backbone))

@@ -13,7 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 from anoddpm import __version__
-from anoddpm.config import (AUGMENTATIONS, INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS,
+from anoddpm.config import (AUGMENTATIONS, FUSIONS, INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS,
                             RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, COMPONENTS, Config, load_config_file)
 from anoddpm.run_log import LOGGERS
 
@@ -60,6 +60,10 @@ def _add_detect_args(p: argparse.ArgumentParser) -> None:
                    help="component maps combined by their per-pixel geometric mean, each over its good-image reference: "
                         f"auto (the default components), fused (residual+head), or one or more of {', '.join(COMPONENTS)} "
                         "joined by '+' (feature_* use the pretrained backbone)")
+    g.add_argument("--fusion", choices=FUSIONS,
+                   help="how a scorer's component maps combine: geometric = per-pixel geometric mean (every component "
+                        "must agree), max = per-pixel maximum, each in units of its typical good-image maximum "
+                        "(calibrate fits them; any component may flag)")
     g.add_argument("--memory-size", type=int, metavar="M",
                    help="patch features kept in the feature_memory bank (greedy coreset; calibrate fits it)")
     g.add_argument("--map-reference", choices=MAP_REFERENCES,
@@ -86,6 +90,7 @@ def detect_overrides(args: argparse.Namespace) -> dict:
         "map_reference": getattr(args, "map_reference", None),
         "reference_neighbours": getattr(args, "reference_neighbours", None),
         "memory_size": getattr(args, "memory_size", None),
+        "fusion": getattr(args, "fusion", None),
     }
 
 

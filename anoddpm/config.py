@@ -29,6 +29,7 @@ SCORE_REDUCTIONS = ("max", "topk")
 COMPONENTS = ("residual", "head", "feature_residual", "feature_memory")
 SCORERS = ("auto", "fused") + COMPONENTS
 MAP_REFERENCES = ("nearest_good", "good_mean", "none")
+FUSIONS = ("geometric", "max")
 DEFAULT_COMPONENTS = ("residual", "head")
 
 
@@ -160,6 +161,7 @@ class DetectConfig:
     # fused: the head finds what the residual misses and the reverse (30 min: magnetic_tile residual 0.71,
     # head 0.76, fused 0.77 image AUROC; juice_bottle 0.73, 0.59, 0.73; docs/quality.md, session 4)
     scorer: str = "auto"  # auto = DEFAULT_COMPONENTS (less the head when the bundle has none) | fused (residual+head) | components joined by '+', e.g. residual+feature_memory; maps are combined by their per-pixel geometric mean, each over its reference
+    fusion: str = "geometric"  # how component maps combine: geometric (per-pixel geometric mean: every component must agree) | max (per-pixel maximum, each in units of its median good-image maximum, fitted by calibration: any component may flag)
     memory_size: int = 8192  # patch features kept in the feature_memory bank (greedy coreset of the training split's)
 
 
@@ -240,6 +242,7 @@ class Config:
             ("detect.residual_norm", self.detect.residual_norm, RESIDUAL_NORMS),
             ("detect.score", self.detect.score, SCORE_REDUCTIONS),
             ("detect.map_reference", self.detect.map_reference, MAP_REFERENCES),
+            ("detect.fusion", self.detect.fusion, FUSIONS),
         ]
         for name, value, allowed in checks:
             if value not in allowed:

@@ -50,14 +50,18 @@ from eval.scoring import anomaly_map, gaussian_blur, image_score
 from noise import make_noise
 
 
-def combine_component_maps(components: Tensor) -> Tensor:
-    """Component maps [B, K, S, S] (>= 0) -> their per-pixel geometric mean [B, 1, S, S] (K = 1: unchanged).
+def combine_component_maps(components: Tensor, fusion: str = "geometric") -> Tensor:
+    """Component maps [B, K, S, S] (>= 0) -> one map [B, 1, S, S] (K = 1: unchanged).
 
-    A pixel scores high only where every component finds it, and rescaling one component (its units,
-    its reference) rescales the result without changing any ranking: no weights to tune.
+    geometric: the per-pixel geometric mean; a pixel scores high only where every component finds it, and
+    rescaling one component rescales the result without changing any ranking. max: the per-pixel maximum; a
+    pixel scores high where any component finds it (the components must be in comparable units: the
+    Detector divides each by its fitted ``component_scale``).
     """
     if components.shape[1] == 1:
         return components
+    if fusion == "max":
+        return components.amax(dim=1, keepdim=True)
     return components.clamp_min(0).prod(dim=1, keepdim=True).pow(1.0 / components.shape[1])
 
 
@@ -99,6 +103,8 @@ class Detector(nn.Module):
         shape = (1, len(self.components), d.input_side, d.input_side)
         self.register_buffer("map_reference", torch.ones(shape), persistent=False)
         self.has_map_reference = False
+        self.register_buffer("component_scale", torch.ones(len(self.components)), persistent=False)
+        self.has_component_scale = False
         self.register_buffer("bank_features", torch.zeros(0), persistent=False)  # [N, F] thumbnails
         self.register_buffer("bank_maps", torch.zeros(0), persistent=False)  # [N, K, s, s] pooled component maps
 
@@ -132,6 +138,20 @@ class Detector(nn.Module):
                              f"(one map per component: {', '.join(self.components)}), got {reference.numel()} values")
         self.map_reference.copy_(reference.view(shape))
         self.has_map_reference = True
+
+    def set_component_scale(self, scale: Tensor | None) -> None:
+        """Divide future referenced component maps by `scale` [K] (> 0, one per component: their typical
+        good-image maximum, so that ``detect.fusion`` max compares like with like); None = 1 each."""
+        if scale is None:
+            self.component_scale.fill_(1.0)
+            self.has_component_scale = False
+            return
+        scale = torch.as_tensor(scale, dtype=self.component_scale.dtype).reshape(-1)
+        if scale.numel() != self.component_scale.numel() or not bool(((scale > 0) & torch.isfinite(scale)).all()):
+            raise ValueError(f"component scale must hold {self.component_scale.numel()} positive values "
+                             f"(one per component: {', '.join(self.components)}), got {scale.tolist()}")
+        self.component_scale.copy_(scale.to(self.component_scale.device))
+        self.has_component_scale = True
 
     @property
     def has_reference_bank(self) -> bool:
@@ -240,9 +260,9 @@ class Detector(nn.Module):
         n = images.shape[0]
         return [f[:n] for f in both], [f[n:] for f in both]
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """images [B, C, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], pred_score [B],
-        reconstruction [B, C, S, S] in [0, 1])."""
+    def referenced_components(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images [B, C, S, S] in [0, 1] -> (component maps [B, K, S, S], each divided by its fitted reference,
+        before any component scale; reconstruction [B, C, S, S])."""
         det = self.cfg.detect
         components, reconstruction = self.component_maps(images)  # [B, K, S, S]
         reference = None
@@ -256,7 +276,16 @@ class Detector(nn.Module):
             reference = torch.where(self.referenced.view(1, -1, 1, 1), reference, torch.ones_like(reference))
         if reference is not None:
             components = components / reference
-        amap = combine_component_maps(components)
+        return components, reconstruction
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """images [B, C, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], pred_score [B],
+        reconstruction [B, C, S, S] in [0, 1])."""
+        det = self.cfg.detect
+        components, reconstruction = self.referenced_components(images)
+        if self.has_component_scale:
+            components = components / self.component_scale.view(1, -1, 1, 1)
+        amap = combine_component_maps(components, det.fusion)
         return amap, image_score(amap, det.score, det.topk), reconstruction
 
     @classmethod
@@ -282,7 +311,7 @@ class Detector(nn.Module):
     def from_bundle(cls, bundle: Any, device: torch.device | str = "cpu", **detect_overrides: Any) -> "Detector":
         """Detector in eval mode on `device` from a loaded bundle (.cfg, .state_dict = EMA UNet weights,
         optional .head_state_dict = scoring head weights, optional .map_reference [1, K, S, S],
-        .reference_bank {"features", "maps"} and .feature_memory [M, D], applied only when .threshold was
+        .reference_bank {"features", "maps"}, .feature_memory [M, D] and .component_scale [K], applied only when .threshold was
         calibrated with the detection settings and components now in use; .backbone {"name", "sha256"}: the
         backbone weights it was calibrated with, refused when the installed ones differ).
 
@@ -301,7 +330,9 @@ class Detector(nn.Module):
                              f"({' '.join(first[:2])[:300]}); the file was altered or mixes two models") from err
         if calibrated_for(getattr(bundle, "threshold", None), detector):  # references belong to their calibration
             reference, bank = getattr(bundle, "map_reference", None), getattr(bundle, "reference_bank", None)
-            memory = getattr(bundle, "feature_memory", None)
+            memory, scale = getattr(bundle, "feature_memory", None), getattr(bundle, "component_scale", None)
+            if scale is not None:
+                detector.set_component_scale(scale)
             if reference is not None:
                 detector.set_map_reference(reference)
             if bank is not None:

@@ -85,21 +85,27 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
     from `bank_images` (the held-back images are not in it either).
     """
     from anoddpm.detector import combine_component_maps
-    from anoddpm.tiled import TiledDetector, fit_tiled_references
+    from anoddpm.tiled import TiledDetector, as_tiles, fit_tiled_references
     from eval.scoring import image_score
     from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised
 
     if isinstance(detector, TiledDetector):  # per-tile references from the training split's tiles
+        detector.detector.set_component_scale(None)
         fit_tiled_references(detector, bank_images, device, batch_size)
+        if _scales_components(detector.detector):
+            fit_component_scale(detector.detector, as_tiles(good_images, detector.detector.cfg), device, batch_size)
         return score_images(detector, good_images, device, batch_size, desc="validation")
     det = detector.cfg.detect
     detector.set_map_reference(None)
     detector.set_reference_bank(None)
+    detector.set_component_scale(None)
     if "feature_memory" in detector.components:
         _fit_feature_memory(detector, bank_images, device)
     if det.map_reference == "nearest_good":
         _fit_reference_bank(detector, bank_images, device, batch_size)
     if det.map_reference != "good_mean":
+        if _scales_components(detector):
+            fit_component_scale(detector, good_images, device, batch_size)
         return score_images(detector, good_images, device, batch_size, desc="validation")
     # one reconstruction per image serves every component map ('fused' has two), each fitting its own reference
     components, seconds = score_component_maps(detector, good_images, device, batch_size, desc="validation")
@@ -111,9 +117,30 @@ def score_good_and_fit_reference(detector: Any, good_images: Any, device: torch.
         referenced = detector.referenced.tolist()
         components = np.stack([held_out_normalised(components[:, k]) if referenced[k] else components[:, k]
                                for k in range(components.shape[1])], axis=1)
-    maps = combine_component_maps(torch.from_numpy(components))
+    if _scales_components(detector):
+        detector.set_component_scale(component_scale(components.max(axis=(2, 3))))
+        components = components / detector.component_scale.cpu().numpy()[None, :, None, None]
+    maps = combine_component_maps(torch.from_numpy(components), det.fusion)
     scores = image_score(maps, det.score, det.topk).double().numpy()
     return ScoredSet(scores=scores, maps=maps[:, 0].numpy(), reconstructions=None, seconds_per_image=seconds)
+
+
+def _scales_components(detector: Any) -> bool:
+    """True when the detector's maps are fused by 'max' and so need each component in comparable units."""
+    return detector.cfg.detect.fusion == "max" and len(detector.components) > 1
+
+
+def component_scale(maxima: np.ndarray) -> torch.Tensor:
+    """Per-image maxima [N, K] of good images' referenced component maps -> the scale of each component [K]:
+    the median maximum (floored at 1e-12), so each component reads 1 at a typical good image's worst pixel."""
+    return torch.from_numpy(np.maximum(np.median(maxima, axis=0), 1e-12).astype(np.float32))
+
+
+def fit_component_scale(detector: Any, good_images: Any, device: torch.device, batch_size: int) -> None:
+    """Fit ``component_scale`` on held-back good images [C, S, S] (or tiles) scored with the fitted references."""
+    maxima, _ = score_component_maps(detector, good_images, device, batch_size, desc="component scale",
+                                     reduce=lambda c: c.amax(dim=(2, 3)), referenced=True)
+    detector.set_component_scale(component_scale(maxima))
 
 
 def evenly_spaced(n: int) -> np.ndarray:
@@ -187,7 +214,7 @@ class _BankImages:
 
 def fitted_reference(detector: Any) -> dict[str, Any]:
     """The detector's fitted references on the CPU as ``update_threshold`` keywords: map_reference [1, K, S, S],
-    reference_bank {"features" [N, F], "maps" [N, K, s, s]}, feature_memory [M, D] and the identity of the backbone
+    reference_bank {"features" [N, F], "maps" [N, K, s, s]}, feature_memory [M, D], component_scale [K] and the identity of the backbone
     they were computed with, backbone {"name", "sha256"}; each None when not fitted or not used."""
     from anoddpm.backbone import backbone_identity
 
@@ -197,6 +224,7 @@ def fitted_reference(detector: Any) -> dict[str, Any]:
     return {"map_reference": detector.map_reference.detach().cpu() if detector.has_map_reference else None,
             "reference_bank": bank,
             "feature_memory": detector.memory_bank.detach().cpu() if detector.has_feature_memory else None,
+            "component_scale": detector.component_scale.detach().cpu() if detector.has_component_scale else None,
             "backbone": None if detector.backbone is None else backbone_identity(detector.cfg.backbone)}
 
 

@@ -33,6 +33,7 @@ def describe_bundle(path: Path) -> dict[str, Any]:
     return {"file": str(path), "kind": "bundle", "versions": bundle.versions, "parameters": n_params,
             "head_parameters": head_params,
             "threshold": bundle.threshold, "map_reference": reference, "backbone": backbone,
+            "component_scale": None if bundle.component_scale is None else bundle.component_scale.tolist(),
             "fingerprint": bundle.fingerprint,
             "config": bundle.cfg.to_dict()}
 

@@ -126,9 +126,11 @@ def score_images(detector: torch.nn.Module, images: Sequence, device: torch.devi
 
 def score_component_maps(detector: torch.nn.Module, images: Sequence, device: torch.device, batch_size: int = 8,
                          desc: str | None = None,
-                         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[np.ndarray, float]:
-    """Each component map of a ``Detector`` (``detector.component_maps``, before any reference) for a
-    sequence of [C, S, S] images in [0, 1]: ([N, K, S, S] float32, mean forward seconds per image).
+                         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         referenced: bool = False) -> tuple[np.ndarray, float]:
+    """Each component map of a ``Detector`` (``detector.component_maps``, before any reference; with
+    `referenced`, ``detector.referenced_components``, each over its fitted reference) for a sequence of
+    [C, S, S] images in [0, 1]: ([N, K, S, S] float32, mean forward seconds per image).
 
     ``reduce`` maps each batch's [B, K, S, S] maps (on the host) to what is kept, e.g. pooled maps, so that
     full-resolution maps of a large set are never all in memory at once."""
@@ -140,7 +142,7 @@ def score_component_maps(detector: torch.nn.Module, images: Sequence, device: to
     with tqdm(total=n, desc=desc, unit="img", disable=desc is None) as bar:
         for chunk in batched((images[i] for i in range(n)), batch_size):
             (components, _), chunk_seconds = _timed_inference(
-                detector.component_maps, torch.stack([torch.as_tensor(x) for x in chunk]), device)
+                detector.referenced_components if referenced else detector.component_maps, torch.stack([torch.as_tensor(x) for x in chunk]), device)
             components = components.float().cpu()
             maps.append((components if reduce is None else reduce(components)).numpy())
             seconds += chunk_seconds

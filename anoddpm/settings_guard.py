@@ -21,7 +21,7 @@ from anoddpm.config import DetectConfig
 log = logging.getLogger(__name__)
 IGNORED = ("threshold_quantile",)  # how the threshold was picked, not how scores are made
 _FLAGGED = ("depth", "steps", "samples", "sampler", "residual", "residual_norm", "score", "scorer", "map_reference",
-            "reference_neighbours")  # DetectConfig fields with a flag of their name; noise is --detect-noise
+            "reference_neighbours", "fusion")  # DetectConfig fields with a flag of their name; noise is --detect-noise
 
 
 def flag_of(field: str) -> str:
