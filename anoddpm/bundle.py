@@ -19,7 +19,7 @@ import torch
 from anoddpm import BUNDLE_FORMAT_VERSION, __version__
 from anoddpm.atomic import atomic_torch_save
 from anoddpm.bundle_check import check_bundle_file, check_weights
-from anoddpm.config import Config
+from anoddpm.config import LEGACY_DETECT, Config
 
 
 @dataclass
@@ -120,8 +120,10 @@ def load_bundle(path: str | Path, map_location: Any = "cpu") -> Bundle:
     path = Path(path)
     raw = _read_raw(path, map_location)
     check_weights(path, raw)
+    config = dict(raw["config"])
+    config["detect"] = {**LEGACY_DETECT, **config.get("detect", {})}  # fields newer than the bundle: its behaviour
     try:
-        cfg = Config.from_dict(raw["config"]).validate()
+        cfg = Config.from_dict(config).validate()
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path} holds an invalid config: {err}") from err
     versions = {"format_version": raw["format_version"], "anoddpm": raw.get("anoddpm_version"),

@@ -57,7 +57,7 @@ def _add_detect_args(p: argparse.ArgumentParser) -> None:
                         "hurts objects on dark backgrounds)")
     g.add_argument("--score", choices=SCORE_REDUCTIONS, help="image score from the map: max or top-k mean")
     g.add_argument("--scorer", metavar="SCORER",
-                   help="component maps combined by their per-pixel geometric mean, each over its good-image reference: "
+                   help="component maps combined by --fusion, each over its good-image reference: "
                         f"auto (the default components), fused (residual+head), or one or more of {', '.join(COMPONENTS)} "
                         "joined by '+' (feature_* use the pretrained backbone)")
     g.add_argument("--fusion", choices=FUSIONS,
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step between inspection tiles (default 0 = half a tile)")
     p.add_argument("--head", action=argparse.BooleanOptionalAction, default=None,
                    help="train the learned scoring head on synthetic anomalies after the denoiser, with "
-                   "head.budget_fraction of the budget; its bundle scores with the fused map (default: on; skipped "
+                   "head.budget_fraction of the budget; scorer auto then adds its map (default: off; skipped "
                    "when its share of --max-steps is under head.min_steps, dropped when it does not beat the "
                    "residual on held-back synthetic anomalies; docs/quality.md)")
     p.add_argument("--batch-size", dest="train_batch_size", type=int, metavar="N", help="images per step (default 8)")

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from anoddpm.config import DetectConfig
+from anoddpm.config import LEGACY_DETECT, DetectConfig
 
 log = logging.getLogger(__name__)
 IGNORED = ("threshold_quantile",)  # how the threshold was picked, not how scores are made
@@ -33,8 +33,8 @@ def flag_of(field: str) -> str:
 
 def detect_differences(stored: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[str]:
     """Fields of `current` (a DetectConfig dict) whose value differs from the calibrated `stored` one;
-    a field missing from `stored` (a bundle older than that field) counts as its default."""
-    defaults = asdict(DetectConfig())
+    a field missing from `stored` (a bundle older than that field) counts as what such bundles did."""
+    defaults = {**asdict(DetectConfig()), **LEGACY_DETECT}
     stored = stored or {}
     return [k for k, v in current.items() if k not in IGNORED and stored.get(k, defaults.get(k)) != v]
 
@@ -48,7 +48,7 @@ def describe_differences(stored: Mapping[str, Any] | None, current: Mapping[str,
     """'--depth 50 -> 100, --steps 1 -> 5' for the differing fields ('no recorded settings' without any)."""
     if stored is None:
         return "no recorded detection settings"
-    defaults = asdict(DetectConfig())
+    defaults = {**asdict(DetectConfig()), **LEGACY_DETECT}
     return ", ".join(f"{flag_of(k)} {stored.get(k, defaults.get(k))} -> {current[k]}"
                      for k in detect_differences(stored, current))
 

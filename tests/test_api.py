@@ -27,7 +27,7 @@ SIZE = 32
 
 def _cfg(policy: str = "resize") -> Config:
     return (Config().override("model", preset="tiny").override("data", image_size=SIZE, resize_policy=policy)
-            .override("detect", steps=2).validate())
+            .override("detect", steps=2, scorer="residual").validate())
 
 
 def _bundle(path: Path, threshold: dict | None, policy: str = "resize") -> Path:

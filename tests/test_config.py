@@ -49,7 +49,7 @@ def test_config_file_then_flags_override(tmp_path):
     args = build_parser().parse_args(["train", "--data", "x", "--out", "y", "--config", str(path), "--seed", "7"])
     cfg = resolve_train_config(args)
     assert (cfg.data.image_size, cfg.train.lr, cfg.train.seed) == (64, 0.001, 7)
-    assert cfg.head.enabled  # the default, which neither the file nor a flag changed
+    assert not cfg.head.enabled  # the default, which neither the file nor a flag changed
 
 
 @pytest.mark.parametrize("flag, enabled", [(["--head"], True), (["--no-head"], False), ([], False)])

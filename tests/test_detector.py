@@ -17,7 +17,7 @@ SIZE = 32
 
 
 def _cfg(**detect):
-    detect = {"depth": 50, "steps": 3, "smoothing_sigma": 1.0, **detect}
+    detect = {"depth": 50, "steps": 3, "smoothing_sigma": 1.0, "scorer": "residual", **detect}
     return (
         Config()
         .override("data", image_size=SIZE, channels=1)
@@ -166,16 +166,16 @@ def test_head_scorer_maps_are_the_smoothed_head_probability():
 
 
 def test_head_scorer_without_head_is_refused_and_auto_falls_back():
-    cfg = _cfg()
+    cfg = _cfg(scorer="auto")
     state = _randomised_state(cfg)
     for scorer in ("head", "fused"):
         with pytest.raises(ValueError, match=f"detect.scorer='{scorer}'"):
             Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu", scorer=scorer)
     plain = Detector.from_bundle(SimpleNamespace(cfg=cfg, state_dict=state), "cpu")
-    assert plain.head is None and plain.components == ("residual",)
+    assert plain.head is None and plain.components == ("residual", "feature_memory")
     with_head = SimpleNamespace(cfg=cfg, state_dict=state, head_state_dict=_head_state(cfg))
     auto = Detector.from_bundle(with_head, "cpu")
-    assert auto.head is not None and auto.components == ("residual", "head")
+    assert auto.head is not None and auto.components == ("residual", "head", "feature_memory")
     assert Detector.from_bundle(with_head, "cpu", scorer="head").components == ("head",)
 
 
@@ -184,7 +184,7 @@ def test_fused_map_is_the_geometric_mean_of_both_maps_each_over_its_own_referenc
     from anoddpm.evaluate import score_good_and_fit_reference
     from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised, reference_map
 
-    cfg = _cfg(scorer="fused", map_reference="good_mean")
+    cfg = _cfg(scorer="fused", fusion="geometric", map_reference="good_mean")
     state, head_state = _randomised_state(cfg), _head_state(cfg)
     fused = Detector.from_config(cfg, state, head_state).eval()
     residual, head = (Detector(fused.unet, fused.diffusion, cfg.override("detect", scorer=name), fused.head).eval()

@@ -20,10 +20,11 @@ from eval.metrics import METRIC_KEYS
 
 
 def tiny_config() -> Config:
-    """32 px grey, tiny UNet, 2 fast-path steps from depth 40: a forward pass takes milliseconds."""
+    """32 px grey, tiny UNet, 2 fast-path steps from depth 40, the residual map alone (no backbone to run):
+    a forward pass takes milliseconds."""
     cfg = Config().override("data", image_size=32, channels=1, min_val_images=2)
     cfg = cfg.override("model", preset="tiny").override("diffusion", timesteps=100)
-    return cfg.override("detect", depth=40, steps=2, smoothing_sigma=1.0).validate()
+    return cfg.override("detect", depth=40, steps=2, smoothing_sigma=1.0, scorer="residual").validate()
 
 
 def make_bundle(path: Path, data_root: Path, category: str, cfg: Config | None = None) -> Path:
@@ -93,12 +94,12 @@ def test_calibrated_detection_settings_become_the_bundles_and_export_follows_the
     from deploy.runtime import Inspector
 
     data, _ = setup
-    cfg = tiny_config()
+    cfg = tiny_config().override("detect", scorer="auto")
     torch.manual_seed(0)
     model = save_bundle(tmp_path / "model.pt", cfg=cfg, state_dict=build_unet(cfg).state_dict(),
                         fingerprint={"root": str(data.resolve()), "category": "cat"},
                         head_state_dict=build_head(cfg).state_dict())
-    assert Detector.from_bundle(load_bundle(model)).components == ("residual", "head")
+    assert Detector.from_bundle(load_bundle(model)).components == ("residual", "head", "feature_memory")
     assert main(["calibrate", "--model", str(model), "--scorer", "residual", "--depth", "30"]) == 0
     bundle = load_bundle(model)
     assert bundle.cfg.detect.scorer == "residual" and bundle.cfg.detect.depth == 30

@@ -23,7 +23,8 @@ SIZE, STEPS = 32, 2
 
 def _bundle(path: Path, threshold: dict | None) -> Path:
     """Tiny random UNet (every weight perturbed, so no layer is zero) saved as a bundle."""
-    cfg = Config().override("model", preset="tiny").override("data", image_size=SIZE).validate()
+    cfg = (Config().override("model", preset="tiny").override("data", image_size=SIZE)
+           .override("detect", scorer="residual").validate())
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)  # build_unet's initialisation: the same weights on every call
     state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
@@ -43,7 +44,8 @@ def exported(tmp_path_factory, images) -> tuple[Path, Path]:
     bundle = _bundle(tmp / "model.pt", None)
     with torch.inference_mode():
         scores = Detector.from_bundle(load_bundle(bundle), steps=STEPS)(images)[1].sort().values
-    threshold = {"image": float(scores[1:3].mean()), "pixel": None, "method": "quantile", "detect": {"steps": STEPS}}
+    threshold = {"image": float(scores[1:3].mean()), "pixel": None, "method": "quantile",
+                 "detect": {"steps": STEPS, "scorer": "residual", "fusion": "max"}}
     bundle = _bundle(tmp / "model.pt", threshold)
     onnx_path = tmp / "model.onnx"
     code = cli(["export", "--model", str(bundle), "--out", str(onnx_path), "--steps", str(STEPS),
@@ -106,7 +108,7 @@ def test_fused_bundle_exports_with_both_references(tmp_path, images):
     from anoddpm.head import build_head
 
     cfg = (Config().override("model", preset="tiny").override("data", image_size=SIZE)
-           .override("detect", map_reference="good_mean").validate())
+           .override("detect", map_reference="good_mean", scorer="fused", fusion="geometric").validate())
     plain = load_bundle(_bundle(tmp_path / "plain.pt", None))
     torch.manual_seed(1)
     head = build_head(cfg).state_dict()
@@ -132,7 +134,7 @@ def test_brightness_relative_residual_is_in_the_graph(tmp_path, images):
     detector, not the plain residual's."""
     bundle = _bundle(tmp_path / "model.pt", None)
     update_threshold(bundle, {"image": 1.0, "pixel": None, "method": "quantile",
-                              "detect": {"residual_norm": "brightness"}})
+                              "detect": {"residual_norm": "brightness", "scorer": "residual", "fusion": "max"}})
     assert load_bundle(bundle).cfg.detect.residual_norm == "brightness"
     onnx_path = export_onnx(bundle, tmp_path / "model.onnx")
     with torch.inference_mode():
@@ -153,7 +155,7 @@ def test_nearest_good_reference_is_in_the_graph(tmp_path, images):
     bank_images = torch.rand(12, 1, SIZE, SIZE, generator=gen)
     bank = {"features": thumbnail_features(bank_images),
             "maps": pool_bank_maps(0.5 + torch.rand(12, 1, SIZE, SIZE, generator=gen))}
-    update_threshold(bundle, {"image": 1.0, "pixel": None, "method": "quantile", "detect": {}}, reference_bank=bank)
+    update_threshold(bundle, {"image": 1.0, "pixel": None, "method": "quantile", "detect": {"scorer": "residual", "fusion": "max"}}, reference_bank=bank)
     detector = Detector.from_bundle(load_bundle(bundle))
     assert detector.has_reference_bank and detector.cfg.detect.map_reference == "nearest_good"
     onnx_path = export_onnx(bundle, tmp_path / "model.onnx")

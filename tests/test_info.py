@@ -14,7 +14,8 @@ from anoddpm.unet import build_unet
 
 @pytest.fixture()
 def bundle(tmp_path):
-    cfg = Config().override("model", preset="tiny").override("data", image_size=32).validate()
+    cfg = (Config().override("model", preset="tiny").override("data", image_size=32)
+           .override("detect", scorer="residual").validate())
     threshold = {"image": 0.25, "pixel": 0.5, "method": "quantile", "quantile": 0.99, "n_good": 7}
     return save_bundle(tmp_path / "model.pt", cfg=cfg, state_dict=build_unet(cfg).state_dict(),
                        fingerprint={"sha256": "abc", "n_train": 3}, threshold=threshold), cfg
@@ -32,7 +33,7 @@ def test_info_bundle_and_onnx(bundle, tmp_path, capsys):
     assert out["map_reference"] is None
     assert out["head_parameters"] is None
 
-    update_threshold(path, {"image": 0.25, "pixel": 0.5, "detect": {}}, torch.full((1, 1, 32, 32), 2.0))  # default settings
+    update_threshold(path, {"image": 0.25, "pixel": 0.5, "detect": {"scorer": "residual", "fusion": "max"}}, torch.full((1, 1, 32, 32), 2.0))  # default settings
     assert cli(["info", str(path)]) == 0
     described = json.loads(capsys.readouterr().out)["map_reference"]
     assert described == {"shape": [1, 1, 32, 32], "min": 2.0, "mean": 2.0, "max": 2.0}
@@ -60,7 +61,8 @@ def test_info_missing_and_corrupt_files(tmp_path, capsys):
 def test_info_counts_the_scoring_head(tmp_path, capsys):
     from anoddpm.head import build_head
 
-    cfg = Config().override("model", preset="tiny").override("data", image_size=32).validate()
+    cfg = (Config().override("model", preset="tiny").override("data", image_size=32)
+           .override("detect", scorer="residual").validate())
     head = build_head(cfg)
     path = save_bundle(tmp_path / "model.pt", cfg=cfg, state_dict=build_unet(cfg).state_dict(),
                        fingerprint={"sha256": "abc"}, head_state_dict=head.state_dict())

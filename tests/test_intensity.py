@@ -29,7 +29,7 @@ def _random_detector_state(cfg: Config) -> dict[str, torch.Tensor]:
 
 def _cfg(intensity: str) -> Config:
     return (Config().override("model", preset="tiny").override("data", image_size=SIZE, intensity=intensity)
-            .override("detect", depth=20).validate())
+            .override("detect", depth=20, scorer="residual").validate())
 
 
 def test_normalised_images_have_mean_half_and_std_one_over_span_and_round_trip():

@@ -34,7 +34,8 @@ def test_thumbnails_average_grey_blocks_and_the_bank_pools_by_four():
 
 
 def test_a_bank_of_the_wrong_shape_is_refused():
-    cfg = Config().override("model", preset="tiny").override("data", image_size=32, channels=1)
+    cfg = (Config().override("model", preset="tiny").override("data", image_size=32, channels=1)
+           .override("detect", scorer="residual"))
     det = Detector.from_config(cfg)
     features = thumbnail_features(torch.rand(4, 1, 32, 32))
     with pytest.raises(ValueError, match="one per component: residual"):
@@ -54,7 +55,8 @@ def test_a_large_training_split_gives_an_evenly_spaced_bank(monkeypatch):
     from anoddpm.evaluate import score_good_and_fit_reference
 
     monkeypatch.setattr(neighbour, "BANK_MAX_IMAGES", 22)
-    cfg = Config().override("model", preset="tiny").override("data", image_size=32, channels=1)
+    cfg = (Config().override("model", preset="tiny").override("data", image_size=32, channels=1)
+           .override("detect", scorer="residual"))
     det = Detector.from_config(cfg).eval()
     bank = torch.rand(43, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     good = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -101,7 +101,7 @@ def test_ragged_metrics_equal_the_stacked_ones_and_count_every_pixel() -> None:
 def _tiny_tiled_config(**data: object) -> Config:
     cfg = Config().override("data", image_size=32, channels=1, min_val_images=2, tile_size=TILE, **data)
     cfg = cfg.override("model", preset="tiny").override("diffusion", timesteps=100)
-    return cfg.override("detect", depth=40, steps=2, smoothing_sigma=1.0, map_reference="none").validate()
+    return cfg.override("detect", depth=40, steps=2, smoothing_sigma=1.0, map_reference="none", scorer="residual").validate()
 
 
 def test_tiled_detector_maps_have_the_image_size_whatever_the_batch() -> None:

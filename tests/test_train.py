@@ -44,7 +44,7 @@ def _cfg(max_steps: int, **train_fields) -> Config:
     fields = {"anomaly_fraction": 0.0, **fields}  # plain AnoDDPM denoiser unless a test asks for healing
     return (Config().override("data", image_size=32, min_val_images=2, val_fraction=0.15)
             .override("model", preset="tiny").override("detect", depth=50, steps=2).override("train", **fields)
-            .override("head", enabled=False))
+            .override("head", enabled=False).override("backbone", image_size=64))  # default scorer, small backbone input
 
 
 def _losses(run: Path) -> list[float]:
@@ -260,7 +260,7 @@ def test_healing_resume_is_exact_and_head_lands_in_the_bundle(data_root, tmp_pat
     assert all(torch.equal(whole.head_state_dict[k], split.head_state_dict[k]) for k in whole.head_state_dict)
     assert whole.threshold["detect"]["scorer"] == "auto"
     det = Detector.from_bundle(whole, "cpu")
-    assert det.head is not None and det.components == ("residual", "head")  # auto = the fused map
+    assert det.head is not None and det.components == ("residual", "head", "feature_memory")  # auto, with the head
 
 
 def test_short_runs_skip_the_head_and_a_head_that_fails_its_check_is_left_out(data_root, tmp_path, monkeypatch):
@@ -282,4 +282,4 @@ def test_short_runs_skip_the_head_and_a_head_that_fails_its_check_is_left_out(da
     assert check["head_kept"] is False and check["head_check"]["n_good"] == 4
     assert 0 <= check["head_check"]["fused"]["pixel_auroc"] <= 1
     bundle = load_bundle(tmp_path / "dropped" / "model.pt")
-    assert bundle.head_state_dict is None and Detector.from_bundle(bundle, "cpu").components == ("residual",)
+    assert bundle.head_state_dict is None and Detector.from_bundle(bundle, "cpu").components == ("residual", "feature_memory")
