@@ -78,3 +78,24 @@ def test_info_shows_scales_and_onnx_matches_pytorch_with_max_fusion(calibrated, 
         amap, score, _ = Detector.from_bundle(load_bundle(model))(images)
     o_map, o_score = Inspector(export_onnx(model, tmp_path / "model.onnx")).run(images.numpy())
     assert np.abs(o_map - amap[:, 0].numpy()).max() < 1e-4 and np.abs(o_score - score.numpy()).max() < 1e-4
+
+
+def test_a_bundle_from_before_detect_fusion_keeps_the_geometric_mean(tmp_path):
+    """Bundles and thresholds saved without detect.fusion (older than it) fused by the geometric mean, as they
+    did then: they load with it, and their threshold is not taken for the current default (max)."""
+    from dataclasses import asdict
+
+    from anoddpm.bundle import save_bundle
+    from anoddpm.config import DetectConfig
+    from anoddpm.settings_guard import detect_differences
+    from anoddpm.unet import build_unet
+
+    cfg = tiny_config().override("detect", scorer="fused")
+    path = save_bundle(tmp_path / "old.pt", cfg=cfg, state_dict=build_unet(cfg).state_dict(), fingerprint={})
+    raw = torch.load(path, weights_only=True)
+    del raw["config"]["detect"]["fusion"]
+    torch.save(raw, path)
+    assert load_bundle(path).cfg.detect.fusion == "geometric" and DetectConfig().fusion == "max"
+    old_threshold = {k: v for k, v in asdict(cfg.detect).items() if k != "fusion"}
+    assert detect_differences(old_threshold, asdict(cfg.override("detect", fusion="max").detect)) == ["fusion"]
+    assert detect_differences(old_threshold, asdict(cfg.override("detect", fusion="geometric").detect)) == []
