@@ -24,7 +24,7 @@ def test_two_process_ddp_ranks_end_identical(tmp_path):
     cfg = (Config().override("data", image_size=32, min_val_images=2, val_fraction=0.2)
            .override("model", preset="tiny").override("detect", depth=20, steps=2)
            .override("train", batch_size=2, max_steps=8, warmup_steps=2, log_every=1, checkpoint_every=2)
-           .override("head", min_steps=2, batch_size=2, base_channels=8))  # 6 denoiser steps, then 2 head steps on rank 0
+           .override("head", enabled=True, min_steps=2, batch_size=2, base_channels=8))  # 6 denoiser steps, then 2 head steps on rank 0
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     hashes = tmp_path / "hashes"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), HASH_ENV: str(hashes)}

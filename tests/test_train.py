@@ -220,7 +220,7 @@ def test_training_draws_t_from_the_configured_range(data_root, tmp_path, monkeyp
 
 def test_healing_loss_points_at_the_clean_image():
     from anoddpm.diffusion import GaussianDiffusion
-    from anoddpm.train import healing_loss
+    from anoddpm.denoiser_step import healing_loss
 
     diffusion = GaussianDiffusion.from_config(Config().diffusion)
     g = torch.Generator().manual_seed(0)
