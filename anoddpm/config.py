@@ -160,8 +160,6 @@ class DetectConfig:
     topk: int = 100  # pixels averaged by the topk score
     threshold_quantile: float = 0.99  # default threshold: this quantile of held-back good scores
     seed: int = 0  # fixes the detection noise, so the same image gives the same score
-    # fused: the head finds what the residual misses and the reverse (30 min: magnetic_tile residual 0.71,
-    # head 0.76, fused 0.77 image AUROC; juice_bottle 0.73, 0.59, 0.73; docs/quality.md, session 4)
     # residual+feature_memory fused by max (2000 steps, one seed, docs/features.md): magnetic_tile image / pixel AUROC
     # 0.84 / 0.62 -> 0.84 / 0.79 and juice_bottle 0.80 / 0.78 -> 0.99 / 0.92 against residual+head fused by the
     # geometric mean; the reconstruction finds what the features miss on magnetic_tile and the reverse on juice_bottle

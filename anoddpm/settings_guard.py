@@ -31,10 +31,15 @@ def flag_of(field: str) -> str:
     return "--" + field.replace("_", "-") if field in _FLAGGED else f"detect.{field}"
 
 
+def _for_missing_fields() -> dict[str, Any]:
+    """What a threshold without a field (older than it) was made with: the default, or its LEGACY_DETECT value."""
+    return {**asdict(DetectConfig()), **LEGACY_DETECT}
+
+
 def detect_differences(stored: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[str]:
     """Fields of `current` (a DetectConfig dict) whose value differs from the calibrated `stored` one;
     a field missing from `stored` (a bundle older than that field) counts as what such bundles did."""
-    defaults = {**asdict(DetectConfig()), **LEGACY_DETECT}
+    defaults = _for_missing_fields()
     stored = stored or {}
     return [k for k, v in current.items() if k not in IGNORED and stored.get(k, defaults.get(k)) != v]
 
@@ -48,7 +53,7 @@ def describe_differences(stored: Mapping[str, Any] | None, current: Mapping[str,
     """'--depth 50 -> 100, --steps 1 -> 5' for the differing fields ('no recorded settings' without any)."""
     if stored is None:
         return "no recorded detection settings"
-    defaults = {**asdict(DetectConfig()), **LEGACY_DETECT}
+    defaults = _for_missing_fields()
     return ", ".join(f"{flag_of(k)} {stored.get(k, defaults.get(k))} -> {current[k]}"
                      for k in detect_differences(stored, current))
 
