@@ -21,7 +21,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
-	$(PY) -m anoddpm.demo
+	$(PY) -m anoddpm.cli.demo
 
 bench: $(STAMP)
 	$(PY) -m noise.bench

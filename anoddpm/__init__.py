@@ -1,5 +1,10 @@
 """anoddpm: visual anomaly detection with partial diffusion and simplex noise.
 
+The flow, one sub-package a step: ``data`` (images, layouts, datasets, generators) -> ``model`` (UNet, diffusion
+math, scoring-head network) -> ``training`` (the loop, one step, checkpoints) -> ``bundle`` (model.pt) ->
+``detection`` (reconstruct, components, references, fusion, score, calibration, tiling, settings guard) -> ``cli``
+(one thin module per verb); ``config`` and ``platform`` (atomic files, devices) serve them all.
+
 ``anoddpm.load(path)`` is the Python API (``anoddpm.api``). Importing the package imports no torch, and
 loading an exported .onnx does not either: the line runtime (deploy/) shares its image code.
 """
@@ -7,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-BUNDLE_FORMAT_VERSION = 1
-__all__ = ["Model", "Prediction", "__version__", "load"]
+from anoddpm.version import BUNDLE_FORMAT_VERSION, __version__
+
+__all__ = ["BUNDLE_FORMAT_VERSION", "Model", "Prediction", "__version__", "load"]
 
 
 def __getattr__(name: str) -> Any:

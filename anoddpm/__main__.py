@@ -1,5 +1,5 @@
 import sys
 
-from anoddpm.cli import main
+from anoddpm.cli.app import main
 
 sys.exit(main())

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from anoddpm.imageio import as_image_list, preprocess, read_any, rescale, resize_map, restore_map
+from anoddpm.data.imageio import as_image_list, preprocess, read_any, rescale, resize_map, restore_map
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,9 @@ class _TorchBackend:
 
     def __init__(self, path: Path, device: str) -> None:
         from anoddpm.bundle import load_bundle
-        from anoddpm.detector import Detector
-        from anoddpm.device import resolve_device
-        from anoddpm.settings_guard import calibrated_for
+        from anoddpm.detection.detector import Detector
+        from anoddpm.platform.device import resolve_device
+        from anoddpm.detection.settings import calibrated_for
         from deploy.runtime import thresholds
 
         self.device = resolve_device(device)
@@ -62,14 +62,14 @@ class _TorchBackend:
         self.image_threshold, self.pixel_threshold = thresholds(threshold)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from anoddpm.scoring_loop import forward_batch
+        from anoddpm.detection.scoring_loop import forward_batch
 
         result = forward_batch(self.detector, batch, self.device)
         return result.maps, result.scores
 
     def score_image(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         """Tiled bundle: one image [C, h, w] -> (stitched map [h, w], score), as deploy.runtime.Inspector."""
-        from anoddpm.tiled import TiledDetector
+        from anoddpm.detection.tiling import TiledDetector
 
         amap, score, _, _ = TiledDetector(self.detector).score_image(image, self.device)
         return amap, score

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from anoddpm.diffusion import GaussianDiffusion
-from eval.scoring import gaussian_blur
+from anoddpm.model.diffusion import GaussianDiffusion
+from anoddpm.detection.maps import gaussian_blur
 
 
 class BlurDenoiser(torch.nn.Module):

@@ -39,8 +39,8 @@ def _row(method: str, category: str, metrics: dict[str, Any], seconds: float, fi
 def train_defaults(data: str, category: str | None, out: Path, max_steps: int | None,
                    max_minutes: float | None) -> tuple[Path, float]:
     """Train a bundle with the default config (channels from the data) -> (model.pt, seconds incl. calibration)."""
-    from anoddpm.data import infer_channels
-    from anoddpm.train import train
+    from anoddpm.data.datasets import infer_channels
+    from anoddpm.training.train import train
 
     cfg = Config().override("train", max_steps=max_steps, max_minutes=max_minutes)
     cfg = cfg.override("data", channels=infer_channels(data, category)).validate()
@@ -64,12 +64,12 @@ def evaluate_bundle(model: Path, data: str, category: str | None, out: Path, sco
 
 def run_peer(data: str, category: str | None, seed: int = 0) -> tuple[dict[str, Any], float, float]:
     """The PatchCore-style peer -> (metrics, seconds per test image, fit seconds)."""
-    from anoddpm.backbone import build_backbone
-    from anoddpm.data import infer_channels, load_test_set, load_training_data
-    from anoddpm.feature_scoring import memory_distance_map, patch_features
-    from anoddpm.scoring_loop import batched
+    from anoddpm.detection.backbone import build_backbone
+    from anoddpm.data.datasets import infer_channels, load_test_set, load_training_data
+    from anoddpm.detection.components.feature_memory import memory_distance_map, patch_features
+    from anoddpm.detection.scoring_loop import batched
     from eval.metrics import compute_metrics
-    from eval.scoring import gaussian_blur
+    from anoddpm.detection.maps import gaussian_blur
 
     cfg = Config()
     cfg = replace(cfg, data=replace(cfg.data, image_size=PEER_SIZE, channels=infer_channels(data, category)),

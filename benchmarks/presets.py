@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from anoddpm.config import Config
-from anoddpm.unet import build_unet
+from anoddpm.model.unet import build_unet
 
 
 def measure(preset: str, size: int, batch: int, repeats: int) -> dict:

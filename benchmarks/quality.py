@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_variant(args: argparse.Namespace, category: str, variant: str) -> tuple[Path, float]:
     """Train (or reuse) one bundle; returns (bundle path, training minutes)."""
-    from anoddpm.train import train
+    from anoddpm.training.train import train
 
     dataset, name = CATEGORIES[category]
     cfg = Config().override("train", max_minutes=args.minutes)
@@ -92,7 +92,7 @@ def train_variant(args: argparse.Namespace, category: str, variant: str) -> tupl
 
 def load_test_arrays(cfg: Config, root: Path, category: str) -> dict[str, Any]:
     """Labelled test set: images [N,C,S,S], masks [N,S,S] bool, labels [N], defect types."""
-    from anoddpm.data import load_test_set
+    from anoddpm.data.datasets import load_test_set
 
     samples = load_test_set(cfg, root, category)
     items = [samples[i] for i in range(len(samples))]
@@ -110,18 +110,18 @@ def evaluate_variant(bundle: Any, overrides: dict[str, Any], test: dict[str, Any
 
     With overrides, the map reference is refitted on the bundle's held-back good images (as
     `anoddpm evaluate` does), since the bundle's reference belongs to its own detection settings."""
-    from anoddpm.detector import Detector
-    from anoddpm.evaluate import score_validation
-    from anoddpm.scoring_loop import score_images
+    from anoddpm.detection.detector import Detector
+    from anoddpm.detection.calibration import score_validation
+    from anoddpm.detection.tiling import inspection_detector
     from eval.metrics import compute_metrics, per_type_auroc, per_type_pixel_auroc
 
     overrides = dict(overrides)
     if "steps" in overrides and overrides["steps"] is None:
         overrides["steps"] = overrides.get("depth", bundle.cfg.detect.depth)
-    detector = Detector.from_bundle(bundle, device, **overrides)
+    view = inspection_detector(Detector.from_bundle(bundle, device, **overrides), batch_size)
     if overrides:
-        score_validation(bundle, detector, root, category, device, batch_size)
-    scored = score_images(detector, test["images"][index], device, batch_size)
+        score_validation(bundle, view, root, category, device, batch_size)
+    scored = view.score_set(test["images"][index], device)
     labels, masks = test["labels"][index], test["masks"][index]
     types = [test["types"][i] for i in index]
     metrics = compute_metrics(scored.scores, labels, scored.maps, masks)
@@ -134,7 +134,7 @@ def evaluate_variant(bundle: Any, overrides: dict[str, Any], test: dict[str, Any
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints one JSON line per configuration."""
     from anoddpm.bundle import load_bundle
-    from anoddpm.device import resolve_device
+    from anoddpm.platform.device import resolve_device
 
     import torch
 

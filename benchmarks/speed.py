@@ -28,8 +28,8 @@ import torch
 
 from anoddpm.bundle import load_bundle, save_bundle
 from anoddpm.config import Config
-from anoddpm.detector import Detector
-from anoddpm.unet import build_unet
+from anoddpm.detection.detector import Detector
+from anoddpm.model.unet import build_unet
 from deploy.export import export_onnx
 from deploy.runtime import Inspector
 

@@ -32,11 +32,11 @@ import torch
 
 from anoddpm.bundle import load_bundle
 from anoddpm.config import Config
-from anoddpm.detector import Detector
-from anoddpm.diffusion import GaussianDiffusion
-from anoddpm.frames import make_frame_dataset, parse_frame_size
-from anoddpm.imageio import image_hw, load_model_image, read_mask, rescale_mask, resize_map
-from anoddpm.tiled import TiledDetector
+from anoddpm.detection.detector import Detector
+from anoddpm.model.diffusion import GaussianDiffusion
+from anoddpm.data.frames import make_frame_dataset, parse_frame_size
+from anoddpm.data.imageio import image_hw, load_model_image, read_mask, rescale_mask, resize_map
+from anoddpm.detection.tiling import TiledDetector
 from benchmarks.blur_denoiser import BlurDenoiser
 from eval.metrics import compute_metrics, per_type_auroc
 
@@ -54,7 +54,7 @@ def _arm_config(arm: str, args: argparse.Namespace) -> Config:
 
 
 def _train(arm: str, args: argparse.Namespace, data: Path) -> Path:
-    from anoddpm.train import train
+    from anoddpm.training.train import train
 
     bundle = Path(args.out) / arm / "model.pt"
     if not bundle.is_file():

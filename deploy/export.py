@@ -19,8 +19,8 @@ import onnx
 import torch
 from torch import nn
 
-from anoddpm import __version__
-from anoddpm.atomic import atomic_write_bytes
+from anoddpm.version import __version__
+from anoddpm.platform.atomic import atomic_write_bytes
 from anoddpm.config import Config
 from deploy.runtime import INPUT_NAME, ONNX_FORMAT_VERSION, OUTPUT_NAMES, parse_metadata
 
@@ -83,10 +83,9 @@ def export_onnx(bundle_path: str | Path, out_path: str | Path, steps: int | None
 
     The threshold and map reference embedded are those calibrated for the exported settings: the bundle's
     own, or (other --steps, or a bundle calibrated on the paper path) recalibrated now on its held-back
-    good images (``anoddpm.settings_guard``); ValueError when that is not possible."""
+    good images (``anoddpm.detection.settings``); ValueError when that is not possible."""
     from anoddpm.bundle import load_bundle
-    from anoddpm.settings_guard import calibrated_detector
-    from anoddpm.tiled import TiledDetector
+    from anoddpm.detection.guard import calibrated_detector
 
     out_path = Path(out_path)
     if out_path.is_dir():
@@ -94,10 +93,9 @@ def export_onnx(bundle_path: str | Path, out_path: str | Path, steps: int | None
     bundle = load_bundle(bundle_path)
     if bundle.threshold is None or bundle.threshold.get("image") is None:
         raise ValueError(f"{bundle.path} has no threshold; run `anoddpm calibrate --model {bundle.path}` first")
-    detector, threshold, _ = calibrated_detector(bundle, torch.device("cpu"), bundle.cfg.train.batch_size,
-                                                 {"steps": steps, "sampler": "ddim"}, "export")
-    if isinstance(detector, TiledDetector):  # calibrated tile by tile; the graph is one tile's, the runtime tiles
-        detector = detector.detector
+    view, threshold, _ = calibrated_detector(bundle, torch.device("cpu"), bundle.cfg.train.batch_size,
+                                             {"steps": steps, "sampler": "ddim"}, "export")
+    detector = view.detector  # tiled: calibrated tile by tile; the graph is one tile's, the runtime tiles
     cfg = detector.cfg
     names = (*OUTPUT_NAMES, "reconstruction") if with_reconstruction else OUTPUT_NAMES
     return export_module(_InspectionGraph(detector, with_reconstruction), out_path, channels=cfg.data.channels,

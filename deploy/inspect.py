@@ -7,7 +7,7 @@ later decodes, a writer that paused longer than the grace, gets its result with 
 reading the file to its result (the inference of its whole batch included). ``--sort`` moves inspected files to
 OUT/ok or OUT/ng (a clashing name gets a ``_1``, ``_2`` ... suffix; nothing is overwritten).
 ``--save-maps`` writes OUT/maps/<name>.png with the anomaly map scaled so that the pixel threshold
-is mid-grey. No torch: numpy, onnxruntime and anoddpm.imageio only.
+is mid-grey. No torch: numpy, onnxruntime and anoddpm.data.imageio only.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from anoddpm.atomic import append_jsonl, out_folder
-from anoddpm.imageio import image_hw, list_images, save_png
+from anoddpm.platform.atomic import append_jsonl, out_folder
+from anoddpm.data.imageio import image_hw, list_images, save_png
 from deploy.runtime import Inspector
 from deploy.watch import Snapshot, claim, free_name, restore_claims, snapshot, watch_folder
 

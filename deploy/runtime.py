@@ -1,6 +1,6 @@
 """The line runtime: an exported model.onnx -> per-image score, label, anomaly map and mask.
 
-numpy + onnxruntime + anoddpm.imageio only (no torch), so a line PC needs only
+numpy + onnxruntime + anoddpm.data.imageio only (no torch), so a line PC needs only
 deploy/requirements.txt. Images are read and resized by the same ``preprocess()`` as training;
 the threshold and the preprocessing travel inside the ONNX metadata.
 
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from anoddpm.imageio import (RESIZE_POLICIES, array_image, as_image_list, load_model_image, model_image, read_any,
+from anoddpm.data.imageio import (RESIZE_POLICIES, array_image, as_image_list, load_model_image, model_image, read_any,
                              resize_map)
 from eval.tiling import Stitcher, image_score, tile_batches
 

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
-from anoddpm.imageio import IMAGE_SUFFIXES
+from anoddpm.data.imageio import IMAGE_SUFFIXES
 
 
 CLAIM_PREFIX = ".anoddpm-claim."  # hidden name of a file claimed for moving (scan skips hidden files)

@@ -1,6 +1,6 @@
 """Tiling at native resolution: cover an image of any size with overlapping T x T tiles, stitch tile maps back.
 
-numpy only: the PyTorch path (``anoddpm.tiled``) and the torch-free line runtime (``deploy.runtime``) cut the
+numpy only: the PyTorch path (``anoddpm.detection.tiling``) and the torch-free line runtime (``deploy.runtime``) cut the
 same tiles and average the same overlaps from this one module.
 
 * Grid: along each axis tiles start every ``stride`` pixels and the last one is shifted inward so it ends at
@@ -88,7 +88,7 @@ class Stitcher:
 
 def image_score(amap: np.ndarray, reduction: str = "max", topk: int = 100) -> float:
     """Image score of one stitched anomaly map [H, W]: its max, or the mean of its top-k pixels
-    (the numpy twin of ``eval.scoring.image_score``)."""
+    (the numpy twin of ``anoddpm.detection.maps.image_score``)."""
     flat = np.asarray(amap, dtype=np.float32).reshape(-1)
     if reduction == "max":
         return float(flat.max())

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anoddpm.config import Config
-from anoddpm.imageio import save_png
+from anoddpm.data.imageio import save_png
 from deploy.export import export_module, onnx_metadata
 
 SIZE = 32

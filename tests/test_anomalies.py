@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from anoddpm.anomalies import CLEAN_FRACTION, VISIBLE, synthesize_anomalies
+from anoddpm.data.anomalies import CLEAN_FRACTION, VISIBLE, synthesize_anomalies
 
 
 def _textures(b: int, c: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -15,9 +15,9 @@ from PIL import Image
 import anoddpm
 from anoddpm.bundle import load_bundle, save_bundle
 from anoddpm.config import Config
-from anoddpm.detector import Detector
-from anoddpm.imageio import array_image, preprocess, restore_map, save_png
-from anoddpm.unet import build_unet
+from anoddpm.detection.detector import Detector
+from anoddpm.data.imageio import array_image, preprocess, restore_map, save_png
+from anoddpm.model.unet import build_unet
 from deploy.export import export_onnx
 from onnx_toy import defect_image, make_toy_onnx
 

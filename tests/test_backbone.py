@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from anoddpm.backbone import FeatureExtractor, backbone_identity, build_backbone, weights_file, weights_sha256
+from anoddpm.detection.backbone import FeatureExtractor, backbone_identity, build_backbone, weights_file, weights_sha256
 from anoddpm.config import BackboneConfig
 
 CFG = BackboneConfig(image_size=64)

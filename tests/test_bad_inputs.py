@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from anoddpm.bundle import update_threshold
-from anoddpm.cli import error_line, main
-from anoddpm.imageio import preprocess
-from anoddpm.synth import make_synthetic_dataset
+from anoddpm.cli.app import error_line, main
+from anoddpm.data.imageio import preprocess
+from anoddpm.data.synth import make_synthetic_dataset
 from test_evaluate_cli import make_bundle, tiny_config
 
 
@@ -134,7 +134,7 @@ def test_inspect_sort_with_out_inside_the_input_never_touches_its_outputs(tmp_pa
 
 
 def test_training_does_not_read_the_test_masks(tmp_path: Path) -> None:
-    from anoddpm.data import load_training_data
+    from anoddpm.data.datasets import load_training_data
 
     cat = make_synthetic_dataset(tmp_path / "data", category="cat", size=32, n_train=6, n_test_good=1, n_test_defect=2)
     for mask in (cat / "ground_truth").rglob("*.png"):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from anoddpm import BUNDLE_FORMAT_VERSION
-from anoddpm.atomic import append_jsonl, atomic_torch_save, atomic_write_text
+from anoddpm.version import BUNDLE_FORMAT_VERSION
+from anoddpm.platform.atomic import append_jsonl, atomic_torch_save, atomic_write_text
 from anoddpm.bundle import load_bundle, save_bundle, update_threshold
 from anoddpm.config import Config
 

@@ -10,8 +10,8 @@ import torch
 
 from anoddpm.bundle import load_bundle, save_bundle
 from anoddpm.cli import main
-from anoddpm.detector import Detector
-from anoddpm.unet import build_unet
+from anoddpm.detection.detector import Detector
+from anoddpm.model.unet import build_unet
 from deploy.runtime import Inspector
 from onnx_toy import make_toy_onnx
 from test_evaluate_cli import tiny_config

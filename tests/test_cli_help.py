@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from anoddpm.cli import build_parser, main
+from anoddpm.cli import main
+from anoddpm.cli.parser import build_parser
 
 
 def _verbs() -> dict[str, argparse.ArgumentParser]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from anoddpm.cli import build_parser, resolve_train_config
+from anoddpm.cli.parser import build_parser, resolve_train_config
 from anoddpm.config import Config, load_config_file
-from anoddpm.config_reference import reference_markdown
+from anoddpm.config.reference import reference_markdown
 
 USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 
@@ -67,4 +67,4 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_usage_reference_table_matches_dataclasses():
     assert reference_markdown() in USAGE.read_text(), (
-        "docs/usage.md configuration table is out of date: paste `python -m anoddpm.config_reference`")
+        "docs/usage.md configuration table is out of date: paste `python -m anoddpm.config.reference`")

@@ -1,4 +1,4 @@
-"""Config values checked by type and range at the boundary (anoddpm.config_check), the field named."""
+"""Config values checked by type and range at the boundary (anoddpm.config.checks), the field named."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +8,7 @@ import pytest
 
 from anoddpm.cli import main
 from anoddpm.config import Config, load_config_file
-from anoddpm.config_check import check_ranges, check_types
+from anoddpm.config.checks import check_ranges, check_types
 
 
 @pytest.mark.parametrize("data, message", [

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from anoddpm.config import Config
-from anoddpm.data import load_test_set, load_training_data, resolve_category_root
+from anoddpm.data.datasets import load_test_set, load_training_data, resolve_category_root
 
 CFG = Config().override("data", image_size=32, channels=1)
 
@@ -209,7 +209,7 @@ def test_test_samples_pickle(synth_root, nfbs_root):
 def test_infer_channels_follows_the_training_images(synth_root, tmp_path):
     from PIL import Image
 
-    from anoddpm.data import infer_channels
+    from anoddpm.data.datasets import infer_channels
 
     assert infer_channels(synth_root, "synthetic") == 1
     colour = tmp_path / "colour"

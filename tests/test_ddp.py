@@ -12,8 +12,8 @@ import torch
 
 from anoddpm.bundle import load_bundle
 from anoddpm.config import Config
-from anoddpm.synth import make_synthetic_dataset
-from anoddpm.train import HASH_ENV
+from anoddpm.data.synth import make_synthetic_dataset
+from anoddpm.training.train import HASH_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from anoddpm.demo import MARKER, fresh_demo_folder, run_demo
+from anoddpm.cli.demo import MARKER, fresh_demo_folder, run_demo
 from eval.metrics import METRIC_KEYS
 
 

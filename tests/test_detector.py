@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from anoddpm.config import Config
-from anoddpm.detector import Detector
-from anoddpm.diffusion import GaussianDiffusion
-from anoddpm.unet import build_unet
+from anoddpm.detection.detector import Detector
+from anoddpm.model.diffusion import GaussianDiffusion
+from anoddpm.model.unet import build_unet
 from benchmarks.blur_denoiser import BlurDenoiser
-from eval.scoring import gaussian_blur
+from anoddpm.detection.maps import gaussian_blur
 
 SIZE = 32
 
@@ -68,9 +68,9 @@ def test_score_does_not_depend_on_batch_composition(sampler):
 
 def test_detection_noise_fixed_by_seed():
     a, b, c = (Detector.from_config(_cfg(seed=s)) for s in (0, 0, 1))
-    torch.testing.assert_close(a.detection_noise, b.detection_noise, rtol=0, atol=0)
-    assert (a.detection_noise - c.detection_noise).abs().max() > 0.1
-    assert a.detection_noise.std().item() == pytest.approx(1.0, abs=0.05)  # standardised simplex
+    torch.testing.assert_close(a.reconstructor.detection_noise, b.reconstructor.detection_noise, rtol=0, atol=0)
+    assert (a.reconstructor.detection_noise - c.reconstructor.detection_noise).abs().max() > 0.1
+    assert a.reconstructor.detection_noise.std().item() == pytest.approx(1.0, abs=0.05)  # standardised simplex
 
 
 @pytest.mark.parametrize("residual", ["l2", "ssim"])
@@ -116,9 +116,9 @@ def test_map_reference_divides_the_map_unless_turned_off():
     torch.testing.assert_close(amap, plain_map / reference)
     torch.testing.assert_close(score, amap.flatten(1).amax(1))
     torch.testing.assert_close(off, plain_map)
-    assert with_ref.has_map_reference and not other_settings.has_map_reference  # fitted for other settings
+    assert with_ref.reference.has_map_reference and not other_settings.reference.has_map_reference  # fitted for other settings
     with pytest.raises(ValueError, match="positive"):
-        with_ref.set_map_reference(torch.zeros(size, size))
+        with_ref.load_fitted_state({"map_reference": torch.zeros(size, size)})
 
 
 def test_onnx_trace_matches_torch(tmp_path):
@@ -141,7 +141,7 @@ def test_onnx_trace_matches_torch(tmp_path):
 
 
 def _head_state(cfg):
-    from anoddpm.head import build_head
+    from anoddpm.model.head import build_head
 
     torch.manual_seed(3)
     return build_head(cfg).state_dict()
@@ -181,7 +181,8 @@ def test_head_scorer_without_head_is_refused_and_auto_falls_back():
 
 def test_fused_map_is_the_geometric_mean_of_both_maps_each_over_its_own_reference():
     """(ONNX parity of a fused bundle: tests/test_export.py.)"""
-    from anoddpm.evaluate import score_good_and_fit_reference
+    from anoddpm.detection.calibration import fit_and_score_good
+    from anoddpm.detection.tiling import inspection_detector
     from eval.threshold import MIN_REFERENCE_IMAGES, held_out_normalised, reference_map
 
     cfg = _cfg(scorer="fused", fusion="geometric", map_reference="good_mean")
@@ -190,14 +191,14 @@ def test_fused_map_is_the_geometric_mean_of_both_maps_each_over_its_own_referenc
     residual, head = (Detector(fused.unet, fused.diffusion, cfg.override("detect", scorer=name), fused.head).eval()
                       for name in ("residual", "head"))
     good = _images(MIN_REFERENCE_IMAGES + 2, seed=11)
-    scored = score_good_and_fit_reference(fused, good, torch.device("cpu"), batch_size=3)
+    scored = fit_and_score_good(inspection_detector(fused, 3), good, torch.device("cpu"), batch_size=3)
     images = _images(3, seed=12)
     with torch.inference_mode():
         r_good, h_good = residual(good)[0][:, 0].numpy(), head(good)[0][:, 0].numpy()
         r_map, h_map = residual(images)[0], head(images)[0]
         amap, score, _ = fused(images)
     reference = np.stack([reference_map(r_good), reference_map(h_good)])[None]
-    np.testing.assert_allclose(fused.map_reference.numpy(), reference, rtol=1e-5)
+    np.testing.assert_allclose(fused.reference.map_reference.numpy(), reference, rtol=1e-5)
     r_part, h_part = r_map / torch.from_numpy(reference[:, :1]), h_map / torch.from_numpy(reference[:, 1:])
     torch.testing.assert_close(amap, (r_part * h_part).sqrt(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(score, amap.flatten(1).amax(1))

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from anoddpm.diffusion import GaussianDiffusion, make_betas, partial_diffusion_reconstruct, timesteps
+from anoddpm.model.diffusion import GaussianDiffusion, make_betas, partial_diffusion_reconstruct, timesteps
 
 
 def test_linear_betas_and_alphas_cumprod_golden():

@@ -13,9 +13,9 @@ import torch
 from anoddpm.bundle import load_bundle, save_bundle
 from anoddpm.cli import main
 from anoddpm.config import Config
-from anoddpm.evaluate import same_detect_settings
-from anoddpm.synth import make_synthetic_dataset
-from anoddpm.unet import build_unet
+from anoddpm.detection.settings import same_detect_settings
+from anoddpm.data.synth import make_synthetic_dataset
+from anoddpm.model.unet import build_unet
 from eval.metrics import METRIC_KEYS
 
 
@@ -88,8 +88,8 @@ def test_calibrated_detection_settings_become_the_bundles_and_export_follows_the
         setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`calibrate --scorer residual --depth 30` on a bundle with a head: score/evaluate/export then use the
     residual at depth 30 with that threshold, without flags and without recalibrating."""
-    from anoddpm.detector import Detector
-    from anoddpm.head import build_head
+    from anoddpm.detection.detector import Detector
+    from anoddpm.model.head import build_head
     from deploy.export import export_onnx
     from deploy.runtime import Inspector
 
@@ -132,8 +132,8 @@ def test_few_held_back_images_fit_no_map_reference(setup: tuple[Path, Path], tmp
 
 
 def test_calibrate_fits_a_map_reference_that_every_later_map_is_divided_by(tmp_path: Path) -> None:
-    from anoddpm.data import load_training_data
-    from anoddpm.detector import Detector
+    from anoddpm.data.datasets import load_training_data
+    from anoddpm.detection.detector import Detector
     from eval.threshold import MIN_REFERENCE_IMAGES, reference_map
 
     data = tmp_path / "data"
@@ -164,9 +164,9 @@ def test_calibrate_fits_a_map_reference_that_every_later_map_is_divided_by(tmp_p
 def test_calibrate_fits_a_nearest_good_bank_on_the_training_split(tmp_path: Path) -> None:
     """The default reference: the bank holds every training image (thumbnail + pooled maps), the held-back
     images are scored against it, and the threshold is their largest score at quantile 1."""
-    from anoddpm.data import load_training_data
-    from anoddpm.detector import Detector
-    from eval.neighbour_reference import pool_bank_maps, thumbnail_features
+    from anoddpm.data.datasets import load_training_data
+    from anoddpm.detection.detector import Detector
+    from anoddpm.detection.references import pool_bank_maps, thumbnail_features
     from eval.threshold import MIN_REFERENCE_IMAGES
 
     data = tmp_path / "data"

@@ -13,8 +13,8 @@ import torch
 from anoddpm.bundle import load_bundle, save_bundle, update_threshold
 from anoddpm.cli import main as cli
 from anoddpm.config import Config
-from anoddpm.detector import Detector
-from anoddpm.unet import build_unet
+from anoddpm.detection.detector import Detector
+from anoddpm.model.unet import build_unet
 from deploy.export import export_onnx
 from deploy.runtime import Inspector
 
@@ -105,7 +105,7 @@ def test_fused_bundle_exports_with_both_references(tmp_path, images):
     """A bundle with a learned head scores with the fused map; its [1, 2, S, S] reference is in the graph."""
     from dataclasses import asdict
 
-    from anoddpm.head import build_head
+    from anoddpm.model.head import build_head
 
     cfg = (Config().override("model", preset="tiny").override("data", image_size=SIZE)
            .override("detect", map_reference="good_mean", scorer="fused", fusion="geometric").validate())
@@ -118,7 +118,7 @@ def test_fused_bundle_exports_with_both_references(tmp_path, images):
                        threshold=None, head_state_dict=head)
     update_threshold(path, threshold, reference)
     detector = Detector.from_bundle(load_bundle(path))
-    assert detector.components == ("residual", "head") and detector.has_map_reference
+    assert detector.components == ("residual", "head") and detector.reference.has_map_reference
     onnx_path = export_onnx(path, tmp_path / "model.onnx")
     with torch.inference_mode():
         amap, score, _ = detector(images)
@@ -148,7 +148,7 @@ def test_brightness_relative_residual_is_in_the_graph(tmp_path, images):
 def test_nearest_good_reference_is_in_the_graph(tmp_path, images):
     """A bundle calibrated with a nearest_good bank exports the neighbour search: ONNX equals PyTorch,
     whose map is the plain map over the mean of the k nearest bank maps."""
-    from eval.neighbour_reference import pool_bank_maps, thumbnail_features
+    from anoddpm.detection.references import pool_bank_maps, thumbnail_features
 
     bundle = _bundle(tmp_path / "model.pt", None)
     gen = torch.Generator().manual_seed(5)
@@ -157,7 +157,7 @@ def test_nearest_good_reference_is_in_the_graph(tmp_path, images):
             "maps": pool_bank_maps(0.5 + torch.rand(12, 1, SIZE, SIZE, generator=gen))}
     update_threshold(bundle, {"image": 1.0, "pixel": None, "method": "quantile", "detect": {"scorer": "residual", "fusion": "max"}}, reference_bank=bank)
     detector = Detector.from_bundle(load_bundle(bundle))
-    assert detector.has_reference_bank and detector.cfg.detect.map_reference == "nearest_good"
+    assert detector.reference.has_reference_bank and detector.cfg.detect.map_reference == "nearest_good"
     onnx_path = export_onnx(bundle, tmp_path / "model.onnx")
     with torch.inference_mode():
         amap, score, _ = detector(images)

@@ -10,9 +10,9 @@ import torch
 
 from anoddpm.bundle import load_bundle
 from anoddpm.cli import main
-from anoddpm.detector import Detector
-from anoddpm.settings_guard import calibrated_for
-from anoddpm.synth import make_synthetic_dataset
+from anoddpm.detection.detector import Detector
+from anoddpm.detection.settings import calibrated_for
+from anoddpm.data.synth import make_synthetic_dataset
 from deploy.export import export_onnx
 from deploy.runtime import Inspector
 from test_evaluate_cli import make_bundle, tiny_config
@@ -36,16 +36,16 @@ def test_calibration_stores_memory_backbone_and_components(calibrated):
     assert bundle.backbone["name"] == "efficientnet_lite0" and len(bundle.backbone["sha256"]) == 64
     assert bundle.threshold["components"] == ["residual", "feature_memory"]
     detector = Detector.from_bundle(bundle)
-    assert detector.has_feature_memory and calibrated_for(bundle.threshold, detector)
+    assert detector.parts[-1].fitted and calibrated_for(bundle.threshold, detector)
     assert not calibrated_for(bundle.threshold, Detector.from_bundle(bundle, scorer="residual"))
 
 
 def test_memory_distance_rises_where_a_pattern_was_pasted_on_a_good_image(calibrated):
     data, model = calibrated
-    from anoddpm.imageio import load_image
+    from anoddpm.data.imageio import load_image
 
     detector = Detector.from_bundle(load_bundle(model), scorer="feature_memory")
-    detector.set_feature_memory(load_bundle(model).feature_memory)
+    detector.load_fitted_state({"feature_memory": load_bundle(model).feature_memory})
     path = sorted((data / "cat" / "train" / "good").iterdir())[0]
     d = detector.cfg.data
     good = torch.as_tensor(load_image(path, d.channels, d.image_size, d.resize_policy))[None]

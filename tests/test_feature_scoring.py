@@ -3,7 +3,8 @@ import math
 
 import torch
 
-import anoddpm.feature_scoring as fs
+import anoddpm.detection.components.feature_memory as fs
+from anoddpm.detection.components.feature_residual import feature_residual_map
 
 
 def test_patch_features_pool_and_upsample_to_the_finest_grid():
@@ -18,8 +19,8 @@ def test_patch_features_pool_and_upsample_to_the_finest_grid():
 
 def test_feature_residual_is_zero_for_identical_and_two_for_opposite_features():
     a = [torch.rand(2, 5, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.1]
-    same = fs.feature_residual_map(a, [x.clone() for x in a], size=8)
-    opposite = fs.feature_residual_map(a, [-x for x in a], size=8)
+    same = feature_residual_map(a, [x.clone() for x in a], size=8)
+    opposite = feature_residual_map(a, [-x for x in a], size=8)
     assert same.shape == (2, 1, 8, 8) and same.abs().max() < 1e-5
     assert (opposite - 2.0).abs().max() < 1e-5
 

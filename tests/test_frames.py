@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 from anoddpm.cli import main
-from anoddpm.frames import FRAME_DEFECTS, make_frame_dataset, parse_frame_size
+from anoddpm.data.frames import FRAME_DEFECTS, make_frame_dataset, parse_frame_size
 
 
 def _grey(path: Path) -> np.ndarray:

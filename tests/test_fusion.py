@@ -11,10 +11,10 @@ import torch
 
 from anoddpm.bundle import load_bundle
 from anoddpm.cli import main
-from anoddpm.data import load_training_data
-from anoddpm.detector import Detector, combine_component_maps
-from anoddpm.settings_guard import calibrated_for
-from anoddpm.synth import make_synthetic_dataset
+from anoddpm.data.datasets import load_training_data
+from anoddpm.detection.detector import Detector, combine_component_maps
+from anoddpm.detection.settings import calibrated_for
+from anoddpm.data.synth import make_synthetic_dataset
 from deploy.export import export_onnx
 from deploy.runtime import Inspector
 from test_evaluate_cli import make_bundle, tiny_config
@@ -45,11 +45,11 @@ def test_scales_put_each_component_at_one_on_a_typical_held_back_good_image(cali
     bundle = load_bundle(model)
     assert bundle.cfg.detect.fusion == "max" and bundle.component_scale.shape == (2,)
     detector = Detector.from_bundle(bundle)
-    assert detector.has_component_scale and calibrated_for(bundle.threshold, detector)
+    assert detector.fusion.has_component_scale and calibrated_for(bundle.threshold, detector)
     _, val, _ = load_training_data(bundle.cfg, data, "cat", bundle.cfg.train.seed)
     with torch.inference_mode():
         components, _ = detector.referenced_components(torch.stack([torch.as_tensor(a) for a in val.arrays]))
-    scaled = components / detector.component_scale.view(1, -1, 1, 1)
+    scaled = components / detector.fusion.component_scale.view(1, -1, 1, 1)
     medians = np.median(scaled.amax(dim=(2, 3)).numpy(), axis=0)
     assert np.allclose(medians, 1.0, atol=1e-5), medians
     # the raw units differ by orders of magnitude: a max without scales would be one component alone
@@ -60,7 +60,7 @@ def test_a_threshold_of_one_fusion_never_judges_the_other(calibrated, tmp_path):
     data, model = calibrated
     bundle = load_bundle(model)
     assert not calibrated_for(bundle.threshold, Detector.from_bundle(bundle, fusion="geometric"))
-    assert not Detector.from_bundle(bundle, fusion="geometric").has_component_scale
+    assert not Detector.from_bundle(bundle, fusion="geometric").fusion.has_component_scale
     out = tmp_path / "report"
     assert main(["evaluate", "--model", str(model), "--data", str(data), "--category", "cat", "--out", str(out),
                  "--fusion", "geometric", "--batch-size", "4"]) == 0
@@ -87,8 +87,8 @@ def test_a_bundle_from_before_detect_fusion_keeps_the_geometric_mean(tmp_path):
 
     from anoddpm.bundle import save_bundle
     from anoddpm.config import DetectConfig
-    from anoddpm.settings_guard import detect_differences
-    from anoddpm.unet import build_unet
+    from anoddpm.detection.settings import detect_differences
+    from anoddpm.model.unet import build_unet
 
     cfg = tiny_config().override("detect", scorer="fused")
     path = save_bundle(tmp_path / "old.pt", cfg=cfg, state_dict=build_unet(cfg).state_dict(), fingerprint={})

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from anoddpm.config import Config
-from anoddpm.head import ScoringHead, build_head, head_loss, train_head
+from anoddpm.model.head import ScoringHead, build_head
+from anoddpm.training.head_training import head_loss, train_head
 
 
 def _square_task(b: int, size: int, g: torch.Generator):

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from anoddpm.config import Config
-from anoddpm.detector import Detector
-from anoddpm.diffusion import GaussianDiffusion
-from anoddpm.head_check import compare_scorers_on_synthetic, head_earns_its_place
-from anoddpm.unet import build_unet
+from anoddpm.detection.detector import Detector
+from anoddpm.model.diffusion import GaussianDiffusion
+from anoddpm.training.head_check import compare_scorers_on_synthetic, head_earns_its_place
+from anoddpm.model.unet import build_unet
 from benchmarks.blur_denoiser import BlurDenoiser
-from eval.scoring import gaussian_blur
+from anoddpm.detection.maps import gaussian_blur
 
 SIZE = 32
 
@@ -36,7 +36,7 @@ def _detector(head: torch.nn.Module) -> Detector:
            .override("detect", depth=20, steps=1, smoothing_sigma=1.0, scorer="fused"))
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     detector = Detector(build_unet(cfg), diffusion, cfg, head)
-    detector.unet = BlurDenoiser(diffusion, 2.0)
+    detector.reconstructor.unet = BlurDenoiser(diffusion, 2.0)
     return detector.eval()
 
 

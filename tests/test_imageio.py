@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anoddpm.imageio import (image_hw, list_images, load_image, preprocess, preprocess_mask, read_image,
+from anoddpm.data.imageio import (image_hw, list_images, load_image, preprocess, preprocess_mask, read_image,
                              read_mask, save_png, to_uint8)
 
 

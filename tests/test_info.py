@@ -9,7 +9,7 @@ import torch
 from anoddpm.bundle import save_bundle, update_threshold
 from anoddpm.cli import main as cli
 from anoddpm.config import Config
-from anoddpm.unet import build_unet
+from anoddpm.model.unet import build_unet
 
 
 @pytest.fixture()
@@ -59,7 +59,7 @@ def test_info_missing_and_corrupt_files(tmp_path, capsys):
 
 
 def test_info_counts_the_scoring_head(tmp_path, capsys):
-    from anoddpm.head import build_head
+    from anoddpm.model.head import build_head
 
     cfg = (Config().override("model", preset="tiny").override("data", image_size=32)
            .override("detect", scorer="residual").validate())

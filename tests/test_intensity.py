@@ -8,9 +8,9 @@ import torch
 
 from anoddpm.bundle import save_bundle
 from anoddpm.config import Config
-from anoddpm.detector import Detector
-from anoddpm.intensity import SPAN, denormalise, intensity_stats, model_inputs, normalise
-from anoddpm.unet import build_unet
+from anoddpm.detection.detector import Detector
+from anoddpm.model.intensity import SPAN, denormalise, intensity_stats, model_inputs, normalise
+from anoddpm.model.unet import build_unet
 from deploy.export import export_onnx
 
 SIZE = 32

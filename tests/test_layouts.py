@@ -1,4 +1,4 @@
-"""anoddpm.layouts: tiny MVTec AD / AD 2 / LOCO / VisA / folder instances, detected and read end to end."""
+"""anoddpm.data.layouts: tiny MVTec AD / AD 2 / LOCO / VisA / folder instances, detected and read end to end."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anoddpm.cli import build_parser, main, resolve_train_config
+from anoddpm.cli import main
+from anoddpm.cli.parser import build_parser, resolve_train_config
 from anoddpm.config import Config
-from anoddpm.data import infer_channels, load_test_set, load_training_data
-from anoddpm.layouts import discover
+from anoddpm.data.datasets import infer_channels, load_test_set, load_training_data
+from anoddpm.data.layouts import discover
 
 CFG = Config().override("data", image_size=16, channels=1, min_val_images=1).validate()
 

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from anoddpm.cli import configure_logging, main
-from anoddpm.run_log import RunLog
+from anoddpm.cli.app import configure_logging, main
+from anoddpm.training.run_log import RunLog
 
 
 @pytest.mark.parametrize("flags, shown", [({}, {"info", "warning"}), ({"quiet": True}, {"warning"}),
@@ -28,7 +28,7 @@ def test_verbosity_flags_choose_what_reaches_stderr(capsys, flags, shown):
 
 
 def test_cli_parses_q_and_v_on_every_verb():
-    from anoddpm.cli import build_parser
+    from anoddpm.cli.parser import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["info", "-q", "m.pt"]).quiet is True

@@ -1,10 +1,10 @@
-"""eval.neighbour_reference: thumbnails, the pooled bank and the nearest-good reference, by hand."""
+"""anoddpm.detection.references: thumbnails, the pooled bank and the nearest-good reference, by hand."""
 import pytest
 import torch
 
 from anoddpm.config import Config
-from anoddpm.detector import Detector
-from eval.neighbour_reference import neighbour_reference, pool_bank_maps, thumbnail_features
+from anoddpm.detection.detector import Detector
+from anoddpm.detection.references import neighbour_reference, pool_bank_maps, thumbnail_features
 
 
 def test_reference_is_the_mean_of_the_k_nearest_maps_plus_its_spatial_mean():
@@ -39,32 +39,33 @@ def test_a_bank_of_the_wrong_shape_is_refused():
     det = Detector.from_config(cfg)
     features = thumbnail_features(torch.rand(4, 1, 32, 32))
     with pytest.raises(ValueError, match="one per component: residual"):
-        det.set_reference_bank(features, torch.rand(4, 2, 8, 8))
+        det.reference.fit_nearest_good(features, torch.rand(4, 2, 8, 8))
     with pytest.raises(ValueError, match=">= 0"):
-        det.set_reference_bank(features, -torch.rand(4, 1, 8, 8))
-    det.set_reference_bank(features, torch.rand(4, 1, 8, 8))
-    assert det.has_reference_bank
-    det.set_reference_bank(None)
-    assert not det.has_reference_bank
+        det.reference.fit_nearest_good(features, -torch.rand(4, 1, 8, 8))
+    det.reference.fit_nearest_good(features, torch.rand(4, 1, 8, 8))
+    assert det.reference.has_reference_bank
+    det.reset_fitted_state()
+    assert not det.reference.has_reference_bank
 
 
 def test_a_large_training_split_gives_an_evenly_spaced_bank(monkeypatch):
     import numpy as np
 
-    import eval.neighbour_reference as neighbour
-    from anoddpm.evaluate import score_good_and_fit_reference
+    import anoddpm.detection.calibration as calibration
+    from anoddpm.detection.tiling import inspection_detector
 
-    monkeypatch.setattr(neighbour, "BANK_MAX_IMAGES", 22)
+    monkeypatch.setattr(calibration, "BANK_MAX_IMAGES", 22)
     cfg = (Config().override("model", preset="tiny").override("data", image_size=32, channels=1)
            .override("detect", scorer="residual"))
     det = Detector.from_config(cfg).eval()
     bank = torch.rand(43, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     good = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    scored = score_good_and_fit_reference(det, good, torch.device("cpu"), batch_size=16, bank_images=bank)
-    assert det.bank_features.shape == (22, 256) and det.bank_maps.shape == (22, 1, 8, 8)
-    torch.testing.assert_close(det.bank_features, thumbnail_features(bank[0::2]))  # 0, 2, ..., 42
+    scored = calibration.fit_and_score_good(inspection_detector(det, 16), good, torch.device("cpu"), batch_size=16,
+                                            bank_images=bank)
+    assert det.reference.bank_features.shape == (22, 256) and det.reference.bank_maps.shape == (22, 1, 8, 8)
+    torch.testing.assert_close(det.reference.bank_features, thumbnail_features(bank[0::2]))  # 0, 2, ..., 42
     with torch.inference_mode():
         np.testing.assert_allclose(scored.scores, det(good)[1].double().numpy(), rtol=1e-6)
         # pooled batch by batch while scoring (batch 16): the same as pooling the whole bank's maps
-        torch.testing.assert_close(det.bank_maps, pool_bank_maps(det.component_maps(bank[0::2])[0]),
+        torch.testing.assert_close(det.reference.bank_maps, pool_bank_maps(det.component_maps(bank[0::2])[0]),
                                    rtol=1e-5, atol=1e-6)

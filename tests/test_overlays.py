@@ -71,7 +71,7 @@ def test_report_overlays_every_image_highest_score_first(tmp_path):
 def test_score_save_overlays_writes_one_per_scored_file(tmp_path):
     from anoddpm.bundle import update_threshold
     from anoddpm.cli import main
-    from anoddpm.synth import make_synthetic_dataset
+    from anoddpm.data.synth import make_synthetic_dataset
     from test_evaluate_cli import make_bundle, tiny_config
 
     cat = make_synthetic_dataset(tmp_path / "data", category="cat", size=32, n_train=3, n_test_good=1, n_test_defect=2)

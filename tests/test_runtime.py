@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from anoddpm.imageio import load_image
+from anoddpm.data.imageio import load_image
 from deploy.runtime import Inspector
 from onnx_toy import SIZE, THRESHOLD, defect_image, good_image, make_toy_onnx, write_png
 

@@ -15,8 +15,8 @@ from PIL import Image
 
 from anoddpm.bundle import update_threshold
 from anoddpm.cli import main
-from anoddpm.score import SCORE_FIELDS
-from anoddpm.synth import make_synthetic_dataset
+from anoddpm.cli.score import SCORE_FIELDS
+from anoddpm.data.synth import make_synthetic_dataset
 from test_evaluate_cli import make_bundle, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

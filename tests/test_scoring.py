@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from eval.scoring import BRIGHTNESS_FLOOR, anomaly_map, gaussian_blur, image_score, ssim_map
+from anoddpm.detection.maps import BRIGHTNESS_FLOOR, anomaly_map, gaussian_blur, image_score, ssim_map
 
 
 def test_l2_and_l1_maps_hand_values_channel_mean():

@@ -1,4 +1,4 @@
-"""The one rule (anoddpm.settings_guard): scores meet only a threshold calibrated for their detection settings."""
+"""The one rule (anoddpm.detection.settings): scores meet only a threshold calibrated for their detection settings."""
 from __future__ import annotations
 
 import csv
@@ -12,8 +12,8 @@ import torch
 
 from anoddpm.bundle import load_bundle, save_bundle
 from anoddpm.cli import main
-from anoddpm.settings_guard import describe_differences, detect_differences
-from anoddpm.synth import make_synthetic_dataset
+from anoddpm.detection.settings import describe_differences, detect_differences
+from anoddpm.data.synth import make_synthetic_dataset
 from test_evaluate_cli import make_bundle
 
 

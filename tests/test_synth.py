@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from anoddpm.cli import main
-from anoddpm.synth import DEFECTS, make_synthetic_dataset
+from anoddpm.data.synth import DEFECTS, make_synthetic_dataset
 
 
 def _digest(root):
@@ -34,7 +34,7 @@ def test_layout_and_masks(synth_root):
 
 def test_mask_is_exactly_the_changed_pixels(tmp_path):
     """Rebuild each defect's good image from the same generator state and compare pixel by pixel."""
-    from anoddpm import synth
+    from anoddpm.data import synth
 
     root = make_synthetic_dataset(tmp_path, "c", size=48, n_train=1, n_test_good=0, n_test_defect=8, seed=3)
     seeds = np.random.SeedSequence([3, synth.zlib.crc32(b"c")]).spawn(4)

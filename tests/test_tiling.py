@@ -13,11 +13,12 @@ from PIL import Image
 
 from anoddpm.cli import main
 from anoddpm.config import Config
-from anoddpm.detector import Detector
-from anoddpm.synth import make_synthetic_dataset
-from anoddpm.tiled import GridTiles, TiledDetector, random_tiles
+from anoddpm.detection.detector import Detector
+from anoddpm.data.synth import make_synthetic_dataset
+from anoddpm.detection.tiling import GridTiles, TiledDetector
+from anoddpm.training.crops import random_tiles
 from eval import metrics as M
-from eval.scoring import image_score as torch_image_score
+from anoddpm.detection.maps import image_score as torch_image_score
 from eval.tiling import Stitcher, image_score, tile_batches, tile_grid
 
 TILE = 16
@@ -117,8 +118,8 @@ def test_tiled_detector_maps_have_the_image_size_whatever_the_batch() -> None:
 
 
 def test_good_mean_reference_is_the_mean_map_of_the_training_tiles() -> None:
-    from anoddpm.scoring_loop import score_component_maps
-    from anoddpm.tiled import fit_tiled_references
+    from anoddpm.detection.scoring_loop import score_component_maps
+    from anoddpm.detection.calibration import fit_and_score_good
     from eval.threshold import reference_map
 
     torch.manual_seed(0)
@@ -127,10 +128,10 @@ def test_good_mean_reference_is_the_mean_map_of_the_training_tiles() -> None:
     images = [rng.random((1, 40, 48), dtype=np.float32), rng.random((1, 24, 20), dtype=np.float32)]
     tiles = GridTiles(images, TILE)
     assert len(tiles) == 20 + 4  # 4 x 5 tiles, then 2 x 2 (starts 0, 8 down and 0, 4 across)
-    fit_tiled_references(TiledDetector(detector), images, torch.device("cpu"), batch_size=8)
+    fit_and_score_good(TiledDetector(detector), images, torch.device("cpu"), batch_size=8, bank_images=images)
     components, _ = score_component_maps(detector, [tiles[j] for j in range(len(tiles))], torch.device("cpu"))
-    assert detector.has_map_reference and tuple(detector.map_reference.shape) == (1, 1, TILE, TILE)
-    np.testing.assert_allclose(detector.map_reference[0, 0].numpy(), reference_map(components[:, 0]), rtol=1e-5)
+    assert detector.reference.has_map_reference and tuple(detector.reference.map_reference.shape) == (1, 1, TILE, TILE)
+    np.testing.assert_allclose(detector.reference.map_reference[0, 0].numpy(), reference_map(components[:, 0]), rtol=1e-5)
 
 
 def test_config_refuses_bad_tile_settings() -> None:
@@ -177,7 +178,7 @@ def test_tiled_evaluate_compares_masks_at_native_size(tiled_run: tuple[Path, Pat
 
 def test_tiled_score_maps_and_runtime_match_pytorch(tiled_run: tuple[Path, Path], tmp_path: Path) -> None:
     from anoddpm.bundle import load_bundle
-    from anoddpm.imageio import image_hw, load_model_image
+    from anoddpm.data.imageio import image_hw, load_model_image
     from deploy.runtime import Inspector
 
     cat, model = tiled_run

@@ -15,8 +15,9 @@ import torch
 
 from anoddpm.bundle import load_bundle
 from anoddpm.config import Config
-from anoddpm.synth import make_synthetic_dataset
-from anoddpm.train import batch_indices, random_crops, train
+from anoddpm.data.synth import make_synthetic_dataset
+from anoddpm.training.crops import random_crops
+from anoddpm.training.train import batch_indices, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +201,7 @@ def test_sigkill_never_leaves_a_half_written_checkpoint(data_root, tmp_path):
 
 
 def test_training_draws_t_from_the_configured_range(data_root, tmp_path, monkeypatch):
-    from anoddpm.diffusion import GaussianDiffusion
+    from anoddpm.model.diffusion import GaussianDiffusion
 
     drawn: list[torch.Tensor] = []
     plain_loss = GaussianDiffusion.training_loss
@@ -219,8 +220,8 @@ def test_training_draws_t_from_the_configured_range(data_root, tmp_path, monkeyp
 
 
 def test_healing_loss_points_at_the_clean_image():
-    from anoddpm.diffusion import GaussianDiffusion
-    from anoddpm.denoiser_step import healing_loss
+    from anoddpm.model.diffusion import GaussianDiffusion
+    from anoddpm.training.denoiser_step import healing_loss
 
     diffusion = GaussianDiffusion.from_config(Config().diffusion)
     g = torch.Generator().manual_seed(0)
@@ -244,7 +245,7 @@ def test_healing_loss_points_at_the_clean_image():
 
 
 def test_healing_resume_is_exact_and_head_lands_in_the_bundle(data_root, tmp_path):
-    from anoddpm.detector import Detector
+    from anoddpm.detection.detector import Detector
 
     cfg = _cfg(8, anomaly_fraction=0.5).override("head", enabled=True, budget_fraction=0.25, batch_size=2,
                                                    base_channels=8, min_steps=2)
@@ -264,8 +265,8 @@ def test_healing_resume_is_exact_and_head_lands_in_the_bundle(data_root, tmp_pat
 
 
 def test_short_runs_skip_the_head_and_a_head_that_fails_its_check_is_left_out(data_root, tmp_path, monkeypatch):
-    import anoddpm.head_check
-    from anoddpm.detector import Detector
+    import anoddpm.training.head_check
+    from anoddpm.detection.detector import Detector
 
     cfg = _cfg(8).override("head", enabled=True, budget_fraction=0.25, batch_size=2, base_channels=8, min_steps=3)
     train(cfg, data_root, "syn", tmp_path / "short", device="cpu")  # head share 2 steps < 3: the denoiser gets all 8
@@ -273,7 +274,7 @@ def test_short_runs_skip_the_head_and_a_head_that_fails_its_check_is_left_out(da
     assert [r["step"] for r in logs] == list(range(1, 9))
     assert load_bundle(tmp_path / "short" / "model.pt").head_state_dict is None
 
-    monkeypatch.setattr(anoddpm.head_check, "head_earns_its_place", lambda check: False)
+    monkeypatch.setattr(anoddpm.training.head_check, "head_earns_its_place", lambda check: False)
     cfg = cfg.override("head", min_steps=2).override("data", min_val_images=4)
     train(cfg, data_root, "syn", tmp_path / "dropped", device="cpu")
     logs = [json.loads(line) for line in (tmp_path / "dropped" / "log.jsonl").read_text().splitlines()]

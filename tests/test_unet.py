@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from anoddpm.config import Config
-from anoddpm.unet import PRESETS, build_unet, resolve_architecture, timestep_embedding
+from anoddpm.model.unet import PRESETS, build_unet, resolve_architecture, timestep_embedding
 
 
 def _cfg(channels=1, size=32, **model):

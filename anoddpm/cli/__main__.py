@@ -1,0 +1,5 @@
+import sys
+
+from anoddpm.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,205 @@
+"""One calibration: everything a detector needs from good images, fitted in order, and the threshold.
+
+``fit_and_score_good`` fits, on the training split (``bank_images``), each component's state (the feature_memory
+bank), then the map reference of ``detect.map_reference`` (nearest_good bank; good_mean), then the component scales
+of ``detect.fusion`` max on the held-back good images, and returns the held-back images' scores: the threshold's
+good-score distribution, unbiased because those images are in no fitted state. ``calibrate_threshold`` turns them
+into the threshold dict; ``calibrate_bundle`` and ``anoddpm calibrate`` store both in the bundle.
+
+It works on an inspection view (``tiling.inspection_detector``): whole images, or tiles (``tiling.TiledDetector``),
+whose ``model_inputs`` are the grid tiles, so every state is fitted on what the model sees. A view whose maps are
+stitched (``fits_good_mean_on_training``) fits good_mean on training inputs; whole images fit it on the held-back
+images, each scored against the reference of the others (leave-one-out), so it stays unbiased.
+
+`train` ends with ``calibrate_bundle``; `calibrate`, `evaluate`, `score`, `export`, the Python API and the settings
+guard (``guard``) all come here.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from anoddpm.bundle import load_bundle, update_threshold
+from anoddpm.data.datasets import labelled_test_arrays, load_training_data
+from anoddpm.detection.detector import Detector
+from anoddpm.detection.fusion import combine_component_maps
+from anoddpm.detection.maps import image_score
+from anoddpm.detection.references import pool_bank_maps, thumbnail_features
+from anoddpm.detection.scoring_loop import ScoredSet, batched, score_component_maps
+from anoddpm.detection.tiling import inspection_detector
+from eval.threshold import MIN_REFERENCE_IMAGES, calibrate, held_out_normalised
+
+log = logging.getLogger(__name__)
+BANK_MAX_IMAGES = 1000  # larger training splits (NFBS slices) give an evenly spaced subset: bounded time and size
+
+
+def training_root(bundle: Any, data: str | Path | None, category: str | None) -> tuple[Path, str | None]:
+    """(data root, category) to calibrate on: `data` when given, else the bundle's recorded training root."""
+    if data is not None:
+        return Path(data), category
+    root = bundle.fingerprint.get("root")
+    if not root:
+        raise ValueError(f"{bundle.path} records no training data root; pass --data ROOT [--category NAME]")
+    recorded = bundle.fingerprint.get("category")
+    if category is None and recorded and (Path(root) / recorded).is_dir():
+        category = recorded  # ROOT/category layout; otherwise ROOT was the category or image folder itself
+    return Path(root), category
+
+
+def fit_and_score_good(view: Any, good_images: Any, device: torch.device, batch_size: int,
+                       bank_images: Any = None) -> ScoredSet:
+    """Fit every state of ``view.detector`` and score the held-back good images [C, S, S] (or [C, H_i, W_i] tiled).
+
+    In order: each component's state on `bank_images` (the training split, [C, S, S] in [0, 1]; augmentation is not
+    applied; at most BANK_MAX_IMAGES of them, evenly spaced); the nearest_good bank on them too (when at least
+    MIN_REFERENCE_IMAGES); good_mean (see the module docstring); the component scales of fusion max on the good
+    images' referenced maps. Fewer images than a reference needs leave it unfitted, with a warning.
+    """
+    detector, det = view.detector, view.detector.cfg.detect
+    detector.reset_fitted_state()
+    bank = [] if bank_images is None else view.model_inputs(bank_images)
+    chosen = _Chosen(bank, evenly_spaced(len(bank)))
+    for part in detector.parts:
+        if part.state_key is not None:
+            part.fit(chosen, detector.backbone, device)
+    if det.map_reference == "nearest_good":
+        _fit_nearest_good(detector, chosen, device, batch_size)
+    elif det.map_reference == "good_mean" and not view.fits_good_mean_on_training:
+        return _fit_good_mean_held_out(detector, good_images, device, batch_size)
+    elif det.map_reference == "good_mean":
+        _fit_good_mean(detector, chosen, device, batch_size)
+    if detector.fusion.scales_components:
+        maxima, _ = score_component_maps(detector, view.model_inputs(good_images), device, batch_size,
+                                         desc="component scale", reduce=lambda c: c.amax(dim=(2, 3)), referenced=True)
+        detector.fusion.fit(maxima)
+    return view.score_set(good_images, device, desc="validation")
+
+
+def evenly_spaced(n: int) -> np.ndarray:
+    """Indices of at most BANK_MAX_IMAGES evenly spaced items out of `n` (a bank's images or tiles)."""
+    return np.unique(np.linspace(0, n - 1, min(n, BANK_MAX_IMAGES)).round().astype(int))
+
+
+def _fit_nearest_good(detector: Detector, images: Sequence[torch.Tensor], device: torch.device,
+                      batch_size: int) -> None:
+    """The nearest_good bank: thumbnails and pooled component maps of the chosen training images."""
+    if not detector.reference.any_referenced:  # feature_memory alone: no map is divided by a reference
+        return
+    if len(images) < MIN_REFERENCE_IMAGES:
+        log.warning("map reference: no nearest_good bank, %d training images are fewer than %d; maps stay "
+                    "unnormalised", len(images), MIN_REFERENCE_IMAGES)
+        return
+    pooled, _ = score_component_maps(detector, images, device, batch_size, desc="reference bank", reduce=pool_bank_maps)
+    features = torch.cat([thumbnail_features(torch.stack(chunk))
+                          for chunk in batched((images[j] for j in range(len(images))), 256)])
+    detector.reference.fit_nearest_good(features, torch.from_numpy(pooled))
+
+
+def _fit_good_mean(detector: Detector, images: Sequence[torch.Tensor], device: torch.device, batch_size: int) -> None:
+    """good_mean on the chosen training inputs (tiles): the mean of their component maps."""
+    if len(images) < MIN_REFERENCE_IMAGES:
+        log.warning("map reference: not fitted, %d training tiles are fewer than %d; maps stay unnormalised",
+                    len(images), MIN_REFERENCE_IMAGES)
+        return
+    components, _ = score_component_maps(detector, [images[j] for j in range(len(images))], device, batch_size,
+                                         desc="reference tiles")
+    detector.reference.fit_good_mean(components)
+
+
+def _fit_good_mean_held_out(detector: Detector, good_images: Any, device: torch.device, batch_size: int) -> ScoredSet:
+    """good_mean on the held-back good images; each is scored over the reference of the others (leave-one-out),
+    then the component scales; one reconstruction per image serves every component map."""
+    components, seconds = score_component_maps(detector, good_images, device, batch_size, desc="validation")
+    if len(components) < MIN_REFERENCE_IMAGES:
+        log.warning("map reference: not fitted, %d held-back good images are fewer than %d; maps stay "
+                    "unnormalised", len(components), MIN_REFERENCE_IMAGES)
+    else:
+        detector.reference.fit_good_mean(components)
+        referenced = detector.reference.referenced.tolist()
+        components = np.stack([held_out_normalised(components[:, k]) if referenced[k] else components[:, k]
+                               for k in range(components.shape[1])], axis=1)
+    if detector.fusion.scales_components:
+        detector.fusion.fit(components.max(axis=(2, 3)))
+        components = components / detector.fusion.component_scale.cpu().numpy()[None, :, None, None]
+    det = detector.cfg.detect
+    maps = combine_component_maps(torch.from_numpy(components), det.fusion)
+    scores = image_score(maps, det.score, det.topk).double().numpy()
+    return ScoredSet(scores=scores, maps=maps[:, 0].numpy(), reconstructions=None, seconds_per_image=seconds)
+
+
+class _Chosen:
+    """The chosen bank images as a lazy sequence of float32 [C, S, S] tensors: no copy of the whole set is held."""
+
+    def __init__(self, dataset: Any, chosen: np.ndarray) -> None:
+        self.arrays = getattr(dataset, "arrays", None)  # an ImageDataset: its stored images, without augmentation
+        self.dataset, self.chosen = dataset, chosen
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        i = int(self.chosen[j])
+        return torch.as_tensor(np.asarray(self.arrays[i] if self.arrays is not None else self.dataset[i],
+                                          dtype=np.float32))
+
+
+def score_validation(bundle: Any, view: Any, root: Path, category: str | None, device: torch.device,
+                     batch_size: int) -> ScoredSet:
+    """Fit every state on the bundle's training split under `root` and score its held-back good images (the same
+    deterministic split as training)."""
+    train_ds, val_ds, _ = load_training_data(bundle.cfg, root, category, bundle.cfg.train.seed)
+    if len(val_ds) == 0:
+        raise ValueError(f"no held-back validation images under {root} (category {category}) to calibrate on")
+    return fit_and_score_good(view, val_ds, device, batch_size, bank_images=train_ds)
+
+
+def calibrate_threshold(bundle: Any, view: Any, device: torch.device, batch_size: int, root: Path,
+                        category: str | None, quantile: float, method: str) -> dict[str, Any]:
+    """Threshold dict (image, pixel, method, quantile, n_good, detect, components) from the validation split
+    (+ the labelled test set for f1: this tunes on the test set, report metrics from another set)."""
+    val = score_validation(bundle, view, root, category, device, batch_size)
+    good_scores, good_maps, defects = val.scores, val.maps, {}
+    if method == "f1":
+        test = labelled_test_arrays(bundle.cfg, root, category)
+        if test["labels"].min() == 1 or test["labels"].max() == 0:
+            raise ValueError(f"--method f1 needs good and defect test images under {root}; found only one kind")
+        scored = view.score_set(test["images"], device, desc="test set")
+        good, bad = test["labels"] == 0, test["labels"] == 1
+        good_scores = np.r_[good_scores, scored.scores[good]]
+        pick = lambda values, keep: [values[i] for i in np.flatnonzero(keep)]  # noqa: E731 - arrays or lists
+        good_maps = [*good_maps, *pick(scored.maps, good)]
+        defects = {"defect_scores": scored.scores[bad]}
+        masked = bad & test["has_mask"]  # defects labelled without a mask say nothing about pixels
+        if masked.any():
+            defects.update(defect_maps=pick(scored.maps, masked), defect_masks=pick(test["masks"], masked))
+    elif method != "quantile":
+        raise ValueError(f"--method {method!r} is not allowed; choose quantile or f1")
+    threshold = calibrate(good_scores, good_maps, quantile=quantile, **defects)
+    threshold["detect"] = asdict(view.detector.cfg.detect)
+    threshold["components"] = list(view.detector.components)
+    return threshold
+
+
+def store_calibration(path: str | Path, threshold: dict[str, Any], detector: Detector) -> Path:
+    """Write `threshold` and the detector's fitted states (``Detector.fitted_state``) into the bundle at `path`."""
+    return update_threshold(path, threshold, **detector.fitted_state())
+
+
+def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device, train_ds: Any = None) -> dict[str, Any]:
+    """Fit the bundle's Detector on train_ds, score the held-back good images val_ds and store the threshold and the
+    fitted states in the bundle (the end of `train`)."""
+    bundle = load_bundle(bundle_path, map_location=device)
+    batch_size = bundle.cfg.train.batch_size
+    view = inspection_detector(Detector.from_bundle(bundle, device).eval(), batch_size)
+    scored = fit_and_score_good(view, val_ds, device, batch_size, bank_images=train_ds)
+    threshold = calibrate(scored.scores, scored.maps, quantile=bundle.cfg.detect.threshold_quantile)
+    threshold["detect"] = bundle.cfg.to_dict()["detect"]
+    threshold["components"] = list(view.detector.components)
+    store_calibration(bundle_path, threshold, view.detector)
+    log.info("calibrated on %d held-back good images: image threshold %.6g", len(val_ds), threshold["image"])
+    return threshold
