@@ -8,7 +8,6 @@ runtime (deploy/runtime.py) needs nothing but the file.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import warnings
@@ -101,10 +100,3 @@ def export_onnx(bundle_path: str | Path, out_path: str | Path, steps: int | None
     return export_module(_InspectionGraph(detector, with_reconstruction), out_path, channels=cfg.data.channels,
                          image_size=cfg.data.input_side,
                          metadata=onnx_metadata(cfg, threshold, bundle.fingerprint), output_names=names)
-
-
-def export_command(args: argparse.Namespace) -> int:
-    """`anoddpm export --model model.pt --out model.onnx [--steps K] [--with-reconstruction]`."""
-    path = export_onnx(args.model, args.out, steps=args.steps, with_reconstruction=args.with_reconstruction)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    return 0

@@ -1,4 +1,4 @@
-"""`anoddpm inspect`: inspect files once, or watch a hot folder, with an exported model.onnx.
+"""Line inspection with an exported model.onnx: files once, or a hot folder (`anoddpm inspect`, ``anoddpm.cli.inspect``).
 
 Every image gives one JSON line in OUT/inspections.jsonl (flushed and fsynced per line):
 ``time, path, pred_score, pred_label, latency_ms`` (+ ``size, mtime_ns``, ``moved_to``, ``map``),
@@ -11,7 +11,6 @@ is mid-grey. No torch: numpy, onnxruntime and anoddpm.data.imageio only.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import signal
@@ -25,8 +24,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from anoddpm.platform.atomic import append_jsonl, out_folder
-from anoddpm.data.imageio import image_hw, list_images, save_png
+from anoddpm.platform.atomic import append_jsonl
+from anoddpm.data.imageio import image_hw, save_png
 from deploy.runtime import Inspector
 from deploy.watch import Snapshot, claim, free_name, restore_claims, snapshot, watch_folder
 
@@ -181,7 +180,7 @@ def _previous_snapshots(recorder: Recorder) -> set[Snapshot]:
 
 
 @contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """SIGINT/SIGTERM set `stop` (the current batch finishes) instead of killing the process."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -207,27 +206,3 @@ def watch(recorder: Recorder, folder: str | Path, poll_interval: float, stop: th
     for path in restore_claims(folder):
         print(f"restored {path}: claimed for moving by a run that stopped before moving it", file=sys.stderr)
     watch_folder(folder, handle, poll_interval=poll_interval, stop=stop, seen=_previous_snapshots(recorder))
-
-
-def inspect_command(args: argparse.Namespace) -> int:
-    """`anoddpm inspect --model model.onnx (--input PATH... | --watch DIR) --out DIR`; 1 if any file failed."""
-    inspector = Inspector(args.model, providers=args.providers)
-    recorder = Recorder(inspector, out_folder(args.out), sort=args.sort, save_maps=args.save_maps)
-    print(f"model {inspector.path} on {inspector.provider}; threshold {inspector.image_threshold:.6g}; "
-          f"log {recorder.log_path}", file=sys.stderr)
-    if args.watch:
-        stop = threading.Event()
-        print(f"watching {args.watch} every {args.poll_interval} s (Ctrl-C to stop)", file=sys.stderr)
-        with _stop_on_signals(stop):
-            watch(recorder, args.watch, args.poll_interval, stop)
-    else:
-        paths, skipped = list_images(args.input, exclude=args.out)
-        for path, why in skipped:
-            print(f"skipped {path}: {why}", file=sys.stderr)
-        if not paths:
-            raise FileNotFoundError(f"no images found in --input {' '.join(args.input)}")
-        inspect_paths(recorder, paths)
-    c = recorder.counts
-    print(f"inspected {c['ok'] + c['ng']} image(s): {c['ok']} ok, {c['ng']} ng, {c['error']} unreadable",
-          file=sys.stderr)
-    return 1 if c["error"] and not args.watch else 0

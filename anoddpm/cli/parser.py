@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="ONNX", help="ONNX file to write (e.g. model.onnx)")
     p.add_argument("--steps", type=int, help="K fast-path steps baked into the graph (default: bundle's)")
     p.add_argument("--with-reconstruction", action="store_true", help="also output the reconstruction")
-    p.set_defaults(handler="deploy.export:export_command")
+    p.set_defaults(handler="anoddpm.cli.export:export_command")
 
     p = sub.add_parser("inspect", help="production-line inspection with an ONNX model (no torch needed)",
                        description="Inspect files/folders once, or watch a hot folder; appends one JSON line "
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", action="store_true", help="also write anomaly-map PNGs")
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between folder scans (watch)")
     p.add_argument("--providers", nargs="+", help="onnxruntime providers to try, in order (default: best)")
-    p.set_defaults(handler="deploy.inspect:inspect_command")
+    p.set_defaults(handler="anoddpm.cli.inspect:inspect_command")
 
     p = sub.add_parser("info", help="print what a bundle or ONNX file contains",
                        description="Config, threshold, versions and training-data fingerprint of a file.")

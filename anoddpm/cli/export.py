@@ -1,0 +1,13 @@
+"""`anoddpm export`: a bundle's inspection path as one ONNX file (``deploy.export``)."""
+from __future__ import annotations
+
+import argparse
+
+from deploy.export import export_onnx
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """`anoddpm export --model model.pt --out model.onnx [--steps K] [--with-reconstruction]`."""
+    path = export_onnx(args.model, args.out, steps=args.steps, with_reconstruction=args.with_reconstruction)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
