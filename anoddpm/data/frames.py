@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from anoddpm.data.synth import _smooth_noise, write_dataset
+from anoddpm.data.synth import smooth_noise, write_dataset
 
 FRAME_DEFECTS = ("spot", "stain", "line", "crack")
 TEXTURE_SCALE = 256  # the frames' texture has the scale of a synth image of this side, pixels
@@ -65,7 +65,7 @@ def _frame_defect(rng: np.random.Generator, kind: str, img: np.ndarray) -> np.nd
         side = int(4 * r) + 1
         yy, xx = np.mgrid[0:side, 0:side]
         dist = np.hypot(xx + x0 - centre[0], yy + y0 - centre[1]) / r
-        blob = (dist + 0.35 * _smooth_noise(rng, side, 2.0) < 1.0) & (dist < 1.25)  # irregular, at most 20 px
+        blob = (dist + 0.35 * smooth_noise(rng, side, 2.0) < 1.0) & (dist < 1.25)  # irregular, at most 20 px
         region = np.zeros((h, w), bool)
         top, left, bottom, right = max(y0, 0), max(x0, 0), min(y0 + side, h), min(x0 + side, w)
         region[top:bottom, left:right] = blob[top - y0:bottom - y0, left - x0:right - x0]

@@ -28,7 +28,7 @@ def _hw(shape: int | tuple[int, int]) -> tuple[int, int]:
     return (shape, shape) if isinstance(shape, int) else shape
 
 
-def _smooth_noise(rng: np.random.Generator, shape: int | tuple[int, int], sigma: float) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: int | tuple[int, int], sigma: float) -> np.ndarray:
     """White noise low-passed by a Gaussian of ``sigma`` px (FFT) -> zero mean, unit std [h, w] (int: square)."""
     h, w = _hw(shape)
     white = rng.standard_normal((h, w))
@@ -55,15 +55,15 @@ def _texture(rng: np.random.Generator, size: int | tuple[int, int], p: dict) -> 
     jitter = rng.uniform(0.9, 1.1)
     h, w = _hw(size)
     if p["family"] == "noise":
-        tex = _smooth_noise(rng, size, p["sigma"] * jitter) + 0.3 * _smooth_noise(rng, size, p["sigma"] / 4)
+        tex = smooth_noise(rng, size, p["sigma"] * jitter) + 0.3 * smooth_noise(rng, size, p["sigma"] / 4)
     elif p["family"] == "stripes":
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
         angle = p["angle"] + rng.normal(0.0, 0.03)
         u = xx * np.cos(angle) + yy * np.sin(angle)
         tex = 1.4 * np.sin(2 * np.pi * u / (p["period"] * jitter) + rng.uniform(0, 2 * np.pi))
-        tex += 0.4 * _smooth_noise(rng, size, 1.0)
+        tex += 0.4 * smooth_noise(rng, size, 1.0)
     else:
-        tex = _smooth_noise(rng, size, p["grain"] * jitter) + 0.5 * _smooth_noise(rng, size, min(h, w) / 6)
+        tex = smooth_noise(rng, size, p["grain"] * jitter) + 0.5 * smooth_noise(rng, size, min(h, w) / 6)
     return np.clip(p["mean"] + p["contrast"] * tex, 0.0, 1.0)
 
 
@@ -115,7 +115,7 @@ def _defect(rng: np.random.Generator, kind: str, img: np.ndarray) -> tuple[np.nd
         c = rng.uniform(0.25, 0.75, 2) * size
         yy, xx = np.mgrid[0:size, 0:size]
         dist = np.hypot(xx - c[0], yy - c[1]) / r
-        region = dist + 0.35 * _smooth_noise(rng, size, size / 16) < 1.0
+        region = dist + 0.35 * smooth_noise(rng, size, size / 16) < 1.0
         out[region] += sign * rng.uniform(0.15, 0.22)
     elif kind == "crack":
         start = rng.uniform(0.2, 0.8, 2) * size
