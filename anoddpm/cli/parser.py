@@ -43,6 +43,9 @@ def _add_detect_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("detection (defaults come from the bundle)")
     g.add_argument("--depth", type=int, help="partial-diffusion depth lambda, in steps of T")
     g.add_argument("--steps", type=int, help="K deterministic strided reverse steps (fast path)")
+    g.add_argument("--guidance", type=float, metavar="W",
+                   help="input guidance: each reverse step's noise estimate is pulled toward the input noised to the "
+                        "same level with weight W (DDAD); 0 = unguided")
     g.add_argument("--samples", type=int, help="reconstructions averaged per image")
     g.add_argument("--sampler", choices=SAMPLERS, help="ddim = fast path, ancestral = the paper's path")
     g.add_argument("--detect-noise", choices=NOISE_KINDS, help="noise kind used at detection")
@@ -75,6 +78,7 @@ def detect_overrides(args: argparse.Namespace) -> dict:
     return {
         "depth": getattr(args, "depth", None),
         "steps": getattr(args, "steps", None),
+        "guidance": getattr(args, "guidance", None),
         "samples": getattr(args, "samples", None),
         "sampler": getattr(args, "sampler", None),
         "noise": getattr(args, "detect_noise", None),

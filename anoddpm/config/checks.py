@@ -32,6 +32,7 @@ RANGES: dict[str, tuple[float, float | None, str]] = {
     "train.checkpoint_every": (1, None, "[)"),
     "train.sample_every": (1, None, "[)"),
     "detect.topk": (1, None, "[)"),
+    "detect.guidance": (0.0, 100.0, "[]"),
     "detect.memory_size": (1, None, "[)"),
     "detect.threshold_quantile": (0.0, 1.0, "[]"),
     "head.base_channels": (1, None, "[)"),

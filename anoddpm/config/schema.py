@@ -140,6 +140,7 @@ class DetectConfig:
     # defaults measured on magnetic_tile (docs/quality.md): shallow Gaussian noising + one step
     depth: int = 50  # partial-diffusion depth = the paper's lambda, in steps of T
     steps: int = 1  # K deterministic strided steps from depth to 0 (fast path)
+    guidance: float = 0.0  # W: each step's noise estimate corrected toward the input noised to the same level (DDAD); 0 = unguided
     sampler: str = "ddim"  # ddim = fast deterministic path; ancestral = the paper's path
     samples: int = 1  # reconstructions averaged per image
     noise: str = "gaussian"  # noise kind used to noise the image at detection

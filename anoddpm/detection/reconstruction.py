@@ -4,6 +4,9 @@ Fast path (sampler 'ddim'): the detection noise is a fixed buffer drawn once fro
 and shared by every batch item, so an image's reconstruction never depends on the batch it was in; timesteps are
 Python constants, so it traces to ONNX. With ``detect.samples > 1`` the reconstructions are averaged.
 
+Input guidance (``detect.guidance`` W > 0, DDAD): every step's noise estimate is pulled toward the input noised to the
+same level, so the reconstruction keeps the input's normal detail while still repairing what the model never saw.
+
 Paper path (sampler 'ancestral'): ``depth`` DDPM steps with fresh noise per step from a generator re-seeded with
 ``cfg.detect.seed`` at every call, each draw made for one image and shared by the batch (as on the fast path).
 """
@@ -64,7 +67,7 @@ class Reconstructor(nn.Module):
                 noise = self._step_noise(x_start, det.depth - 1, generator)
                 step_noise = functools.partial(self._step_noise, x_start, generator=generator)
             total = total + partial_diffusion_reconstruct(
-                self.unet, self.diffusion, x_start, det.depth, det.steps, det.sampler, noise, step_noise
+                self.unet, self.diffusion, x_start, det.depth, det.steps, det.sampler, noise, step_noise, det.guidance
             )
         reconstruction = (total / det.samples + 1.0) / 2.0
         return (reconstruction if stats is None else denormalise(reconstruction, stats)).clamp(0.0, 1.0)

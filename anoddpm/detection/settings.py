@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from anoddpm.config import LEGACY_DETECT, DetectConfig, scorer_components
 
 IGNORED = ("threshold_quantile",)  # how the threshold was picked, not how scores are made
-_FLAGGED = ("depth", "steps", "samples", "sampler", "residual", "residual_norm", "score", "scorer", "map_reference",
+_FLAGGED = ("depth", "steps", "guidance", "samples", "sampler", "residual", "residual_norm", "score", "scorer", "map_reference",
             "reference_neighbours", "fusion")  # DetectConfig fields with a flag of their name; noise is --detect-noise
 
 

@@ -101,6 +101,13 @@ class GaussianDiffusion(nn.Module):
             raise ValueError("ancestral_step needs noise for t > 0")
         return mean + torch.exp(0.5 * self.posterior_log_variance_clipped[t]) * noise
 
+    def guided_eps(self, x_t: Tensor, eps: Tensor, t: int, x_input: Tensor, weight: float) -> Tensor:
+        """eps corrected toward the input (DDAD's conditioning): the input noised to level t with the predicted noise,
+        y_t = sqrt(a_t) x_input + sqrt(1 - a_t) eps, pulls eps by weight * sqrt(1 - a_t) * (y_t - x_t); weight 0 = eps."""
+        s = self.sqrt_one_minus_alphas_cumprod[t]
+        y_t = self.sqrt_alphas_cumprod[t] * x_input + s * eps
+        return eps - (weight * s) * (y_t - x_t)
+
     def ddim_step(self, x_t: Tensor, eps: Tensor, t: int, t_prev: int) -> Tensor:
         """Deterministic DDIM step (eta=0) from t to t_prev < t; t_prev=-1 returns the clipped x0."""
         pred_xstart = self.predict_xstart(x_t, t, eps).clamp(-1.0, 1.0)
@@ -141,11 +148,13 @@ def partial_diffusion_reconstruct(
     sampler: str,
     noise: Tensor,
     step_noise: Callable[[int], Tensor] | None = None,
+    guidance: float = 0.0,
 ) -> Tensor:
     """Noise x_start [B, C, H, W] in [-1, 1] to t=depth-1 with `noise`, denoise back -> x0 [B, C, H, W] in [-1, 1].
 
     sampler 'ddim': `steps` deterministic strided steps (see `timesteps`). sampler 'ancestral':
     the paper's path, `depth` DDPM steps (``steps`` is ignored), step t>0 adding ``step_noise(t)``.
+    guidance > 0: every step's eps is corrected toward x_start with that weight (``GaussianDiffusion.guided_eps``).
     """
     if not 1 <= depth <= diffusion.num_timesteps:
         raise ValueError(f"detect.depth={depth} must be in 1..{diffusion.num_timesteps}")
@@ -154,6 +163,8 @@ def partial_diffusion_reconstruct(
         ts = timesteps(depth, steps)
         for t, t_prev in zip(ts, ts[1:] + [-1]):
             eps = model(x, x.new_full((x.shape[0],), float(t)))
+            if guidance:
+                eps = diffusion.guided_eps(x, eps, t, x_start, guidance)
             x = diffusion.ddim_step(x, eps, t, t_prev)
         return x
     if sampler == "ancestral":
@@ -161,6 +172,8 @@ def partial_diffusion_reconstruct(
             raise ValueError("sampler='ancestral' needs step_noise(t) -> Tensor")
         for t in range(depth - 1, -1, -1):
             eps = model(x, x.new_full((x.shape[0],), float(t)))
+            if guidance:
+                eps = diffusion.guided_eps(x, eps, t, x_start, guidance)
             x = diffusion.ancestral_step(x, eps, t, step_noise(t) if t > 0 else None)
         return x
     raise ValueError(f"detect.sampler={sampler!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
