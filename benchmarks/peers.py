@@ -1,15 +1,16 @@
 """The toolkit's defaults side by side with a PatchCore-style peer on the same data, in one run.
 
     python -m benchmarks.peers --data ROOT --category CAT [--max-minutes M | --max-steps N] [--model model.pt]
-        [--out DIR] [--scorers residual+head,feature_memory,...]
+        [--out DIR] [--scorers residual+head,feature_memory,...] [--arms "--guidance 2;--depth 250 --steps 10"]
 
 (a) ``defaults``: ``anoddpm train`` with the default config (budget from the flags; ``--model`` evaluates an
 existing bundle instead), then ``anoddpm evaluate`` with the bundle's own scorer and, for every ``--scorers`` entry,
-the same bundle with ``--scorer`` (calibrated on the fly). (b) ``patchcore_peer``: no training; the recipe of
+the same bundle with ``--scorer`` (calibrated on the fly), and for every ``--arms`` entry (';'-separated) the same
+bundle with those `anoddpm evaluate` flags. (b) ``patchcore_peer``: no training; the recipe of
 ``shared/FINDINGS.md``: the same pretrained backbone (EfficientNet-Lite0 stages 3 and 5, 3x3 pooled) at 256 x 256,
 a random 10 % of all training-patch descriptors as the bank, map = distance to the nearest one, blurred (sigma 4 px
 at 256), score = its max. One JSON line per method: method, category, image_auroc, pixel_auroc, aupro,
-seconds_per_image, fit_seconds (training + calibration, or the peer's bank fitting).
+seconds_per_image, fit_seconds (training + calibration, or the peer's bank fitting), per_type_image_auroc.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ PEER_SIGMA = 4.0  # the peer's map blur at PEER_SIZE, pixels
 
 
 def _row(method: str, category: str, metrics: dict[str, Any], seconds: float, fit: float, **extra: Any) -> dict:
-    keys = ("image_auroc", "pixel_auroc", "aupro")
+    keys = ("image_auroc", "pixel_auroc", "aupro", "per_type_image_auroc")
     return {"method": method, "category": category, **{k: metrics.get(k) for k in keys},
             "seconds_per_image": round(seconds, 4), "fit_seconds": round(fit, 1), **extra}
 
@@ -49,16 +50,18 @@ def train_defaults(data: str, category: str | None, out: Path, max_steps: int | 
     return Path(bundle), time.perf_counter() - start
 
 
-def evaluate_bundle(model: Path, data: str, category: str | None, out: Path, scorer: str | None) -> dict[str, Any]:
-    """`anoddpm evaluate` of `model` (with --scorer when given) -> its metrics.json."""
+def evaluate_bundle(model: Path, data: str, category: str | None, out: Path, flags: list[str],
+                    batch_size: int = 8) -> dict[str, Any]:
+    """`anoddpm evaluate` of `model` with extra evaluate `flags` (e.g. ["--scorer", "residual"]) -> its metrics.json."""
     from anoddpm.cli import main
 
-    report = out / f"report_{scorer or 'bundle'}".replace("+", "_")
-    argv = ["evaluate", "--model", str(model), "--data", data, "--out", str(report)]
+    name = "_".join(f.lstrip("-").replace("+", "_") for f in flags) or "bundle"
+    report = out / f"report_{name}"
+    argv = ["evaluate", "--model", str(model), "--data", data, "--out", str(report), "-q",
+            "--batch-size", str(batch_size), *flags]
     argv += ["--category", category] if category else []
-    argv += ["--scorer", scorer] if scorer else []
     if main(argv) != 0:
-        raise RuntimeError(f"evaluate failed for {model} (scorer {scorer})")
+        raise RuntimeError(f"evaluate failed for {model} ({' '.join(flags)})")
     return json.loads((report / "metrics.json").read_text())
 
 
@@ -114,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--max-minutes", type=float, metavar="M", help="training minutes of the defaults run")
     p.add_argument("--model", type=Path, help="evaluate this bundle instead of training one")
     p.add_argument("--scorers", default="", help="comma-separated extra --scorer values to evaluate the bundle with")
+    p.add_argument("--arms", default="", help="';'-separated sets of evaluate flags to evaluate the bundle with, e.g. "
+                                            "\"--guidance 2;--scorer residual --depth 250 --steps 10\"")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass when evaluating (default 8)")
     p.add_argument("--out", type=Path, default=Path("runs/peers"), help="folder for the run and its reports")
     p.add_argument("--skip-peer", action="store_true", help="only the toolkit (the peer needs no bundle)")
     args = p.parse_args(argv)
@@ -125,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     model, fit = args.model, 0.0
     if model is None:
         model, fit = train_defaults(args.data, args.category, out, args.max_steps, args.max_minutes)
-    for scorer in [None, *filter(None, args.scorers.split(","))]:
-        metrics = evaluate_bundle(model, args.data, args.category, out, scorer)
-        print(json.dumps(_row("defaults" if scorer is None else f"defaults --scorer {scorer}", category, metrics,
+    arms = [[], *(["--scorer", s] for s in filter(None, args.scorers.split(","))),
+            *(a.split() for a in filter(None, (a.strip() for a in args.arms.split(";"))))]
+    for flags in arms:
+        metrics = evaluate_bundle(model, args.data, args.category, out, flags, args.batch_size)
+        print(json.dumps(_row(" ".join(["defaults", *flags]), category, metrics,
                               metrics.get("seconds_per_image") or 0.0, fit, model=str(model))), flush=True)
     return 0
 
