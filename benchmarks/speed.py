@@ -1,6 +1,6 @@
 """Inspection speed of one model on this machine: paper path vs fast path vs ONNX Runtime.
 
-Run: ``python -m benchmarks.speed [--preset small] [--image-size 128] [--model model.pt]``.
+Run: ``python -m benchmarks.speed [--preset small] [--image-size 128] [--model model.pt] [--device cuda]``.
 Prints one JSON line: per-image latency (batch 1) and throughput (batch 8) for
 * the PyTorch paper path (ancestral sampler, ``depth`` steps with fresh simplex noise per step),
   timed at two small depths and extrapolated linearly to the real depth (said in the JSON),
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -36,8 +35,15 @@ from deploy.runtime import Inspector
 BATCHES = (1, 8)
 
 
-def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` timed runs after one warm-up (the least disturbed by other processes)."""
+def _best_seconds(fn: Callable[[], object], repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    """Fastest of `repeats` timed runs after one warm-up (the least disturbed by other processes); CUDA work is
+    synchronised so the clock measures the work, not the launch."""
+    if device.type == "cuda":
+        def synced(inner: Callable[[], object] = fn) -> object:
+            out = inner()
+            torch.cuda.synchronize(device)
+            return out
+        fn = synced
     fn()
     times = []
     for _ in range(repeats):
@@ -48,9 +54,12 @@ def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def _random_bundle(path: Path, preset: str, image_size: int) -> Path:
-    cfg = Config().override("model", preset=preset).override("data", image_size=image_size).validate()
+    # random weights have no feature memory to compare with: the reconstruction path alone
+    cfg = (Config().override("model", preset=preset).override("data", image_size=image_size)
+           .override("detect", scorer="residual").validate())
     torch.manual_seed(0)
-    threshold = {"image": 0.0, "pixel": None, "method": "quantile", "note": "benchmark placeholder"}
+    threshold = {"image": 0.0, "pixel": None, "method": "quantile", "note": "benchmark placeholder",
+                 "detect": cfg.to_dict()["detect"], "components": ["residual"]}
     return save_bundle(path, cfg=cfg, state_dict=build_unet(cfg).state_dict(), fingerprint={"source": "random"},
                        threshold=threshold)
 
@@ -61,13 +70,15 @@ def _timings(seconds: dict[int, float]) -> dict[str, float]:
 
 
 def measure(bundle_path: Path, onnx_path: Path, repeats: int, paper_depths: tuple[int, int], weights: str,
-            threads: int) -> dict:
-    """Time the three paths on the same weights; returns the JSON record."""
+            threads: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Time the three paths on the same weights on `device` (ONNX: its CUDA provider when `device` is CUDA and the
+    provider is installed); returns the JSON record."""
     bundle = load_bundle(bundle_path)
     cfg = bundle.cfg
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     images = {b: torch.rand(b, *shape, generator=torch.Generator().manual_seed(b)) for b in BATCHES}
-    fast = Detector.from_bundle(bundle, torch.device("cpu"), sampler="ddim").eval()
+    on_device = {b: x.to(device) for b, x in images.items()}
+    fast = Detector.from_bundle(bundle, device, sampler="ddim").eval()
     depth, steps = fast.cfg.detect.depth, fast.cfg.detect.steps
 
     def run_torch(detector: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -76,17 +87,20 @@ def measure(bundle_path: Path, onnx_path: Path, repeats: int, paper_depths: tupl
                 return detector(x)
         return call
 
-    torch_fast = {b: _best_seconds(run_torch(fast, images[b]), repeats) for b in BATCHES}
+    torch_fast = {b: _best_seconds(run_torch(fast, on_device[b]), repeats, device) for b in BATCHES}
     paper = {}
     lo, hi = paper_depths
     for b in BATCHES:
-        t = {d: _best_seconds(run_torch(Detector.from_bundle(bundle, torch.device("cpu"), sampler="ancestral",
-                                                               depth=d, steps=1).eval(), images[b]), max(1, repeats // 2))
+        t = {d: _best_seconds(run_torch(Detector.from_bundle(bundle, device, sampler="ancestral", depth=d,
+                                                               steps=1).eval(), on_device[b]), max(1, repeats // 2), device)
              for d in (lo, hi)}
         per_step = max(t[hi] - t[lo], 0.0) / (hi - lo)
         paper[b] = t[lo] + per_step * (depth - lo)
 
-    inspector = Inspector(onnx_path, providers=["CPUExecutionProvider"], batch_size=max(BATCHES), threads=threads)
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    inspector = Inspector(onnx_path, providers=providers, batch_size=max(BATCHES), threads=threads)
     ort_fast = {b: _best_seconds(lambda b=b: inspector.run(images[b].numpy()), repeats) for b in BATCHES}
 
     return {
@@ -95,6 +109,7 @@ def measure(bundle_path: Path, onnx_path: Path, repeats: int, paper_depths: tupl
         "depth": depth, "steps": steps, "weights": weights,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "threads": threads, "load_avg_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "onnxruntime": ort.__version__, "ort_provider": inspector.provider},
         "torch_paper": {**_timings(paper), "extrapolated": True,
                         "note": f"ancestral path timed at depth {lo} and {hi}, extrapolated linearly to depth {depth}"},
@@ -121,14 +136,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="ancestral depths timed for the linear extrapolation (default 1 9)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="threads for both PyTorch and onnxruntime (default: all cores)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto for the PyTorch paths; ONNX "
+                                                   "Runtime then uses its CUDA provider when it has one")
     args = p.parse_args(argv)
+    from anoddpm.platform.device import resolve_device
+
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(args.model) if args.model else _random_bundle(Path(tmp) / "model.pt", args.preset,
                                                                     args.image_size)
         onnx_path = export_onnx(bundle, Path(tmp) / "model.onnx")
         record = measure(bundle, onnx_path, args.repeats, tuple(args.paper_depths), args.model or "random",
-                         args.threads)
+                         args.threads, device)
     print(json.dumps(record), flush=True)
     return 0
 
