@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 MAX_PIXELS = 5_000_000
 METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "dice", "iou")
@@ -263,6 +264,56 @@ def defect_pixel_share(masks: np.ndarray, defect_types: Sequence[str]) -> dict[s
         return {}
     return {name: float(per_image[types == name].sum() / total)
             for name in sorted({str(t) for t in types[per_image > 0]})}
+
+
+def operating_point(scores: np.ndarray, labels: np.ndarray, threshold: float,
+                    defect_types: Sequence[str] | None = None) -> dict[str, Any]:
+    """What the threshold decides on a labelled set (label rule ``score > threshold``) -> dict with
+    ``false_rejects`` (good images flagged), ``false_reject_rate`` (of the good images), ``escapes`` (defect images
+    passed), ``escape_rate`` (of the defect images), ``per_type_escape_rate`` {defect type: rate}; a rate is None
+    when its group is empty. scores [N], labels [N] in {0,1}, defect_types [N] (optional)."""
+    scores, labels = _as_scores_labels(scores, labels)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
+    flagged = scores > float(threshold)
+    good, defect = labels == 0, labels == 1
+    rejects, escapes = int(np.count_nonzero(flagged & good)), int(np.count_nonzero(~flagged & defect))
+    result: dict[str, Any] = {
+        "false_rejects": rejects, "false_reject_rate": rejects / int(good.sum()) if good.any() else None,
+        "escapes": escapes, "escape_rate": escapes / int(defect.sum()) if defect.any() else None,
+        "per_type_escape_rate": {}}
+    if defect_types is not None:
+        types = _defect_types_per_image(defect_types, scores.size)
+        for name in sorted({str(t) for t in types[defect]}):
+            of_type = defect & (types == name)
+            result["per_type_escape_rate"][name] = float(np.count_nonzero(~flagged & of_type) / of_type.sum())
+    return result
+
+
+def pixel_roc_curve(maps: np.ndarray | Sequence[np.ndarray], masks: np.ndarray | Sequence[np.ndarray],
+                    max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel ROC curve -> (fpr, tpr) [K] over the same (subsampled) pixels as ``pixel_auroc``; needs both classes."""
+    values, targets = _subsample(_as_maps_masks(maps, masks), max_pixels)
+    if targets.min() == targets.max():
+        raise ValueError("the pixel ROC curve needs defect and defect-free pixels in masks")
+    fpr, tpr, _ = roc_curve(targets, values)
+    return fpr, tpr
+
+
+def pixel_operating_point(maps: np.ndarray | Sequence[np.ndarray], masks: np.ndarray | Sequence[np.ndarray],
+                          threshold: float) -> dict[str, float | None]:
+    """At ``map > threshold`` over every pixel: ``fpr`` (share of defect-free pixels flagged), ``tpr`` (of defect
+    pixels) and ``pro`` (mean share flagged of each connected defect region) -> dict; None where undefined."""
+    pixels = _as_maps_masks(maps, masks)
+    flagged = pixels.values > float(threshold)
+    background = ~pixels.targets
+    regions, count = _region_ids(pixels)
+    pro = None
+    if count:
+        per_region = np.bincount(regions, weights=flagged, minlength=count + 1)[1:]
+        pro = float(np.mean(per_region / np.bincount(regions, minlength=count + 1)[1:]))
+    return {"fpr": float(flagged[background].mean()) if background.any() else None,
+            "tpr": float(flagged[pixels.targets].mean()) if pixels.targets.any() else None, "pro": pro}
 
 
 def select(items: np.ndarray | Sequence[np.ndarray], keep: np.ndarray) -> np.ndarray | list[np.ndarray]:

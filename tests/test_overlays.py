@@ -6,23 +6,47 @@ import pytest
 from matplotlib import pyplot as plt
 from PIL import Image
 
-from eval.overlays import FADE_BELOW, MAX_ALPHA, SCALE_MAX, overlay_rgba, save_overlay, write_overlay_pages
+from eval.overlays import (CLEAR_QUANTILE, FADE_BELOW, MAX_ALPHA, NEAR_ALPHA, SCALE_MAX, clear_level, overlay_rgba,
+                           save_overlay, write_overlay_pages)
 from eval.metrics import compute_metrics
 from eval.report import write_report
 
 
 def test_the_threshold_sits_mid_scale_and_good_pixels_are_transparent():
     threshold = 0.02
-    amap = np.array([[0.0, FADE_BELOW * threshold * 0.99, threshold, SCALE_MAX * threshold, 10.0]], np.float32)
-    rgba = overlay_rgba(amap, threshold)
-    np.testing.assert_allclose(rgba[0, :, 3], [0.0, 0.0, MAX_ALPHA, MAX_ALPHA, MAX_ALPHA])
+    amap = np.array([[0.0, FADE_BELOW * threshold * 0.99, threshold, threshold * 1.001, SCALE_MAX * threshold, 10.0]],
+                    np.float32)
+    rgba = overlay_rgba(amap, threshold)  # no clear level: FADE_BELOW of the threshold
+    np.testing.assert_allclose(rgba[0, :, 3], [0.0, 0.0, NEAR_ALPHA, MAX_ALPHA, MAX_ALPHA, MAX_ALPHA])
     cmap = plt.get_cmap("turbo")
     np.testing.assert_allclose(rgba[0, 2, :3], cmap(0.5)[:3])  # the threshold: the middle colour
-    np.testing.assert_allclose(rgba[0, 4, :3], cmap(1.0)[:3])  # clipped at the top of the scale
+    np.testing.assert_allclose(rgba[0, 5, :3], cmap(1.0)[:3])  # clipped at the top of the scale
     # the same map in other units (x 1000) with its threshold gives the same picture
     np.testing.assert_allclose(overlay_rgba(amap * 1000, threshold * 1000), rgba, atol=1e-6)
     with pytest.raises(ValueError, match="positive"):
         overlay_rgba(amap, 0.0)
+
+
+def test_the_clear_level_of_good_maps_leaves_a_good_part_clean_and_a_flagged_region_opaque():
+    rng = np.random.default_rng(0)
+    good_maps = rng.uniform(0.0, 1.0, (20, 32, 32)).astype(np.float32)  # good pixels spread up to 1
+    threshold = 1.05  # the pixel threshold: just above every good pixel, as calibration puts it
+    clear = clear_level(good_maps)
+    assert clear == pytest.approx(np.quantile(good_maps, CLEAR_QUANTILE), rel=1e-6)
+    assert 0.98 < clear < 1.0
+    good = rng.uniform(0.0, 1.0, (32, 32)).astype(np.float32)
+    # tied to the good distribution: 99 % of a good part's pixels are fully transparent, none is opaque
+    alpha = overlay_rgba(good, threshold, clear)[..., 3]
+    assert np.mean(alpha == 0.0) > 0.97 and alpha.max() <= NEAR_ALPHA
+    # a fixed share of the threshold (the old cut) tints a quarter of the same good part
+    assert np.mean(overlay_rgba(good, threshold)[..., 3] > 0) > 0.2
+    flagged = good.copy()
+    flagged[8:16, 8:16] = 1.5 * threshold
+    alpha = overlay_rgba(flagged, threshold, clear)[..., 3]
+    assert np.allclose(alpha[8:16, 8:16], MAX_ALPHA) and np.mean(alpha[16:] == 0.0) > 0.97
+    # a clear level at or above the threshold (an F1 pixel threshold under the good quantile): only flagged shows
+    np.testing.assert_allclose(overlay_rgba(np.array([[0.9, 1.1]]), 1.0, clear=1.2)[..., 3], [[0.0, MAX_ALPHA]])
+    assert clear_level([]) is None and clear_level([np.array([[np.nan]])]) is None
 
 
 def test_save_overlay_writes_a_png_and_checks_sizes(tmp_path):

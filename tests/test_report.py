@@ -31,8 +31,8 @@ def test_write_report_writes_everything(tmp_path):
                            extra={"category": "synthetic", "calibration": {"image": threshold, "method": "quantile"}},
                            per_image={"map_mean": maps.mean(axis=(1, 2))},
                            inputs=inputs, reconstructions=inputs * 0.9, maps=maps, masks=masks, grid_rows=4)
-    names = {"metrics.json", "per_image.csv", "roc.png", "pr.png", "histogram.png", "grid.png", "index.html",
-             "overlays/page-001.html"}
+    names = {"metrics.json", "per_image.csv", "roc.png", "pr.png", "pixel_roc.png", "pro.png", "histogram.png",
+             "grid.png", "index.html", "overlays/page-001.html"}
     assert set(written) == names
     for name in names:
         assert (tmp_path / "report" / name).stat().st_size > 100
