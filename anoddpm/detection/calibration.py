@@ -30,6 +30,7 @@ from anoddpm.detection.detector import Detector
 from anoddpm.detection.fusion import combine_component_maps
 from anoddpm.detection.maps import image_score
 from anoddpm.detection.references import pool_bank_maps, thumbnail_features
+from anoddpm.detection.requantile import good_cache
 from anoddpm.detection.scoring_loop import ScoredSet, batched, score_component_maps
 from anoddpm.detection.tiling import inspection_detector
 from eval.threshold import MIN_REFERENCE_IMAGES, calibrate, held_out_normalised
@@ -182,6 +183,7 @@ def calibrate_threshold(bundle: Any, view: Any, device: torch.device, batch_size
     threshold = calibrate(good_scores, good_maps, quantile=quantile, **defects)
     threshold["detect"] = asdict(view.detector.cfg.detect)
     threshold["components"] = list(view.detector.components)
+    threshold["good_cache"] = good_cache(val.scores, val.maps, root, category)  # a new quantile needs no model run
     return threshold
 
 
@@ -200,6 +202,8 @@ def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device,
     threshold = calibrate(scored.scores, scored.maps, quantile=bundle.cfg.detect.threshold_quantile)
     threshold["detect"] = bundle.cfg.to_dict()["detect"]
     threshold["components"] = list(view.detector.components)
+    threshold["good_cache"] = good_cache(scored.scores, scored.maps, bundle.fingerprint.get("root"),
+                                         bundle.fingerprint.get("category"))
     store_calibration(bundle_path, threshold, view.detector)
     log.info("calibrated on %d held-back good images: image threshold %.6g", len(val_ds), threshold["image"])
     return threshold
