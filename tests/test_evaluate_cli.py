@@ -69,6 +69,31 @@ def test_evaluate_writes_report_with_all_keys(setup: tuple[Path, Path], tmp_path
         assert f"{name}: image AUROC" in printed and f"({100 * share:.0f} % of defect pixels)" in printed
 
 
+def test_evaluate_prints_false_rejects_and_escapes_on_stdout_even_with_q(setup: tuple[Path, Path], tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    data, model = setup
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(model), "--data", str(data), "--category", "cat", "--out", str(out),
+                 "-q"]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    flagged = [int(r["pred_label"]) for r in rows]
+    labels = [int(r["label"]) for r in rows]
+    rejects = sum(f and not y for f, y in zip(flagged, labels))
+    escapes = sum(y and not f for f, y in zip(flagged, labels))
+    assert (metrics["false_rejects"], metrics["escapes"]) == (rejects, escapes)
+    assert metrics["false_reject_rate"] == pytest.approx(rejects / 4) and metrics["escape_rate"] == pytest.approx(
+        escapes / 6)
+    assert set(metrics["per_type_escape_rate"]) == set(metrics["per_type_image_auroc"])
+    assert "scores" not in metrics["calibration"]["good_cache"]  # the cached good scores stay in the bundle
+    assert metrics["overlay_clear"] == metrics["calibration"]["good_cache"]["pixel_quantiles"]["0.99"]
+    assert f"{rejects} of 4 good parts rejected" in captured.out and f"{escapes} of 6 defects passed" in captured.out
+    assert "image AUROC" in captured.out and "report:" in captured.out.splitlines()[-1]
+    for name in ("pixel_roc.png", "pro.png"):
+        assert (out / name).stat().st_size > 1000
+
+
 def test_calibrate_stores_threshold_that_evaluate_uses(setup: tuple[Path, Path], tmp_path: Path) -> None:
     data, model = setup
     copy = tmp_path / "model.pt"

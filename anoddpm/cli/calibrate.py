@@ -1,27 +1,40 @@
 """`anoddpm calibrate`: fit every state and the threshold on held-back good images and store them in the bundle;
-the detection flags given become the bundle's settings (``anoddpm.detection.calibration``)."""
+the detection flags given become the bundle's settings (``anoddpm.detection.calibration``). Only a new --quantile
+(no detection flag, the same data) rescores the last calibration's cached good scores instead
+(``anoddpm.detection.requantile``): no model run."""
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
+from typing import Any
 
 from anoddpm.bundle import load_bundle
 from anoddpm.cli.parser import detect_overrides
 from anoddpm.detection.calibration import calibrate_threshold, store_calibration, training_root
 from anoddpm.detection.detector import Detector
+from anoddpm.detection.requantile import cache_problem, requantile
+from anoddpm.detection.settings import calibrated_for
 from anoddpm.detection.tiling import inspection_detector
 from anoddpm.platform.device import resolve_device
+
+log = logging.getLogger(__name__)
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
     """`anoddpm calibrate`: compute the threshold and write it into --model; returns the exit code."""
+    if args.quantile is not None and not 0.0 < args.quantile <= 1.0:
+        raise ValueError(f"--quantile must be in (0, 1] (e.g. 0.99: about 1 % of good parts flagged), got {args.quantile}")
     device = resolve_device(args.device)
     bundle = load_bundle(args.model, map_location=device)
     overrides = {k: v for k, v in detect_overrides(args).items() if v is not None}
     view = inspection_detector(Detector.from_bundle(bundle, device, **overrides).eval(), args.batch_size)
     root, category = training_root(bundle, args.data, args.category)
     quantile = args.quantile if args.quantile is not None else view.cfg.detect.threshold_quantile
-    threshold = calibrate_threshold(bundle, view, device, args.batch_size, root, category, quantile,
-                                    getattr(args, "method", "quantile"))
+    method = getattr(args, "method", "quantile")
+    threshold = _from_cached_scores(args, bundle, view, overrides, root, category, method)
+    if threshold is None:
+        threshold = calibrate_threshold(bundle, view, device, args.batch_size, root, category, quantile, method)
     store_calibration(args.model, threshold, view.detector)
     pixel = threshold["pixel"]
     print(f"calibrated {args.model}: image threshold {threshold['image']:.6g} ({threshold['method']}, "
@@ -30,3 +43,18 @@ def calibrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _from_cached_scores(args: argparse.Namespace, bundle: Any, view: Any, overrides: dict, root: Path,
+                        category: str | None, method: str) -> dict[str, Any] | None:
+    """The bundle's calibration at --quantile from its cached good scores when only the quantile changes, else None
+    (a full calibration: detection flags, other data, --method f1, no --quantile, no usable cache)."""
+    if args.quantile is None or overrides or method != "quantile" or bundle.threshold is None:
+        return None
+    if not calibrated_for(bundle.threshold, view.detector):
+        return None
+    problem = cache_problem(bundle.threshold, root, category)
+    if problem is not None:
+        log.info("calibrate: refitting every state: %s", problem)
+        return None
+    log.info("calibrate: only the quantile changes: %d cached held-back good scores give the new threshold, every "
+             "fitted state is kept (no model run)", bundle.threshold["good_cache"].get("n", 0))
+    return requantile(bundle.threshold, args.quantile)
