@@ -92,7 +92,7 @@ def _print_per_type(summary: dict) -> None:
     for name, image in summary["per_type_image_auroc"].items():
         parts = [f"image AUROC {'n/a' if image is None else f'{image:.4f}'}"]
         if escapes.get(name) is not None:
-            parts.append(f"{100 * escapes[name]:.1f} % escape")
+            parts.append(f"escapes {100 * escapes[name]:.1f} %")
         if pixel.get(name) is not None:
             parts.append(f"pixel AUROC {pixel[name]:.4f} ({100 * share[name]:.0f} % of defect pixels)")
         print(f"  {name}: {', '.join(parts)}")
