@@ -10,6 +10,10 @@ Every step is the one the CLI uses: the same ``preprocess()``, the bundle's ``De
 (``deploy.runtime.verdict``). The map comes back at the input image's size (bilinear, inverse of the
 resize policy's geometry); ``pred_mask`` is that map above the pixel threshold. A tiled model
 (``data.tile_size`` > 0) scores each image tile by tile at its own (scaled) size and stitches the map.
+
+A value that is not a finite number never becomes a label: an image with NaN or infinite pixels, or whose score
+or map comes out non-finite (broken weights), raises ValueError naming it (``deploy.runtime.check_finite``);
+``pred_label`` is None only when the model has no usable threshold.
 """
 from __future__ import annotations
 
@@ -97,34 +101,50 @@ class Model:
         """A path (str or Path), PIL image, numpy array ([H, W] or [H, W, C]; uint8, uint16 or float in [0, 1])
         -> one Prediction; a list of these (or a [B, H, W, C] array) -> a list, in order.
 
-        Every image is read before any is scored: an unreadable one raises ValueError/FileNotFoundError naming it.
+        Every image is read before any is scored: an unreadable one (NaN or infinite pixels included) raises
+        ValueError/FileNotFoundError naming it; so does an image whose score or map is not a finite number.
         """
         items = as_image_list(images)
         b = self.backend
         originals = [read_any(x, b.channels) for x in items]
+        prepared = [_prepared(x, item, k, b) for k, (x, item) in enumerate(zip(originals, items))]
         out: list[Prediction] = []
         if b.tile_size:  # native resolution: each image tiled at its own size, its map stitched
-            for item, image in zip(items, originals):
-                amap, score = b.score_image(rescale(image, b.tile_scale))
-                out.append(self._prediction(item, image.shape[:2], amap, float(score)))
+            for k, (item, image) in enumerate(zip(items, originals)):
+                amap, score = b.score_image(prepared[k])
+                out.append(self._prediction(item, k, image.shape[:2], amap, float(score)))
         else:
             for start in range(0, len(items), self.batch_size):
                 chunk = originals[start:start + self.batch_size]
-                batch = np.stack([preprocess(x, b.image_size, b.resize_policy) for x in chunk])
-                maps, scores = b.run(batch)
+                maps, scores = b.run(np.stack(prepared[start:start + self.batch_size]))
                 for k, (amap, score) in enumerate(zip(maps, scores)):
-                    out.append(self._prediction(items[start + k], chunk[k].shape[:2], amap, float(score)))
+                    out.append(self._prediction(items[start + k], start + k, chunk[k].shape[:2], amap, float(score)))
         single = not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4)
         return out[0] if single else out
 
-    def _prediction(self, item: Any, hw: Sequence[int], amap: np.ndarray, score: float) -> Prediction:
-        from deploy.runtime import verdict
+    def _prediction(self, item: Any, index: int, hw: Sequence[int], amap: np.ndarray, score: float) -> Prediction:
+        from deploy.runtime import check_finite, verdict
 
+        check_finite(score, amap, _name(item, index))
         hw = (int(hw[0]), int(hw[1]))
         full = resize_map(amap, *hw) if self.backend.tile_size else restore_map(amap, hw, self.backend.resize_policy)
         label, mask = verdict(score, full, self.image_threshold, self.pixel_threshold)
         return Prediction(pred_score=score, pred_label=label, anomaly_map=full, pred_mask=mask,
                           path=str(item) if isinstance(item, (str, Path)) else None)
+
+
+def _name(item: Any, index: int) -> str:
+    return str(item) if isinstance(item, (str, Path)) else f"image {index} of the input"
+
+
+def _prepared(image: np.ndarray, item: Any, index: int, backend: Any) -> np.ndarray:
+    """An image [H, W, C] as the model sees it ([C, S, S], or [C, h, w] rescaled when tiled); ValueError naming it."""
+    try:
+        if backend.tile_size:
+            return rescale(image, backend.tile_scale)
+        return preprocess(image, backend.image_size, backend.resize_policy)
+    except ValueError as err:
+        raise ValueError(f"{_name(item, index)}: {err}") from err
 
 
 def load(path: str | Path, device: str = "auto", batch_size: int = 8) -> Model:

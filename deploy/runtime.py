@@ -94,6 +94,16 @@ def thresholds(threshold: dict[str, Any] | None) -> tuple[float | None, float | 
     return float(threshold["image"]), float(pixel) if pixel is not None else float(threshold["image"])
 
 
+def check_finite(score: float, amap: np.ndarray, where: str) -> None:
+    """ValueError naming `where` when an image's score or any pixel of its map is not a finite number: such a
+    value never becomes a label (weights or input are broken)."""
+    amap = np.asarray(amap)
+    bad = int(amap.size - np.count_nonzero(np.isfinite(amap)))
+    if not np.isfinite(score) or bad:
+        raise ValueError(f"{where}: the model's output is not a finite number (score {float(score)}, {bad} "
+                         "non-finite map pixel(s)); no verdict (check the model with `anoddpm info`, and the image)")
+
+
 def verdict(score: float, amap: np.ndarray, image_threshold: float | None,
             pixel_threshold: float | None) -> tuple[bool | None, np.ndarray | None]:
     """The label rule: (pred_label = score > image threshold, pred_mask = map > pixel threshold), None uncalibrated."""
@@ -210,20 +220,31 @@ class Inspector:
         amap = maps.result()[0]
         return amap, image_score(amap, self.score_reduction, self.topk)
 
-    def results(self, batch: np.ndarray | Sequence[np.ndarray],
-                sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+    def results(self, batch: np.ndarray | Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None,
+                names: Sequence[str] | None = None, errors: str = "raise") -> list[dict[str, Any]]:
         """float32 [B, C, S, S] -> one dict per image: pred_score, pred_label, anomaly_map [S, S], pred_mask.
 
         A tiled model takes B prepared images [C, h_i, w_i] and returns maps of `sizes` [(H_i, W_i)], the
-        inputs' own sizes (default: the prepared sizes)."""
+        inputs' own sizes (default: the prepared sizes). A non-finite score or map (``check_finite``) raises
+        ValueError naming the image (`names`, default its place in the batch); with ``errors="record"`` that
+        image's dict is ``{"error": message}`` instead and the others keep their results."""
+        if errors not in ("raise", "record"):
+            raise ValueError(f"errors={errors!r} is not allowed; choose raise or record")
         if self.tile_size:
             sizes = sizes or [tuple(x.shape[1:]) for x in batch]
             scored = [self.score_image(np.asarray(x, np.float32)) for x in batch]
             maps, scores = [resize_map(amap, *size) for (amap, _), size in zip(scored, sizes)], [s for _, s in scored]
         else:
             maps, scores = self.run(np.asarray(batch))
-        results = []
-        for amap, score in zip(maps, scores):
+        results: list[dict[str, Any]] = []
+        for k, (amap, score) in enumerate(zip(maps, scores)):
+            try:
+                check_finite(float(score), amap, names[k] if names else f"image {k} of the batch")
+            except ValueError as err:
+                if errors == "raise":
+                    raise
+                results.append({"error": str(err)})
+                continue
             label, mask = verdict(float(score), amap, self.image_threshold, self.pixel_threshold)
             results.append({"pred_score": float(score), "pred_label": label, "anomaly_map": amap, "pred_mask": mask})
         return results
@@ -232,18 +253,30 @@ class Inspector:
         """One image or a list of image paths, PIL images and/or arrays -> one result dict per image (see
         `results`), plus `path` (None for in-memory images).
 
-        A file that cannot be read raises ValueError/FileNotFoundError naming it. A tiled model returns maps
-        and masks of each input's own size.
+        A file that cannot be read, and an image whose score or map is not finite, raise ValueError (or
+        FileNotFoundError) naming it. A tiled model returns maps and masks of each input's own size.
         """
         images = as_image_list(images)
         out: list[dict[str, Any]] = []
         for start in range(0, len(images), self.batch_size):
             items = images[start:start + self.batch_size]
             originals = [read_any(x, self.channels) for x in items]
-            batch = [model_image(x, self.image_size, self.resize_policy, self.tile_size, self.tile_scale)
-                     for x in originals]
+            batch = [_model_image(x, item, self) for x, item in zip(originals, items)]
             sizes = [x.shape[:2] for x in originals]
-            for item, result in zip(items, self.results(batch if self.tile_size else np.stack(batch), sizes)):
+            names = [str(x) if isinstance(x, (str, Path)) else f"image {start + k} of the input"
+                     for k, x in enumerate(items)]
+            for item, result in zip(items, self.results(batch if self.tile_size else np.stack(batch), sizes, names)):
                 result["path"] = str(item) if isinstance(item, (str, Path)) else None
                 out.append(result)
         return out
+
+
+def _model_image(image: np.ndarray, item: Any, inspector: Inspector) -> np.ndarray:
+    """model_image with the inspector's preprocessing; a ValueError names the file it came from."""
+    try:
+        return model_image(image, inspector.image_size, inspector.resize_policy, inspector.tile_size,
+                           inspector.tile_scale)
+    except ValueError as err:
+        if isinstance(item, (str, Path)):
+            raise ValueError(f"{item}: {err}") from err
+        raise

@@ -5,17 +5,23 @@ is seen at two consecutive polls. A name written again (after the file was moved
 rewritten in place) has a new snapshot and is therefore a new file. Before an inspected file is
 moved it is claimed: renamed to a hidden name in its folder (atomic) and checked to still be the
 snapshot that was inspected, so a file that took the name in the meantime is never moved
-uninspected. numpy/torch-free.
+uninspected. ``place`` then puts a complete copy at the destination (a hard link, or a copy fsynced under a
+hidden name and renamed), so a full disk never leaves a partial file there; the claim is removed only once the
+move is recorded. numpy/torch-free.
 """
 from __future__ import annotations
 
+import errno
+import math
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
 from anoddpm.data.imageio import IMAGE_SUFFIXES
+from anoddpm.platform.atomic import fsync_dir
 
 
 CLAIM_PREFIX = ".anoddpm-claim."  # hidden name of a file claimed for moving (scan skips hidden files)
@@ -73,7 +79,7 @@ def watch_folder(folder: str | Path, handle: Callable[[list[Snapshot]], Iterable
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"watch folder not found: {folder}")
-    if poll_interval <= 0:
+    if not (isinstance(poll_interval, (int, float)) and math.isfinite(poll_interval) and poll_interval > 0):
         raise ValueError(f"--poll-interval={poll_interval} must be positive")
     done = set(seen)
     previous: dict[str, Snapshot] = {}
@@ -115,11 +121,74 @@ def claim(snap: Snapshot) -> Path | None:
     return None
 
 
-def restore_claims(folder: str | Path) -> list[Path]:
-    """Give files claimed by a run that crashed before moving them their names back; returns them."""
+def restore_claims(folder: str | Path, finished: Callable[[Path, Path], bool] = lambda claimed, path: False
+                   ) -> list[Path]:
+    """Give files claimed by a run that stopped before finishing their move their names back; returns them.
+
+    A claim for which `finished(claimed, original path)` is True (its move was recorded: an identical file is at
+    the logged destination) is removed instead."""
     restored = []
     for claimed in sorted(Path(folder).glob(CLAIM_PREFIX + "*")):
-        target = free_name(claimed.with_name(claimed.name[len(CLAIM_PREFIX):]))
+        original = claimed.with_name(claimed.name[len(CLAIM_PREFIX):])
+        if finished(claimed, original):
+            claimed.unlink()
+            continue
+        target = free_name(original)
         os.rename(claimed, target)
         restored.append(target)
     return restored
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True when `a` and `b` are one file (a hard link) or hold the same bytes."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+        if os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                block_a, block_b = fa.read(1 << 20), fb.read(1 << 20)
+                if block_a != block_b:
+                    return False
+                if not block_a:
+                    return True
+    except OSError:
+        return False
+
+
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EACCES}
+
+
+def place(source: Path, destination: Path) -> Path:
+    """A complete copy of `source` at `destination`, or at the first free ``stem_N`` name beside it (nothing is
+    overwritten); returns that path. A hard link on the same file system, else a copy written to a hidden
+    temporary name, fsynced and renamed: a failure (a full disk) leaves nothing at the destination. `source`
+    stays; remove it once the move is recorded."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        target = free_name(destination)
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            continue  # taken since free_name looked: try the next name
+        except OSError as err:
+            if err.errno not in _NO_LINK:
+                raise
+            _copy_then_rename(source, target)
+        fsync_dir(target.parent)
+        return target
+
+
+def _copy_then_rename(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.anoddpm-tmp")
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        shutil.copystat(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -46,9 +46,10 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _score(model: Path, inputs: list[Path], out: Path, *extra: str) -> list[dict[str, str]]:
+def _score(model: Path, inputs: list[Path], out: Path, *extra: str, code: int = 0) -> list[dict[str, str]]:
+    """Run `score`, check its exit code (1 when a file failed) -> the rows of scores.csv."""
     assert main(["score", "--model", str(model), "--input", *map(str, inputs), "--out", str(out),
-                 "--batch-size", "4", *extra]) == 0
+                 "--batch-size", "4", *extra]) == code
     return _rows(out / "scores.csv")
 
 
@@ -57,7 +58,7 @@ def reference(setup: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     """One uninterrupted single-process run over all inputs with --save-maps: (out dir, rows)."""
     inputs, model = setup
     out = tmp_path_factory.mktemp("reference") / "out"
-    return out, _score(model, [inputs], out, "--save-maps")
+    return out, _score(model, [inputs], out, "--save-maps", code=1)  # two unreadable files
 
 
 def test_bad_files_are_reported_and_skipped(reference: tuple[Path, list[dict[str, str]]]) -> None:
@@ -70,7 +71,7 @@ def test_bad_files_are_reported_and_skipped(reference: tuple[Path, list[dict[str
     assert "suffix" in errors["notes.txt"]
     for r in rows:
         assert r["pred_label"] == str(int(float(r["pred_score"]) > 0.05)) and float(r["threshold"]) == 0.05
-    arr = np.asarray(Image.open(out / "maps" / "a" / "000.png"))
+    arr = np.asarray(Image.open(out / "maps" / "a" / "000.png.png"))
     assert arr.dtype == np.uint8 and arr.shape == (32, 32)
     assert len(list((out / "maps").rglob("*.png"))) == 18
 
@@ -80,7 +81,7 @@ def test_bad_files_go_to_stderr(setup: tuple[Path, Path], tmp_path: Path, capsys
     huge = tmp_path / "huge.png"
     Image.new("1", (10_000, 6_000)).save(huge)  # 60 M pixels in a small file: over the decode limit
     bad = [inputs / "b" / "empty.png", inputs / "b" / "truncated.png", huge, tmp_path / "missing.png"]
-    assert _score(model, bad, tmp_path / "out") == []
+    assert _score(model, bad, tmp_path / "out", code=1) == []
     err = capsys.readouterr().err
     assert all(p.name in err for p in bad)
     errors = {Path(r["path"]).name: r["error"] for r in _rows(tmp_path / "out" / "errors.csv")}
@@ -119,7 +120,7 @@ def test_resume_after_interruption_has_no_duplicate_or_missing_rows(
         writer.writeheader()
         writer.writerows(kept)
         f.write(full[14]["path"] + ",0.1")  # torn last line of the interrupted run
-    rows = _score(model, [inputs], out)
+    rows = _score(model, [inputs], out, code=1)  # the unreadable files are tried again
     assert [r["path"] for r in rows] == [r["path"] for r in full]
     assert sum(r["seconds"] == "123.0" for r in rows) == 14
     np.testing.assert_allclose([float(r["pred_score"]) for r in rows], [float(r["pred_score"]) for r in full],
@@ -139,7 +140,8 @@ def test_torchrun_two_ranks_merge_equals_single_process(
            "-m", "anoddpm", "score", "--model", str(model), "--input", str(inputs),
            "--out", str(tmp_path / "dist"), "--batch-size", "4", "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # two unreadable files
+    assert "2 file(s) of this run could not be scored" in proc.stderr
     merged = _rows(tmp_path / "dist" / "scores.csv")
     assert [r["path"] for r in merged] == [r["path"] for r in single]
     assert [r["pred_label"] for r in merged] == [r["pred_label"] for r in single]

@@ -1,4 +1,4 @@
-"""Hot-folder faults that used to stop the line or miscount a part (issue 21): symlink loops, paused writers."""
+"""Hot-folder faults that used to stop the line or miscount a part (issues 21, 30): symlink loops, paused writers."""
 from __future__ import annotations
 
 import os
@@ -31,15 +31,29 @@ def _aged(path: Path, seconds: float = 5.0) -> None:
     os.utime(path, (old, old))
 
 
-def test_paused_writer_gives_one_error_record_that_its_result_supersedes(tmp_path: Path) -> None:
-    recorder = Recorder(Inspector(make_toy_onnx(tmp_path / "m.onnx")), tmp_path / "out")
-    complete = write_png(tmp_path / "full.png", good_image()).read_bytes()
-    part = tmp_path / "part.png"
+def _write_in_pauses(recorder: Recorder, part: Path, complete: bytes, age_s: float) -> None:
+    """Write `complete` to `part` in four chunks, inspecting each as the watcher would (a new snapshot each time)."""
     for chunk in (len(complete) // 4, len(complete) // 2, 3 * len(complete) // 4, len(complete)):
         part.write_bytes(complete[:chunk])
-        _aged(part, 5.0 - chunk / len(complete))  # every chunk older than the grace, each a new snapshot
+        _aged(part, age_s - chunk / len(complete))  # each chunk older than the unreadable grace
         inspect_paths(recorder, [part], [snapshot(part)])
+
+
+def test_paused_writer_is_waited_for_without_an_error_record(tmp_path: Path) -> None:
+    recorder = Recorder(Inspector(make_toy_onnx(tmp_path / "m.onnx")), tmp_path / "out")
+    part = tmp_path / "part.png"
+    _write_in_pauses(recorder, part, write_png(tmp_path / "full.png", good_image()).read_bytes(), 5.0)
     records = [r for r in read_log(recorder.log_path) if r["path"] == str(part)]
-    assert len(records) == 2 and "error" in records[0]
+    assert len(records) == 1 and "error" not in records[0] and "supersedes_error" not in records[0]
+    assert records[0]["pred_label"] is False
+    assert recorder.counts == {"ok": 1, "ng": 0, "error": 0}
+
+
+def test_file_truncated_past_the_timeout_is_logged_once_and_superseded(tmp_path: Path) -> None:
+    recorder = Recorder(Inspector(make_toy_onnx(tmp_path / "m.onnx")), tmp_path / "out", truncated_timeout_s=3.0)
+    part = tmp_path / "part.png"
+    _write_in_pauses(recorder, part, write_png(tmp_path / "full.png", good_image()).read_bytes(), 5.0)
+    records = [r for r in read_log(recorder.log_path) if r["path"] == str(part)]
+    assert len(records) == 2 and "still being written" in records[0]["error"]
     assert records[1]["supersedes_error"] is True and "pred_score" in records[1]
     assert recorder.counts == {"ok": 1, "ng": 0, "error": 0}

@@ -6,6 +6,7 @@ Each verb names its handler as a string (``module:function``), imported only whe
 from __future__ import annotations
 
 import argparse
+import math
 
 from anoddpm.version import __version__
 from anoddpm.config import (AUGMENTATIONS, FUSIONS, INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS,
@@ -33,6 +34,17 @@ def _add_data_args(p: argparse.ArgumentParser, data_help: str) -> None:
 def layout_overrides(args: argparse.Namespace) -> dict:
     """DataConfig folder-layout fields given on the command line (None = keep the config's)."""
     return {name: getattr(args, name, None) for name in ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir")}
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (NaN or infinity would stop a watcher from ever polling)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number of seconds")
+    return value
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -204,15 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="anoddpm.cli.evaluate:evaluate_command")
 
     p = sub.add_parser("score", help="score image files and folders into scores.csv",
-                       description="Score files and folders; bad files are reported and skipped. "
-                       "Under torchrun the inputs are sharded across ranks and merged.")
+                       description="Score files and folders (a file named several ways is scored once); bad files "
+                       "(unreadable, non-finite pixels or scores) are reported in errors.csv and skipped, and the "
+                       "exit code is then 1 (0 when every image was scored; files of other suffixes are skipped "
+                       "without failing). Under torchrun the inputs are sharded across ranks and merged.")
     p.add_argument("--model", required=True, metavar="MODEL_PT", help="trained bundle (model.pt) to score with")
     p.add_argument("--input", required=True, nargs="+", metavar="PATH", help="image files and/or folders")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: scores.csv, errors.csv, maps/, overlays/")
-    p.add_argument("--save-maps", action="store_true", help="also write anomaly-map PNGs")
+    p.add_argument("--save-maps", action="store_true",
+                   help="also write anomaly-map PNGs: DIR/maps/<file name>.png (part.jpg -> part.jpg.png)")
     p.add_argument("--save-overlays", action="store_true",
-                   help="also write DIR/overlays/*.png: the map over the image, colour scale tied to the pixel "
-                        "threshold, predicted region outlined (needs a calibrated bundle)")
+                   help="also write DIR/overlays/<file name>.png: the map over the image, colour scale tied to the "
+                        "pixel threshold, predicted region outlined (needs a calibrated bundle)")
     _add_detect_args(p)
     _add_device_arg(p)
     p.set_defaults(handler="anoddpm.cli.score:score_command")
@@ -236,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: inspections.jsonl, ok/, ng/, maps/")
     p.add_argument("--sort", action="store_true", help="move inspected files into DIR/ok and DIR/ng")
     p.add_argument("--save-maps", action="store_true", help="also write anomaly-map PNGs")
-    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between folder scans (watch)")
+    p.add_argument("--poll-interval", type=_positive_seconds, default=0.5,
+                   help="seconds between folder scans (watch), a positive number")
     p.add_argument("--providers", nargs="+", help="onnxruntime providers to try, in order (default: best)")
     p.set_defaults(handler="anoddpm.cli.inspect:inspect_command")
 

@@ -9,19 +9,25 @@
   stale rows are never kept as if made now. Detection flags that differ from the bundle's calibration
   recalibrate on its held-back good images first (``anoddpm.detection.guard``).
 * Paths are stored exactly, names with newlines or undecodable bytes included (``surrogateescape``).
-* Bad files (corrupt, empty, not an image, too many pixels) go to errors.csv and stderr and are
-  skipped; they never stop the run.
+* A file named several ways (twice, through its folder, through ``..`` or a symlink) is scored once, under one
+  path (``imageio.list_images``).
+* Bad files (corrupt, empty, not an image, too many pixels, NaN or infinite pixels, an image too small for
+  ``data.tile_scale``) go to errors.csv and stderr and are skipped; they never stop the run. So does an image
+  whose score or map comes out non-finite: it gets an error row, never a label. The exit code is 1 when any
+  image of this run could not be scored (or a named --input is missing), 0 otherwise; files of other
+  suffixes found in folders are listed in errors.csv without failing the run.
 * Under ``torchrun --nproc_per_node=N`` the sorted list of paths still to score is sharded
   ``rank::world_size``; each rank appends to ``scores.part-<rank>.csv`` and rank 0 merges all
   parts into scores.csv after a barrier.
-* ``--save-maps`` writes ``DIR/maps/<stem>.png`` (sub-folders mirror the inputs' common parent, so
+* ``--save-maps`` writes ``DIR/maps/<file name>.png``, the input's suffix kept (``part.png`` -> ``part.png.png``,
+  ``part.jpg`` -> ``part.jpg.png``: one map per input file; sub-folders mirror the inputs' common parent, so
   equal stems in different folders do not collide): 8-bit grey of ``map / (2 * threshold)``
   clipped to [0, 1], i.e. 128 is a pixel that alone would reach the image threshold (with
   ``--score max``) and 255 is twice that. Without a calibrated threshold the scale is 1. Maps have each
   input file's own size (bilinear; ``imageio.restore_map`` inverts the resize policy, a tiled map is resized
   from the file's size times ``data.tile_scale``).
-* ``--save-overlays`` writes ``DIR/overlays/<stem>.png`` (same sub-folders): the map over the image at the
-  file's size on a colour scale tied to the pixel threshold, the predicted region outlined
+* ``--save-overlays`` writes ``DIR/overlays/<file name>.png`` (same names and sub-folders): the map over the
+  image at the file's size on a colour scale tied to the pixel threshold, the predicted region outlined
   (``eval.overlays``); it needs a calibrated bundle.
 """
 from __future__ import annotations
@@ -50,6 +56,7 @@ from anoddpm.detection.scoring_loop import batched
 from anoddpm.detection.guard import calibrated_detector
 from anoddpm.detection.tiling import WholeImages
 from anoddpm.detection.settings import flag_of
+from deploy.runtime import check_finite
 from eval.overlays import save_overlay
 
 SCORE_FIELDS = ("path", "pred_score", "pred_label", "threshold", "seconds")
@@ -159,11 +166,12 @@ def _barrier(world: int) -> None:
 
 
 def _map_name(path: Path, root: Path) -> Path:
+    """maps/ and overlays/ name of an input: its path under `root` + ".png" (the suffix kept: one per file)."""
     try:
         rel = path.relative_to(root)
     except ValueError:
         rel = Path(path.name)
-    return rel.with_suffix(".png")
+    return rel.with_name(rel.name + ".png")
 
 
 def _report_error(path: str, error: str) -> dict[str, str]:
@@ -224,7 +232,7 @@ def score_command(args: argparse.Namespace) -> int:
         check_results_record(out, record)
         overlay_threshold = _overlay_threshold(calibration, bundle, args)
 
-        absolute = [p.absolute() for p in images]
+        absolute = [Path(os.path.abspath(p)) for p in images]
         root = Path(os.path.commonpath([p.parent for p in absolute]))
         done = _done_paths(out)
         todo = [p for p in absolute if str(p) not in done]
@@ -234,22 +242,36 @@ def score_command(args: argparse.Namespace) -> int:
         suffix = "" if world == 1 else f".part-{rank}"
         scores_file = _CsvAppender(out / f"scores{suffix}.csv", SCORE_FIELDS)
         errors_file = _CsvAppender(out / f"errors{suffix}.csv", ERROR_FIELDS)
+        failed = 0
         if rank == 0:
-            errors_file.write([_report_error(str(p.absolute()), why) for p, why in skipped
-                               if str(p.absolute()) not in done])
-        _score_shard(view, bundle.cfg, todo[rank::world], device, args, threshold, scale, root, out,
+            errors_file.write([_report_error(os.path.abspath(p), why) for p, why in skipped
+                               if os.path.abspath(p) not in done])
+            failed = sum(why == "not found" for _, why in skipped)
+        failed += _score_shard(view, bundle.cfg, todo[rank::world], device, args, threshold, scale, root, out,
                      scores_file, errors_file, show_progress=rank == 0, overlay_threshold=overlay_threshold)
-        _barrier(world)
+        failed = _total(failed, world)
         if rank == 0:
             rows = _merge(out, "scores", SCORE_FIELDS)
             errors = _merge(out, "errors", ERROR_FIELDS)
             print(f"{len(rows)} images scored ({len(todo)} tried in this run), {len(errors)} errors "
                   f"-> {out / 'scores.csv'}")
+            if failed:
+                print(f"anoddpm score: {failed} file(s) of this run could not be scored (see "
+                      f"{out / 'errors.csv'}); exit code 1", file=sys.stderr)
         _barrier(world)
     finally:
         if world > 1:
             dist.destroy_process_group()
-    return 0
+    return 1 if failed else 0
+
+
+def _total(count: int, world: int) -> int:
+    """`count` summed over the ranks (every rank gets the sum; a barrier)."""
+    if world == 1:
+        return count
+    t = torch.tensor([count], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def _overlay_threshold(calibration: dict[str, Any] | None, bundle: Any, args: argparse.Namespace) -> float | None:
@@ -281,7 +303,9 @@ def _file_sized(amap: np.ndarray, path: Path, cfg: Config) -> np.ndarray:
 def _score_shard(view: WholeImages, cfg: Config, paths: list[Path], device: torch.device,
                  args: argparse.Namespace, threshold: float | None, scale: float, root: Path, out: Path,
                  scores_file: _CsvAppender, errors_file: _CsvAppender, show_progress: bool,
-                 overlay_threshold: float | None = None) -> None:
+                 overlay_threshold: float | None = None) -> int:
+    """Score `paths` in batches, appending rows and error rows -> the number of files that failed."""
+    failed = 0
     with tqdm(total=len(paths), unit="img", desc="score", disable=not show_progress) as bar:
         for chunk in batched(paths, args.batch_size):
             good, arrays, errors = [], [], []
@@ -291,12 +315,16 @@ def _score_shard(view: WholeImages, cfg: Config, paths: list[Path], device: torc
                     good.append(path)
                 except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal
                     errors.append(_report_error(str(path), str(err) or type(err).__name__))
-            errors_file.write(errors)
             if good:
                 result = view.forward_images(arrays, device)
                 per_image = result.seconds / len(good)
                 rows = []
                 for path, score, amap in zip(good, result.scores, result.maps):
+                    try:
+                        check_finite(float(score), amap, str(path))
+                    except ValueError as err:
+                        errors.append(_report_error(str(path), str(err)))
+                        continue
                     rows.append({"path": str(path), "pred_score": repr(float(score)),
                                  "pred_label": "" if threshold is None else int(score > threshold),
                                  "threshold": "" if threshold is None else repr(threshold),
@@ -310,4 +338,7 @@ def _score_shard(view: WholeImages, cfg: Config, paths: list[Path], device: torc
                                      full, overlay_threshold, title=f"{path.name}  score {score:.4g}  "
                                      f"{'' if threshold is None else 'NG' if score > threshold else 'OK'}")
                 scores_file.write(rows)
+            errors_file.write(errors)
+            failed += len(errors)
             bar.update(len(chunk))
+    return failed

@@ -5,7 +5,9 @@ numpy + Pillow only (no torch): the ONNX line runtime imports this module.
 Conventions:
 * Images are float32 ``[H, W, C]`` in [0, 1] after ``read_image`` and float32 ``[C, S, S]`` in
   [0, 1] after ``preprocess``. 8-bit data is divided by 255, 16-bit (``I;16``/``I``) by 65535;
-  float TIFFs (``F``) are clipped to [0, 1].
+  float TIFFs (``F``) are clipped to [0, 1]; a NaN or infinite pixel is refused (ValueError naming the file).
+* A PNG that ends before its IEND chunk, or a JPEG without an EOI marker after its last scan, is a
+  ``TruncatedImageError`` (a ValueError): cut short, or still being written (the hot folder waits for it).
 * EXIF orientation is applied. Palette, ``1``, ``LA``, ``RGBA``, ``CMYK``, ``YCbCr`` are converted;
   alpha is dropped (not composited). Grey -> RGB replicates the channel; RGB -> grey uses the
   ITU-R 601 luminance (0.299 R + 0.587 G + 0.114 B), computed in float.
@@ -21,6 +23,8 @@ Conventions:
 """
 from __future__ import annotations
 
+import io
+import math
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +35,41 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 50_000_000  # decompression-bomb guard; a 7k x 7k image is allowed
 RESIZE_POLICIES = ("resize", "crop", "pad")
+MIN_SCALED_SIDE = 8  # px: tiling refuses an image that tile_scale shrinks below this on either side
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class TruncatedImageError(ValueError):
+    """An image file that ends before its format's end marker: truncated, or still being written."""
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_complete(data: bytes) -> bool | None:
+    """True when the PNG chunks run to a whole IEND chunk, False when they stop early, None when they
+    are not PNG chunks at all (corrupt, not truncated)."""
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if not kind.isalpha() or length > 2**31 - 1:
+            return None
+        pos += 12 + length
+        if kind == b"IEND":
+            return pos <= len(data)
+    return False
+
+
+def _check_complete(path: Path, data: bytes) -> None:
+    """TruncatedImageError when a PNG lacks its IEND chunk or a JPEG its EOI marker after the last scan."""
+    if data.startswith(_PNG_SIGNATURE):
+        complete, marker = _png_complete(data), "IEND chunk"
+    elif data.startswith(b"\xff\xd8"):
+        complete, marker = data.rfind(b"\xff\xd9") > max(1, data.rfind(b"\xff\xda")), "EOI marker"
+    else:
+        return
+    if complete is False:
+        raise TruncatedImageError(f"{path} ends before its {marker}: truncated, or still being written")
 
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
@@ -39,12 +77,14 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise FileNotFoundError(f"image not found: {path}")
     if not path.is_file():
         raise ValueError(f"{path} is not a file")
-    if path.stat().st_size == 0:
+    data = path.read_bytes()
+    if not data:
         raise ValueError(f"{path} is empty (0 bytes)")
+    _check_complete(path, data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
                 raise ValueError(f"{path} has {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels}")
@@ -55,7 +95,8 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as err:
         raise ValueError(f"{path} is not a readable image") from err
     except (OSError, SyntaxError) as err:
-        raise ValueError(f"{path} is corrupt or truncated: {err}") from err
+        kind = TruncatedImageError if "truncated" in str(err) else ValueError
+        raise kind(f"{path} is corrupt or truncated: {err}") from err
 
 
 def image_hw(path: str | Path) -> tuple[int, int]:
@@ -72,13 +113,19 @@ def image_hw(path: str | Path) -> tuple[int, int]:
     return (w, h) if swapped else (h, w)
 
 
-def _to_float(img: Image.Image) -> np.ndarray:
-    """PIL image of any mode -> float32 [H, W, C] in [0, 1], C in {1, 3}."""
+def _to_float(img: Image.Image, where: str) -> np.ndarray:
+    """PIL image of any mode -> float32 [H, W, C] in [0, 1], C in {1, 3}; ValueError naming `where` for a float
+    image holding NaN or infinite pixels (clipping would hide them: the squashed and tiled paths refuse alike)."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         return (np.asarray(img, dtype=np.float32) / 65535.0).clip(0.0, 1.0)[..., None]
     if mode == "F":
-        return np.asarray(img, dtype=np.float32).clip(0.0, 1.0)[..., None]
+        arr = np.asarray(img, dtype=np.float32)
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise ValueError(f"{where} holds {bad} pixel value(s) that are not finite numbers (NaN or infinity); "
+                             "fix the image source")
+        return arr.clip(0.0, 1.0)[..., None]
     if mode in ("1", "L", "LA", "La"):
         img = img.convert("L")
     elif mode != "RGB":
@@ -105,7 +152,7 @@ def read_image(path: str | Path, channels: int, max_pixels: int = DEFAULT_MAX_PI
         raise ValueError(f"channels={channels} is not allowed; choose 1 or 3")
     path = Path(path)
     with _open(path, max_pixels) as img:
-        arr = _to_float(img)
+        arr = _to_float(img, str(path))
     return _to_channels(arr, channels)
 
 
@@ -141,7 +188,7 @@ def _unit_range(arr: np.ndarray, slack: float = 0.0) -> np.ndarray:
 
 def pil_image(image: Image.Image, channels: int) -> np.ndarray:
     """A PIL image of any mode -> float32 [H, W, channels] in [0, 1], converted like a file's pixels."""
-    return _to_channels(_to_float(image), channels)
+    return _to_channels(_to_float(image, f"the PIL image (mode {image.mode})"), channels)
 
 
 def _geometry(h: int, w: int, size: int, policy: str) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -242,10 +289,16 @@ def load_image(path: str | Path, channels: int, image_size: int, resize_policy: 
 
 
 def scaled_hw(height: int, width: int, scale: float) -> tuple[int, int]:
-    """(h, w) of a height x width image scaled by `scale` (rounded, at least 1 px each)."""
-    if not scale > 0:
-        raise ValueError(f"tile_scale={scale} must be positive")
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """(h, w) of a height x width image scaled by `scale` (rounded); ValueError when a side would be under
+    MIN_SCALED_SIDE px (nothing left to inspect) or the scale is not a positive finite number."""
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"tile_scale={scale} must be a positive number")
+    hw = round(height * scale), round(width * scale)
+    if min(hw) < MIN_SCALED_SIDE:
+        raise ValueError(f"a {height}x{width} image scaled by tile_scale={scale:g} is {hw[0]}x{hw[1]} px, under "
+                         f"the {MIN_SCALED_SIDE} px minimum; raise data.tile_scale (--tile-scale) to at least "
+                         f"{MIN_SCALED_SIDE / min(height, width):.3g}")
+    return hw
 
 
 def _rescale(arr: np.ndarray, scale: float, resample: Image.Resampling) -> np.ndarray:
@@ -259,7 +312,8 @@ def rescale(image: np.ndarray, scale: float) -> np.ndarray:
         image = image[..., None]
     if image.ndim != 3:
         raise ValueError(f"image must be [H, W] or [H, W, C], got shape {image.shape}")
-    out = _rescale(image.astype(np.float32, copy=False), scale, Image.Resampling.BILINEAR)
+    image = _unit_range(np.asarray(image), slack=1e-3)  # refused exactly when preprocess() refuses it
+    out = _rescale(image, scale, Image.Resampling.BILINEAR)
     return np.ascontiguousarray(out.transpose(2, 0, 1).clip(0.0, 1.0), dtype=np.float32)
 
 
@@ -289,8 +343,12 @@ def model_mask(mask: np.ndarray, image_size: int, resize_policy: str, tile_size:
 
 def load_model_image(path: str | Path, channels: int, image_size: int, resize_policy: str, tile_size: int = 0,
                      tile_scale: float = 1.0, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """read_image + model_image: a file -> float32 [C, S, S] or, tiling, [C, h, w]."""
-    return model_image(read_image(path, channels, max_pixels), image_size, resize_policy, tile_size, tile_scale)
+    """read_image + model_image: a file -> float32 [C, S, S] or, tiling, [C, h, w]; errors name the file."""
+    image = read_image(path, channels, max_pixels)
+    try:
+        return model_image(image, image_size, resize_policy, tile_size, tile_scale)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -318,33 +376,39 @@ def _inside(path: Path, folder: Path | None) -> bool:
 
 def list_images(paths: Sequence[str | Path],
                 exclude: str | Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Files and folders (recursive) -> (sorted unique image paths, [(path, reason skipped)]).
+    """Files and folders (recursive) -> (sorted image paths, one per resolved file, [(path, reason skipped)]).
 
-    Hidden files (name starting with '.') inside folders are ignored silently, and so is everything
-    inside `exclude` (a command's own output folder, so its maps are never inspected as inputs).
+    A file named several ways (twice, through its folder, through ``..`` or a symlink) is listed once, under the
+    first of its spellings in sorted order. Hidden files (name starting with '.') inside folders are ignored
+    silently, and so is everything inside `exclude` (a command's own output folder, so its maps are never
+    inspected as inputs), files named there explicitly included.
     """
-    images: set[Path] = set()
+    images: dict[Path, Path] = {}  # resolved -> spelling
     skipped: list[tuple[Path, str]] = []
     excluded = None if exclude is None else Path(exclude).resolve()
+
+    def add(f: Path) -> None:
+        if f.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append((f, f"suffix {f.suffix or '(none)'} is not one of {', '.join(IMAGE_SUFFIXES)}"))
+            return
+        key = f.resolve()
+        images[key] = min(images.get(key, f), f)
+
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if (not f.is_file() or any(part.startswith(".") for part in f.relative_to(p).parts)
-                        or _inside(f, excluded)):
-                    continue
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    images.add(f)
-                else:
-                    skipped.append((f, f"suffix {f.suffix or '(none)'} is not one of {', '.join(IMAGE_SUFFIXES)}"))
+                if (f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                        and not _inside(f, excluded)):
+                    add(f)
         elif p.is_file():
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                images.add(p)
+            if _inside(p, excluded):
+                skipped.append((p, f"inside the output folder {exclude}"))
             else:
-                skipped.append((p, f"suffix {p.suffix or '(none)'} is not one of {', '.join(IMAGE_SUFFIXES)}"))
+                add(p)
         else:
             skipped.append((p, "not found"))
-    return sorted(images), skipped
+    return sorted(images.values()), skipped
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ def _umask() -> int:
 
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone makes 0600 files
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a folder so a rename or a new file in it survives a power cut (a no-op where folders cannot be opened)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # e.g. Windows cannot open a directory; the rename is still atomic there
@@ -47,7 +48,7 @@ def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -69,11 +70,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to `path` and fsync it, so a crash loses at most the line being written."""
+    """Append one strict JSON line to `path` and fsync it, so a crash loses at most the line being written;
+    a value that is not a finite number raises ValueError (a bare NaN is not JSON)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(json.dumps(record, allow_nan=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
