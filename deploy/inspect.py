@@ -35,7 +35,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from anoddpm.platform.atomic import append_jsonl
-from anoddpm.data.imageio import TruncatedImageError, image_hw, save_png
+from anoddpm.data.imageio import image_hw, save_png
+from anoddpm.data.truncation import TruncatedImageError
 from deploy.runtime import Inspector
 from deploy.watch import Snapshot, claim, free_name, place, restore_claims, same_file, snapshot, watch_folder
 

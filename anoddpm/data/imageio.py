@@ -32,44 +32,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from anoddpm.data.truncation import TruncatedImageError, check_complete
+
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 50_000_000  # decompression-bomb guard; a 7k x 7k image is allowed
 RESIZE_POLICIES = ("resize", "crop", "pad")
 MIN_SCALED_SIDE = 8  # px: tiling refuses an image that tile_scale shrinks below this on either side
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-class TruncatedImageError(ValueError):
-    """An image file that ends before its format's end marker: truncated, or still being written."""
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_complete(data: bytes) -> bool | None:
-    """True when the PNG chunks run to a whole IEND chunk, False when they stop early, None when they
-    are not PNG chunks at all (corrupt, not truncated)."""
-    pos = len(_PNG_SIGNATURE)
-    while pos + 8 <= len(data):
-        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
-        if not kind.isalpha() or length > 2**31 - 1:
-            return None
-        pos += 12 + length
-        if kind == b"IEND":
-            return pos <= len(data)
-    return False
-
-
-def _check_complete(path: Path, data: bytes) -> None:
-    """TruncatedImageError when a PNG lacks its IEND chunk or a JPEG its EOI marker after the last scan."""
-    if data.startswith(_PNG_SIGNATURE):
-        complete, marker = _png_complete(data), "IEND chunk"
-    elif data.startswith(b"\xff\xd8"):
-        complete, marker = data.rfind(b"\xff\xd9") > max(1, data.rfind(b"\xff\xda")), "EOI marker"
-    else:
-        return
-    if complete is False:
-        raise TruncatedImageError(f"{path} ends before its {marker}: truncated, or still being written")
 
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
@@ -80,7 +49,7 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     data = path.read_bytes()
     if not data:
         raise ValueError(f"{path} is empty (0 bytes)")
-    _check_complete(path, data)
+    check_complete(path, data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
