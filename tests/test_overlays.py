@@ -108,4 +108,5 @@ def test_score_save_overlays_writes_one_per_scored_file(tmp_path):
     assert main(args) == 0
     written = sorted(p.relative_to(tmp_path / "out" / "overlays").as_posix()
                      for p in (tmp_path / "out" / "overlays").rglob("*.png"))
-    assert written == sorted(p.relative_to(cat / "test").as_posix() for p in (cat / "test").rglob("*.png"))
+    # one overlay per input, named by its path under the inputs' common folder + ".png" (score's map names)
+    assert written == sorted(p.relative_to(cat / "test").as_posix() + ".png" for p in (cat / "test").rglob("*.png"))
