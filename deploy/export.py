@@ -4,12 +4,15 @@ Graph: ``images`` float [B, C, S, S] in [0, 1] (dynamic B) -> Detector fast path
 steps; the detection noise is a constant drawn from the bundle's seed) -> ``anomaly_map``
 [B, 1, S, S] and ``pred_score`` [B] (+ ``reconstruction`` [B, C, S, S] on request). The config,
 threshold, preprocessing, data fingerprint and steps are stored as metadata_props, so the line
-runtime (deploy/runtime.py) needs nothing but the file.
+runtime (deploy/runtime.py) needs nothing but the file; ``integrity_sha256`` binds that metadata to the graph
+(``deploy.integrity``). A bundle whose weights or threshold are not finite numbers is refused (``load_bundle``), and
+so is a threshold calibrated on the fly that is not.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,6 +24,7 @@ from torch import nn
 from anoddpm.version import __version__
 from anoddpm.platform.atomic import atomic_write_bytes
 from anoddpm.config import Config
+from deploy.integrity import INTEGRITY_KEY, graph_bytes, integrity_hash
 from deploy.runtime import INPUT_NAME, ONNX_FORMAT_VERSION, OUTPUT_NAMES, parse_metadata
 
 OPSET = 17
@@ -56,6 +60,8 @@ def export_module(module: nn.Module, out_path: str | Path, *, channels: int, ima
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
+    # the graph's bytes are those the file will hold: metadata_props is another field of the model
+    model.metadata_props.add(key=INTEGRITY_KEY, value=integrity_hash(graph_bytes(model.SerializeToString()), metadata))
     onnx.checker.check_model(model, full_check=True)
     parse_metadata({p.key: p.value for p in model.metadata_props}, out_path)
     return atomic_write_bytes(out_path, model.SerializeToString())
@@ -94,6 +100,9 @@ def export_onnx(bundle_path: str | Path, out_path: str | Path, steps: int | None
         raise ValueError(f"{bundle.path} has no threshold; run `anoddpm calibrate --model {bundle.path}` first")
     view, threshold, _ = calibrated_detector(bundle, torch.device("cpu"), bundle.cfg.train.batch_size,
                                              {"steps": steps, "sampler": "ddim"}, "export")
+    if not math.isfinite(float(threshold["image"])):
+        raise ValueError(f"{bundle.path}: the threshold calibrated for export is {threshold['image']} (the model's "
+                         "scores are not finite numbers); nothing was written")
     detector = view.detector  # tiled: calibrated tile by tile; the graph is one tile's, the runtime tiles
     cfg = detector.cfg
     names = (*OUTPUT_NAMES, "reconstruction") if with_reconstruction else OUTPUT_NAMES

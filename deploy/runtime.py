@@ -11,6 +11,7 @@ module the PyTorch path uses) and returns maps of each input's own size.
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +21,7 @@ import onnxruntime as ort
 
 from anoddpm.data.imageio import (RESIZE_POLICIES, array_image, as_image_list, load_model_image, model_image, read_any,
                              resize_map)
+from deploy.integrity import check_integrity
 from eval.tiling import Stitcher, image_score, tile_batches
 
 ONNX_FORMAT_VERSION = 1
@@ -48,10 +50,31 @@ def parse_metadata(raw: dict[str, str], path: str | Path) -> dict[str, Any]:
     except (ValueError, RecursionError) as err:
         raise ValueError(f"{path} metadata is not valid: {err}; re-export the model") from err
     _check_preprocessing(meta, path)
+    _check_threshold(meta, path)
+    return meta
+
+
+def _check_threshold(meta: dict[str, Any], path: str | Path) -> None:
+    """A finite image (and pixel) threshold, detection settings that are JSON objects, a known score mode: a NaN
+    threshold would pass every part, +inf flag none."""
     threshold = meta["threshold"]
     if not isinstance(threshold, dict) or not isinstance(threshold.get("image"), (int, float)):
         raise ValueError(f"{path} metadata holds no image threshold; calibrate the bundle and re-export")
-    return meta
+    for key in ("image", "pixel"):
+        value = threshold.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value)):
+            raise ValueError(f"{path} metadata threshold.{key}={value!r} is not a finite number (it would decide no "
+                             "part correctly); recalibrate the bundle and re-export")
+    detect = meta["config"].get("detect", {})
+    if not isinstance(threshold.get("detect", {}), dict) or not isinstance(detect, dict):
+        raise ValueError(f"{path} metadata threshold.detect and config.detect must be JSON objects; re-export the "
+                         "model")
+    topk = detect.get("topk", 100)
+    if detect.get("score", "max") not in ("max", "topk") or not isinstance(topk, int) or isinstance(topk, bool) \
+            or topk < 1:
+        raise ValueError(f"{path} metadata config.detect score={detect.get('score')!r} / topk={topk!r} is not valid "
+                         "(score max or topk, topk a positive integer); re-export the model")
 
 
 def _check_preprocessing(meta: dict[str, Any], path: str | Path) -> None:
@@ -181,6 +204,7 @@ class Inspector:
         missing = [name for name in OUTPUT_NAMES if name not in outputs]
         if missing:
             raise ValueError(f"{self.path} lacks the output(s) {', '.join(missing)}")
+        check_integrity(self.path, self.session.get_modelmeta().custom_metadata_map)  # metadata bound to the graph
 
     def load(self, path: str | Path) -> np.ndarray:
         """Read one image file -> float32 [C, S, S] in [0, 1] (tiled: [C, h, w] rescaled), exactly as in training."""

@@ -10,7 +10,7 @@ import torch
 
 from anoddpm.version import BUNDLE_FORMAT_VERSION
 from anoddpm.platform.atomic import append_jsonl, atomic_torch_save, atomic_write_text
-from anoddpm.bundle import load_bundle, save_bundle, update_threshold
+from anoddpm.bundle import calibration_fingerprint, load_bundle, save_bundle, update_threshold
 from anoddpm.config import Config
 
 
@@ -35,7 +35,9 @@ def test_round_trip_keeps_config_weights_and_metadata(tmp_path):
     b = load_bundle(path)
     assert b.cfg == _cfg()
     assert b.fingerprint == {"n_train": 12, "hash": "abc", "root": str(tmp_path)}
-    assert b.threshold == {"image": pytest.approx(0.25), "pixel": None}
+    assert {k: v for k, v in b.threshold.items() if k != "calibration_sha256"} == {"image": pytest.approx(0.25),
+                                                                                  "pixel": None}
+    assert b.threshold["calibration_sha256"] == calibration_fingerprint(raw)  # sealed to what it is stored with
     assert b.versions["torch"] == torch.__version__
     for k, v in _weights().items():
         assert torch.equal(b.state_dict[k], v)
@@ -48,7 +50,8 @@ def test_update_threshold_keeps_weights(tmp_path):
     assert load_bundle(path).threshold is None
     update_threshold(path, {"image": 1.5, "method": "quantile"})
     b = load_bundle(path)
-    assert b.threshold == {"image": 1.5, "method": "quantile"}
+    assert b.threshold == {"image": 1.5, "method": "quantile",
+                           "calibration_sha256": calibration_fingerprint(torch.load(path, weights_only=True))}
     assert torch.equal(b.state_dict["conv.bias"], _weights()["conv.bias"])
 
 

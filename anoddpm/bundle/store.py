@@ -6,9 +6,15 @@ optionally ``head_state_dict``, the learned scoring head's weights, and the map 
 the threshold: ``map_reference`` [1, K, S, S] or ``reference_bank``, thumbnails and pooled maps of the
 training images), so
 it loads with `torch.load(weights_only=True)`: a crafted pickle cannot run code on load.
+
+Every calibration written here is sealed: its threshold carries ``calibration_sha256``
+(``checks.calibration_fingerprint`` of the weights, fitted states and threshold it is stored with) and the file
+``calibration_seal``; ``load_bundle`` refuses a calibration that does not match (copied from another bundle or
+altered), a threshold or weight that is not a finite number, and fitted states of the wrong type or shape.
 """
 from __future__ import annotations
 
+import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +24,11 @@ import torch
 
 from anoddpm.version import BUNDLE_FORMAT_VERSION, __version__
 from anoddpm.platform.atomic import atomic_torch_save
-from anoddpm.bundle.checks import check_bundle_file, check_weights
+from anoddpm.bundle.checks import (FITTED, SEAL_KEY, SEAL_VERSION, calibration_fingerprint, check_bundle_file,
+                                   check_calibration, check_weights, fitted_problem, threshold_problem)
 from anoddpm.config import LEGACY_DETECT, Config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +48,7 @@ class Bundle:
     feature_memory: torch.Tensor | None = None  # [M, D] good patch features of the feature_memory component, if fitted
     component_scale: torch.Tensor | None = None  # [K] per-component unit of detect.fusion max, if fitted
     backbone: dict[str, str] | None = None  # {"name", "sha256"} of the backbone weights the calibration used, if any
+    calibration_problem: str | None = None  # why the stored calibration was dropped (load_bundle drop_bad_calibration)
 
 
 def _plain(obj: Any) -> Any:
@@ -79,7 +89,16 @@ def bundle_payload(cfg: Config, state_dict: Mapping[str, torch.Tensor], fingerpr
     }
     if head_state_dict is not None:
         payload["head_state_dict"] = _cpu(head_state_dict)
-    return payload
+    return _sealed(payload)
+
+
+def _sealed(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with its threshold (if any) carrying the calibration fingerprint of everything stored beside it."""
+    raw["calibration_seal"] = SEAL_VERSION
+    if raw.get("threshold") is not None:
+        raw["threshold"] = {k: v for k, v in raw["threshold"].items() if k != SEAL_KEY}
+        raw["threshold"][SEAL_KEY] = calibration_fingerprint(raw)
+    return raw
 
 
 def save_bundle(path: str | Path, *, cfg: Config, state_dict: Mapping[str, torch.Tensor],
@@ -115,24 +134,44 @@ def _read_raw(path: Path, map_location: Any) -> dict[str, Any]:
     return raw
 
 
-def load_bundle(path: str | Path, map_location: Any = "cpu") -> Bundle:
-    """Read model.pt safely (weights_only); ValueError naming the file if it is not a usable bundle."""
+def load_bundle(path: str | Path, map_location: Any = "cpu", *, drop_bad_calibration: bool = False) -> Bundle:
+    """Read model.pt safely (weights_only); ValueError naming the file if it is not a usable bundle: weights that
+    are not finite floating-point tensors, an invalid config, or a calibration (threshold, fitted states) that is
+    malformed, not finite or not this bundle's (``checks.check_calibration``). With `drop_bad_calibration` (for
+    `anoddpm calibrate`, which replaces it, and `info`) such a calibration is dropped instead, with a warning, and
+    ``Bundle.calibration_problem`` says why."""
     path = Path(path)
     raw = _read_raw(path, map_location)
     check_weights(path, raw)
+    if not isinstance(raw["config"], Mapping):
+        raise ValueError(f"{path} holds an invalid config: it must be a mapping of sections, got "
+                         f"{type(raw['config']).__name__}; this file was not written by anoddpm train")
     config = dict(raw["config"])
-    config["detect"] = {**LEGACY_DETECT, **config.get("detect", {})}  # fields newer than the bundle: its behaviour
+    if isinstance(config.get("detect", {}), Mapping):  # fields newer than the bundle: its behaviour
+        config["detect"] = {**LEGACY_DETECT, **config.get("detect", {})}
     try:
         cfg = Config.from_dict(config).validate()
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path} holds an invalid config: {err}") from err
+    if not isinstance(raw["fingerprint"], Mapping):
+        raise ValueError(f"{path}: its data fingerprint must be a mapping, got {type(raw['fingerprint']).__name__}; "
+                         "this file was not written by anoddpm train")
+    problem = None
+    try:
+        check_calibration(path, raw, cfg)
+    except ValueError as err:
+        if not drop_bad_calibration:
+            raise
+        problem = str(err)
+        log.warning("%s; its calibration is not used", problem)
+        raw = {**raw, "threshold": None, **dict.fromkeys(FITTED)}
     versions = {"format_version": raw["format_version"], "anoddpm": raw.get("anoddpm_version"),
                 "torch": raw.get("torch_version")}
     return Bundle(cfg=cfg, state_dict=raw["state_dict"], fingerprint=raw["fingerprint"],
                   threshold=raw["threshold"], versions=versions, path=path, head_state_dict=raw.get("head_state_dict"),
                   map_reference=raw.get("map_reference"), reference_bank=raw.get("reference_bank"),
                   feature_memory=raw.get("feature_memory"), backbone=raw.get("backbone"),
-                  component_scale=raw.get("component_scale"))
+                  component_scale=raw.get("component_scale"), calibration_problem=problem)
 
 
 def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
@@ -146,7 +185,9 @@ def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
     everything else kept.
 
     A threshold carrying the detection settings it was calibrated with ("detect") makes them the
-    bundle's config.detect, so every later command (score, evaluate, export) uses what was calibrated.
+    bundle's config.detect, so every later command (score, evaluate, export) uses what was calibrated. The stored
+    threshold is sealed (``calibration_fingerprint``); a threshold or fitted state that is not a finite number is
+    refused (ValueError) and nothing is written.
     """
     path = Path(path)
     raw = _read_raw(path, "cpu")
@@ -174,4 +215,8 @@ def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
     raw.pop("backbone", None)
     if backbone is not None:
         raw["backbone"] = _plain(dict(backbone))
-    return atomic_torch_save(raw, path)
+    problem = threshold_problem(raw["threshold"]) or fitted_problem(raw, Config.from_dict(raw["config"]))
+    if problem is not None:
+        raise ValueError(f"{path}: the calibration was not written: its {problem}; the model's scores are not "
+                         "finite numbers (did the training diverge?) or the calibration is malformed")
+    return atomic_torch_save(_sealed(raw), path)

@@ -26,7 +26,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     if args.quantile is not None and not 0.0 < args.quantile <= 1.0:
         raise ValueError(f"--quantile must be in (0, 1] (e.g. 0.99: about 1 % of good parts flagged), got {args.quantile}")
     device = resolve_device(args.device)
-    bundle = load_bundle(args.model, map_location=device)
+    bundle = load_bundle(args.model, map_location=device, drop_bad_calibration=True)  # replaced here: not refused
     overrides = {k: v for k, v in detect_overrides(args).items() if v is not None}
     view = inspection_detector(Detector.from_bundle(bundle, device, **overrides).eval(), args.batch_size)
     root, category = training_root(bundle, args.data, args.category)

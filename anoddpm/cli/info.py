@@ -10,10 +10,11 @@ from typing import Any
 def describe_bundle(path: Path) -> dict[str, Any]:
     """Summary of a model.pt: versions, config, threshold, map reference, backbone and feature memory, fingerprint,
     parameter counts (``head_parameters`` None = no scoring head: trained without one, or dropped by its check;
-    ``backbone`` None = no feature component was calibrated)."""
+    ``backbone`` None = no feature component was calibrated). A calibration the bundle would be refused for (not
+    finite, malformed, not this bundle's) is shown as none, with ``calibration_problem`` saying why (and a warning)."""
     from anoddpm.bundle import load_bundle
 
-    bundle = load_bundle(path)
+    bundle = load_bundle(path, drop_bad_calibration=True)
     n_params = sum(int(t.numel()) for t in bundle.state_dict.values() if t.is_floating_point())
     reference = None
     if bundle.map_reference is not None:
@@ -32,16 +33,19 @@ def describe_bundle(path: Path) -> dict[str, Any]:
     head_params = None if head is None else sum(int(t.numel()) for t in head.values() if t.is_floating_point())
     return {"file": str(path), "kind": "bundle", "versions": bundle.versions, "parameters": n_params,
             "head_parameters": head_params,
-            "threshold": bundle.threshold, "map_reference": reference, "backbone": backbone,
+            "threshold": bundle.threshold, "calibration_problem": bundle.calibration_problem,
+            "map_reference": reference, "backbone": backbone,
             "component_scale": None if bundle.component_scale is None else bundle.component_scale.tolist(),
             "fingerprint": bundle.fingerprint,
             "config": bundle.cfg.to_dict()}
 
 
 def describe_onnx(path: Path) -> dict[str, Any]:
-    """Summary of an exported model.onnx from its metadata, inputs and outputs (no torch)."""
+    """Summary of an exported model.onnx from its metadata, inputs and outputs (no torch); refused (ValueError) when
+    its metadata is not valid or does not belong to its graph (``deploy.integrity``)."""
     import onnxruntime as ort
 
+    from deploy.integrity import check_integrity
     from deploy.runtime import parse_metadata
 
     try:
@@ -49,6 +53,7 @@ def describe_onnx(path: Path) -> dict[str, Any]:
     except Exception as err:  # onnxruntime raises its own pybind exception types
         raise ValueError(f"{path} is not a loadable ONNX model (truncated or corrupted?): {err}") from err
     meta = parse_metadata(session.get_modelmeta().custom_metadata_map, path)
+    check_integrity(path, session.get_modelmeta().custom_metadata_map)
     io = {
         "inputs": {i.name: list(map(str, i.shape)) for i in session.get_inputs()},
         "outputs": {o.name: list(map(str, o.shape)) for o in session.get_outputs()},

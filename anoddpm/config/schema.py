@@ -33,6 +33,8 @@ FUSIONS = ("geometric", "max")
 # detection fields added after bundles existed, with the behaviour a bundle (or threshold) without the field had
 LEGACY_DETECT = {"fusion": "geometric"}
 DEFAULT_COMPONENTS = ("residual", "head", "feature_memory")
+# backbones the feature components know: output channels of each stage 1..7 (EfficientNet block groups)
+BACKBONE_STAGES = {"efficientnet_lite0": (16, 24, 40, 80, 112, 192, 320)}
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,12 @@ class BackboneConfig:
     image_size: int = 256  # side the images are resized to for the backbone, pixels (a multiple of 32)
     pool: int = 3  # average-pooling window over each stage's features (PatchCore's local neighbourhood), locations
 
+    @property
+    def feature_channels(self) -> int:
+        """Width of one patch feature (a feature_memory row): the channels of the stages in ``layers`` summed."""
+        stages = BACKBONE_STAGES[self.name]
+        return sum(stages[stage - 1] for stage in self.layers)
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -257,6 +265,7 @@ class Config:
         if not self.backbone.layers or self.backbone.pool < 1 or self.backbone.pool % 2 == 0:
             raise ValueError(f"backbone.layers={list(self.backbone.layers)} must name at least one stage and "
                              f"backbone.pool={self.backbone.pool} must be odd and positive")
+        self._validate_backbone()
         if self.data.channels not in (1, 3):
             raise ValueError(f"data.channels={self.data.channels} is not allowed; choose 1 or 3")
         if self.data.image_size < 16 or self.data.image_size % 8:
@@ -296,6 +305,16 @@ class Config:
                              f"diffusion.t_max_fraction={self.diffusion.t_max_fraction})")
         return self
 
+    def _validate_backbone(self) -> None:
+        """The backbone is known and ``layers`` are its stages, each once (its weights file: detection.backbone)."""
+        b = self.backbone
+        stages = BACKBONE_STAGES.get(b.name)
+        if stages is None:
+            raise ValueError(f"backbone.name={b.name!r} is not known; choose one of {', '.join(BACKBONE_STAGES)}")
+        if len(set(b.layers)) != len(b.layers) or not all(1 <= s <= len(stages) for s in b.layers):
+            raise ValueError(f"backbone.layers={list(b.layers)} must be stages of {b.name} in 1..{len(stages)}, "
+                             "each once")
+
 
 def scorer_components(scorer: str, has_head: bool) -> tuple[str, ...]:
     """The component maps `scorer` combines ("auto": DEFAULT_COMPONENTS, less the head when there is none);
@@ -315,13 +334,21 @@ def load_config_file(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    try:
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as err:  # syntax, or a tag such as !!python/object: never constructed
+                raise ValueError(f"config file {path} is not plain YAML: {' '.join(str(err).split())[:200]}") from err
+        else:
+            data = json.loads(text)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     return Config.from_dict(data)

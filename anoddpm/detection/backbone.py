@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from anoddpm.config import BackboneConfig
+from anoddpm.config import BackboneConfig, Config, scorer_components
 
 # ImageNet mean/std: on juice_bottle the PatchCore-style memory scored 0.963 / 0.925 image / pixel AUROC with it and
 # 0.937 / 0.919 with the [-1, 1] scaling of the TF-Lite originals (one run each, docs/quality.md)
@@ -141,3 +141,13 @@ def build_backbone(cfg: BackboneConfig, expected_sha256: str | None = None) -> F
                              f"calibrated with ({expected_sha256[:12]}...); install those weights or set "
                              "backbone.weights to them, or recalibrate with `anoddpm calibrate`")
     return FeatureExtractor(cfg, path)
+
+
+def check_backbone(cfg: Config) -> None:
+    """Before any work (the start of training): the backbone that cfg.detect.scorer's feature components need is
+    built once from its weights file, so an unknown ``backbone.name``, a missing or foreign ``backbone.weights`` or
+    bad ``backbone.layers`` fail now, not after training; unused, a ``backbone.weights`` that is set must exist."""
+    if any(name.startswith("feature_") for name in scorer_components(cfg.detect.scorer, cfg.head.enabled)):
+        FeatureExtractor(cfg.backbone)
+    elif cfg.backbone.weights:
+        weights_file(cfg.backbone)

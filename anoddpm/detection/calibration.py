@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from anoddpm.bundle import load_bundle, update_threshold
-from anoddpm.data.datasets import labelled_test_arrays, load_training_data
+from anoddpm.data.datasets import is_nfbs, labelled_test_arrays, load_training_data
+from anoddpm.data.layouts import images_in
 from anoddpm.detection.detector import Detector
 from anoddpm.detection.fusion import combine_component_maps
 from anoddpm.detection.maps import image_score
@@ -40,16 +41,56 @@ BANK_MAX_IMAGES = 1000  # larger training splits (NFBS slices) give an evenly sp
 
 
 def training_root(bundle: Any, data: str | Path | None, category: str | None) -> tuple[Path, str | None]:
-    """(data root, category) to calibrate on: `data` when given, else the bundle's recorded training root."""
+    """(data root, category) to calibrate on: `data` when given, else the data of the bundle's latest calibration
+    (threshold["data"], ``data_record``), else its recorded training root. A recorded root is refused (ValueError)
+    when it is a filesystem root or no longer holds the layout it was recorded with: it is never searched."""
     if data is not None:
         return Path(data), category
-    root = bundle.fingerprint.get("root")
-    if not root:
+    threshold = bundle.threshold if isinstance(bundle.threshold, dict) else {}
+    record, source = threshold.get("data"), "its latest calibration"
+    if not record or not record.get("root"):
+        record, source = bundle.fingerprint, "its training data"
+        recorded = record.get("category")
+        if category is None and recorded and record.get("root") and (Path(record["root"]) / recorded).is_dir():
+            category = recorded  # ROOT/category layout; otherwise ROOT was the category or image folder itself
+    elif category is None:
+        category = record.get("category")
+    if not record.get("root"):
         raise ValueError(f"{bundle.path} records no training data root; pass --data ROOT [--category NAME]")
-    recorded = bundle.fingerprint.get("category")
-    if category is None and recorded and (Path(root) / recorded).is_dir():
-        category = recorded  # ROOT/category layout; otherwise ROOT was the category or image folder itself
-    return Path(root), category
+    root = Path(record["root"])
+    problem = _layout_problem(root, category, record.get("kind"), bundle.cfg)
+    if problem is not None:
+        raise ValueError(f"{bundle.path} records the data root {root} ({source}), which {problem}; pass --data ROOT "
+                         "[--category NAME]")
+    return root, category
+
+
+def _layout_problem(root: Path, category: str | None, kind: str | None, cfg: Any) -> str | None:
+    """Why a recorded data root is not searched for images (None: it may be): a filesystem root, or a folder
+    without the recorded layout `kind` (an absent root is left to the caller: 'not here')."""
+    resolved = root.resolve()
+    if resolved == Path(resolved.anchor):
+        return "is a filesystem root (never searched for images)"
+    if not root.is_dir():
+        return None
+    folder = root / category if category and (root / category).is_dir() else root
+    if cfg.data.normal_dir:
+        expected = (folder / cfg.data.normal_dir).is_dir()
+    elif kind in ("mvtec", "mvtec_loco", "mvtec_ad2"):
+        expected = (folder / "train").is_dir()
+    elif kind == "nfbs":
+        expected = is_nfbs(folder)
+    elif kind == "folder":  # images in the folder or one level down, as the layout recorded them
+        expected = bool(images_in(folder)) or any(images_in(sub) for sub in folder.iterdir() if sub.is_dir())
+    else:
+        expected = True
+    return None if expected else f"no longer holds the {kind} layout it was recorded with"
+
+
+def data_record(root: str | Path, category: str | None, kind: str | None) -> dict[str, Any]:
+    """threshold["data"]: the data root, category and layout kind a calibration was fitted on (the root later
+    recalibrations use, ``training_root``)."""
+    return {"root": str(Path(root).resolve()), "category": category, "kind": kind}
 
 
 def fit_and_score_good(view: Any, good_images: Any, device: torch.device, batch_size: int,
@@ -153,17 +194,23 @@ def score_validation(bundle: Any, view: Any, root: Path, category: str | None, d
                      batch_size: int) -> ScoredSet:
     """Fit every state on the bundle's training split under `root` and score its held-back good images (the same
     deterministic split as training)."""
-    train_ds, val_ds, _ = load_training_data(bundle.cfg, root, category, bundle.cfg.train.seed)
+    return _validation(bundle, view, root, category, device, batch_size)[0]
+
+
+def _validation(bundle: Any, view: Any, root: Path, category: str | None, device: torch.device,
+                batch_size: int) -> tuple[ScoredSet, dict[str, Any]]:
+    """``score_validation`` and the fingerprint of the data it read (``load_training_data``)."""
+    train_ds, val_ds, fingerprint = load_training_data(bundle.cfg, root, category, bundle.cfg.train.seed)
     if len(val_ds) == 0:
         raise ValueError(f"no held-back validation images under {root} (category {category}) to calibrate on")
-    return fit_and_score_good(view, val_ds, device, batch_size, bank_images=train_ds)
+    return fit_and_score_good(view, val_ds, device, batch_size, bank_images=train_ds), fingerprint
 
 
 def calibrate_threshold(bundle: Any, view: Any, device: torch.device, batch_size: int, root: Path,
                         category: str | None, quantile: float, method: str) -> dict[str, Any]:
-    """Threshold dict (image, pixel, method, quantile, n_good, detect, components) from the validation split
-    (+ the labelled test set for f1: this tunes on the test set, report metrics from another set)."""
-    val = score_validation(bundle, view, root, category, device, batch_size)
+    """Threshold dict (image, pixel, method, quantile, n_good, detect, components, good_cache, data) from the
+    validation split (+ the labelled test set for f1: this tunes on the test set, report metrics from another set)."""
+    val, fingerprint = _validation(bundle, view, root, category, device, batch_size)
     good_scores, good_maps, defects = val.scores, val.maps, {}
     if method == "f1":
         test = labelled_test_arrays(bundle.cfg, root, category)
@@ -184,6 +231,7 @@ def calibrate_threshold(bundle: Any, view: Any, device: torch.device, batch_size
     threshold["detect"] = asdict(view.detector.cfg.detect)
     threshold["components"] = list(view.detector.components)
     threshold["good_cache"] = good_cache(val.scores, val.maps, root, category)  # a new quantile needs no model run
+    threshold["data"] = data_record(root, category, fingerprint.get("kind"))
     return threshold
 
 
@@ -204,6 +252,11 @@ def calibrate_bundle(bundle_path: str | Path, val_ds: Any, device: torch.device,
     threshold["components"] = list(view.detector.components)
     threshold["good_cache"] = good_cache(scored.scores, scored.maps, bundle.fingerprint.get("root"),
                                          bundle.fingerprint.get("category"))
+    trained = bundle.fingerprint
+    if trained.get("root"):  # the data just trained on: ROOT/category, or ROOT itself when it is the category
+        recorded = trained.get("category")
+        category = recorded if recorded and (Path(trained["root"]) / recorded).is_dir() else None
+        threshold["data"] = data_record(trained["root"], category, trained.get("kind"))
     store_calibration(bundle_path, threshold, view.detector)
     log.info("calibrated on %d held-back good images: image threshold %.6g", len(val_ds), threshold["image"])
     return threshold
