@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from anoddpm.platform.progress import progress
 
 
 @dataclass
@@ -79,7 +79,7 @@ def batched(items: Iterable, batch_size: int) -> Iterator[list]:
 
 def score_images(detector: torch.nn.Module, images: Sequence, device: torch.device, batch_size: int = 8,
                  keep_maps: bool = True, keep_reconstructions: bool = False, desc: str | None = None) -> ScoredSet:
-    """Score a sequence of [C, S, S] images (tensors or arrays in [0, 1]) in batches, with a tqdm bar.
+    """Score a sequence of [C, S, S] images (tensors or arrays in [0, 1]) in batches, with progress (``anoddpm.platform.progress``).
 
     Reconstructions are kept as float16 (only for report figures) to halve their memory. Images of any size go
     tile by tile through ``anoddpm.detection.tiling.TiledDetector.score_set``.
@@ -91,7 +91,7 @@ def score_images(detector: torch.nn.Module, images: Sequence, device: torch.devi
     maps: list[np.ndarray] = []
     recons: list[np.ndarray] = []
     seconds = 0.0
-    with tqdm(total=n, desc=desc, unit="img", disable=desc is None) as bar:
+    with progress(total=n, desc=desc, unit="img", disable=desc is None) as bar:
         for chunk in batched((images[i] for i in range(n)), batch_size):
             result = forward_batch(detector, torch.stack([torch.as_tensor(x) for x in chunk]), device)
             scores.append(result.scores)
@@ -121,7 +121,7 @@ def score_component_maps(detector: torch.nn.Module, images: Sequence, device: to
         raise ValueError("no images to score")
     maps: list[np.ndarray] = []
     seconds = 0.0
-    with tqdm(total=n, desc=desc, unit="img", disable=desc is None) as bar:
+    with progress(total=n, desc=desc, unit="img", disable=desc is None) as bar:
         for chunk in batched((images[i] for i in range(n)), batch_size):
             (components, _), chunk_seconds = timed_inference(
                 detector.referenced_components if referenced else detector.component_maps, torch.stack([torch.as_tensor(x) for x in chunk]), device)

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
+from anoddpm.platform.progress import progress
 
 from anoddpm.config import Config
 from anoddpm.data.datasets import stack_if_same
@@ -144,7 +144,7 @@ class TiledDetector(WholeImages):
         if n == 0:
             raise ValueError("no images to score")
         scores, maps, recons, seconds = [], [], [], 0.0
-        for i in tqdm(range(n), desc=desc, unit="img", disable=desc is None):
+        for i in progress(range(n), desc=desc, unit="img", disable=desc is None):
             amap, score, rebuilt, took = self.score_image(np.asarray(images[i], dtype=np.float32), device,
                                                           keep_reconstructions)
             scores.append(score)

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from anoddpm.detection.components.base import Component, SharedWork
 from anoddpm.detection.maps import gaussian_blur
 from anoddpm.detection.scoring_loop import batched
+from anoddpm.platform.progress import progress
 
 CORESET_CANDIDATES = 40_000  # patch descriptors the greedy coreset picks from (a random subset beyond that)
 MEMORY_CHUNK = 4096  # bank rows compared at once: bounds the [locations, bank] distance matrix
@@ -72,9 +73,7 @@ def greedy_coreset(features: Tensor, size: int, generator: torch.Generator, proj
     chosen[0] = int(torch.randint(n, (1,), generator=generator))
     squared = (x * x).sum(1)
     nearest = torch.full((n,), float("inf"), dtype=x.dtype)
-    from tqdm import tqdm
-
-    for i in tqdm(range(1, size), desc="coreset", unit="pick", leave=False, mininterval=2.0):
+    for i in progress(range(1, size), desc="coreset", unit="pick", leave=False, mininterval=2.0):
         last = x[chosen[i - 1]]
         nearest = torch.minimum(nearest, squared - 2.0 * (x @ last) + squared[chosen[i - 1]])
         chosen[i] = int(torch.argmax(nearest))
@@ -86,11 +85,9 @@ def fit_feature_memory(backbone: torch.nn.Module, pool: int, images: Sequence, s
     """Bank [min(size, N), D] of good patch descriptors from `images` (a sequence of [C, S, S] in [0, 1]): every
     location's ``patch_features``, then a ``greedy_coreset`` of `size` rows over at most CORESET_CANDIDATES of them
     (drawn at random with `seed`), so fitting time stays bounded on large training sets."""
-    from tqdm import tqdm
-
     rows = []
     with torch.no_grad():
-        for chunk in tqdm(batched(images, batch_size), total=-(-len(images) // batch_size), desc="feature memory",
+        for chunk in progress(batched(images, batch_size), total=-(-len(images) // batch_size), desc="feature memory",
                           unit="batch", leave=False):
             x = torch.stack([torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in chunk]).to(device)
             f = patch_features(backbone(x), pool)
