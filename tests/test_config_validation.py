@@ -1,10 +1,12 @@
 """Config values checked by type and range at the boundary (anoddpm.config.checks), the field named."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from anoddpm.cli import main
 from anoddpm.config import Config, load_config_file
@@ -67,3 +69,38 @@ def test_cli_and_config_file_errors_are_one_line_before_training(synth_root: Pat
         load_config_file(config).validate()
     assert main([*common, "--config", str(config)]) == 2
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("backbone:\n  name: resnet18\n", r"backbone\.name='resnet18' is not known; choose one of efficientnet_lite0"),
+    ("backbone:\n  layers: [3, 9]\n", r"backbone\.layers=\[3, 9\] must be stages of efficientnet_lite0 in 1\.\.7"),
+    ("backbone:\n  layers: [5, 5]\n", r"backbone\.layers=\[5, 5\] must be stages .* each once"),
+    ("backbone:\n  weights: {missing}\n", r"backbone weights not found: .*missing\.pth \(backbone\.weights\)"),
+    ("backbone:\n  weights: {foreign}\n", r"foreign\.pth does not hold efficientnet_lite0 weights"),
+    ("train: !!python/object/apply:os.system ['touch {sentinel}']\n", r"cfg\.yaml is not plain YAML"),
+    ("data: [1, 2\n", r"cfg\.yaml is not plain YAML"),
+])
+def test_the_whole_config_is_checked_before_the_first_training_step(synth_root: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture, yaml_text: str,
+                                                                    message: str) -> None:
+    """An unknown backbone, bad layers, a missing or foreign weights file, a YAML tag: one line, before any work."""
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, foreign)
+    sentinel = tmp_path / "executed"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml_text.format(missing=tmp_path / "missing.pth", foreign=foreign, sentinel=sentinel))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(synth_root), "--category", "synthetic", "--out", str(run),
+                 "--config", str(config), "--max-steps", "1", "--channels", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and re.search(message, err), err
+    assert not run.exists() and not sentinel.exists()  # nothing trained, nothing written, nothing executed
+
+
+def test_the_training_api_checks_the_backbone_first(synth_root: Path, tmp_path: Path) -> None:
+    from anoddpm.training.train import train
+
+    cfg = Config().override("backbone", weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(FileNotFoundError, match=r"backbone weights not found: .*missing\.pth"):
+        train(cfg, synth_root, "synthetic", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
