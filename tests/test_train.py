@@ -284,3 +284,75 @@ def test_short_runs_skip_the_head_and_a_head_that_fails_its_check_is_left_out(da
     assert 0 <= check["head_check"]["fused"]["pixel_auroc"] <= 1
     bundle = load_bundle(tmp_path / "dropped" / "model.pt")
     assert bundle.head_state_dict is None and Detector.from_bundle(bundle, "cpu").components == ("residual", "feature_memory")
+
+
+def test_a_second_training_into_the_same_out_is_refused_and_a_dead_runs_lock_is_taken_over(data_root, tmp_path):
+    """Issue 30: one training per --out (RUN_DIR/train.lock); names with a newline or non-UTF-8 bytes train."""
+    import shutil
+    import socket
+
+    from anoddpm.training.checkpointing import LOCK_NAME, _process_start
+
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    good = sorted((data / "syn" / "train" / "good").iterdir())
+    os.rename(good[0], good[0].with_name("line\nbreak.png"))
+    os.rename(good[1], os.path.join(os.fsencode(good[1].parent), b"caf\xe9.png"))  # Latin-1, not UTF-8
+    run = tmp_path / "run"
+    run.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / LOCK_NAME).write_text(f"{other.pid} {socket.gethostname()} {_process_start(other.pid)}\n")
+        with pytest.raises(ValueError, match=rf"{run} is in use by another training \(process {other.pid} "):
+            train(_cfg(2), data, "syn", run, device="cpu")
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # nothing of the refused run
+    finally:
+        other.kill()
+        other.wait()
+    bundle = train(_cfg(2), data, "syn", run, device="cpu")  # the killed run's lock is stale: taken over
+    assert load_bundle(bundle).fingerprint["n_files"] == 14
+    assert not (run / LOCK_NAME).exists()
+
+
+@pytest.fixture(scope="module")
+def diverged(data_root, tmp_path_factory) -> tuple[Path, str]:
+    """A run whose loss turns NaN (lr 1e6) after its step-2 checkpoint: (run folder, the error it stopped with)."""
+    run = tmp_path_factory.mktemp("diverged") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the one_thread fixture
+    try:
+        with pytest.raises(ValueError) as err:
+            train(_cfg(12, lr=1e6, warmup_steps=1, log_every=3, checkpoint_every=2), data_root, "syn", run,
+                  device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    return run, str(err.value)
+
+
+def test_a_loss_that_turns_nan_stops_training_at_once_keeping_the_last_good_checkpoint(diverged):
+    run, message = diverged
+    assert "stopped being finite numbers (at step 3)" in message and "no bundle was written" in message
+    assert "keeps step 2" in message
+    assert "\n" not in message
+    assert not (run / "model.pt").exists() and not (run / "train.lock").exists()
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in ckpt[part].values())
+
+
+def test_a_malformed_checkpoint_is_refused_with_one_line_on_resume(data_root, diverged, tmp_path):
+    cfg = _cfg(12, lr=1e6, warmup_steps=1, log_every=3, checkpoint_every=2)
+    good = torch.load(diverged[0] / "checkpoint.pt", weights_only=True)
+    first = next(iter(good["model"]))
+    cases = [(["not", "a", "checkpoint"], "it holds a list"),
+             ({"format": 1, "config": cfg.to_dict()}, "lacks 'step' entry"),
+             ({**good, "sampler": {"position": "0"}}, "malformed 'sampler.position' entry"),
+             ({**good, "rng": "seeds"}, "malformed 'rng' entry"),
+             ({**good, "model": {**good["model"], first: torch.zeros(3)}}, "do not fit this run")]
+    for k, (content, expected) in enumerate(cases):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        torch.save(content, run / "checkpoint.pt")
+        with pytest.raises(ValueError, match=expected) as err:
+            train(cfg, data_root, "syn", run, resume=True, device="cpu")
+        assert "\n" not in str(err.value)

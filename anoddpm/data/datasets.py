@@ -142,10 +142,11 @@ def _sha256(path: Path) -> str:
 
 
 def _fingerprint(cat_root: Path, files: Sequence[Path]) -> str:
-    """sha256 over sorted (relative path, file sha256): stable across machines and copies."""
+    """sha256 over sorted (relative path, file sha256): stable across machines and copies. A name that is not
+    UTF-8 is hashed as its bytes (surrogateescape), so such files train like any other."""
     h = hashlib.sha256()
     for rel, path in sorted((p.relative_to(cat_root).as_posix(), p) for p in files):
-        h.update(f"{rel}\t{_sha256(path)}\n".encode())
+        h.update(f"{rel}\t{_sha256(path)}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

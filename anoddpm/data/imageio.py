@@ -347,8 +347,8 @@ def list_images(paths: Sequence[str | Path],
                 exclude: str | Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Files and folders (recursive) -> (sorted image paths, one per resolved file, [(path, reason skipped)]).
 
-    A file named several ways (twice, through its folder, through ``..`` or a symlink) is listed once, under the
-    first of its spellings in sorted order. Hidden files (name starting with '.') inside folders are ignored
+    A file named several ways (twice, through its folder, through ``..`` or a symlink) is listed once, under its
+    shortest spelling without ``..``. Hidden files (name starting with '.') inside folders are ignored
     silently, and so is everything inside `exclude` (a command's own output folder, so its maps are never
     inspected as inputs), files named there explicitly included.
     """
@@ -361,7 +361,7 @@ def list_images(paths: Sequence[str | Path],
             skipped.append((f, f"suffix {f.suffix or '(none)'} is not one of {', '.join(IMAGE_SUFFIXES)}"))
             return
         key = f.resolve()
-        images[key] = min(images.get(key, f), f)
+        images[key] = min(images.get(key, f), f, key=lambda p: (".." in p.parts, len(str(p)), str(p)))
 
     for raw in paths:
         p = Path(raw)

@@ -1,11 +1,15 @@
-"""Resumable runs: the checkpoint's RNG state, its validation on --resume, and the stop flag set by SIGINT/SIGTERM."""
+"""Resumable runs: the checkpoint's RNG state, its validation on --resume, the stop flag set by SIGINT/SIGTERM, and
+the run folder's lock (one training per --out)."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import signal
+import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,9 @@ from anoddpm.config import Config
 
 CHECKPOINT_FORMAT = 1
 BUDGET_FIELDS = ("max_steps", "max_minutes")  # the only train fields a resume may change
+LOCK_NAME = "train.lock"  # RUN_DIR/train.lock: "<pid> <host> <process start>" of the training that runs there
+_CHECKPOINT_ENTRIES = {"config": dict, "step": int, "model": dict, "ema": dict, "optimizer": dict, "scheduler": dict,
+                       "scaler": dict, "sampler": dict, "rng": list, "fingerprint": dict}
 
 
 def rng_state(noise_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
@@ -87,15 +94,19 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def load_checkpoint(path: Path, cfg: Config, fingerprint: dict[str, Any], world: int) -> dict[str, Any]:
-    """The checkpoint at `path` for a --resume; ValueError naming what differs (config, data, process count)."""
+    """The checkpoint at `path` for a --resume; ValueError naming what differs (config, data, process count) or
+    what is malformed."""
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupted?): {err}") from err
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint written by `anoddpm train` (it holds a {type(ckpt).__name__})")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has checkpoint format {ckpt.get('format')!r}; this anoddpm reads {CHECKPOINT_FORMAT}")
+    _check_structure(path, ckpt)
     try:  # fields added since the checkpoint was written take their defaults, which keep the old behaviour
         saved = Config.from_dict(ckpt["config"]).to_dict()
     except (ValueError, TypeError) as err:
@@ -110,3 +121,78 @@ def load_checkpoint(path: Path, cfg: Config, fingerprint: dict[str, Any], world:
         raise ValueError(f"--resume: {path} was written by {len(ckpt['rng'])} process(es), now {world}; "
                          "resume with the same --nproc_per_node")
     return ckpt
+
+
+def _check_structure(path: Path, ckpt: dict[str, Any]) -> None:
+    """ValueError naming the first entry of a checkpoint that is missing or of the wrong kind."""
+    for key, kind in _CHECKPOINT_ENTRIES.items():
+        value = ckpt.get(key)
+        if key == "sampler" and isinstance(value, dict):
+            value = value.get("position")
+            key, kind = "sampler.position", int
+        if value is None or not isinstance(value, kind) or isinstance(value, bool):
+            problem = "lacks" if value is None else "has a malformed"
+            raise ValueError(f"--resume: {path} {problem} {key!r} entry; it is not a complete `anoddpm train` "
+                             "checkpoint (start a new run with another --out)")
+
+
+def _process_start(pid: int) -> str:
+    """A token that tells a process from a later one with the same id (Linux: its start time), '' elsewhere."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _lock_is_stale(text: str, age_s: float) -> bool:
+    """True when the lock's process is gone (same host: no such pid, or a pid reused by a later process)."""
+    parts = text.split()
+    if len(parts) < 2:
+        return age_s > 10.0  # a writer killed between creating the file and writing it; a fresh one is still busy
+    if parts[1] != socket.gethostname() or not parts[0].isdigit():
+        return False  # another machine's process: it cannot be checked from here
+    pid = int(parts[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return len(parts) > 2 and parts[2] != _process_start(pid)
+
+
+def acquire_run_lock(out: Path) -> Path:
+    """Create RUN_DIR/train.lock for this process -> its path; ValueError naming the holder when another training
+    runs into the same folder. The lock of a process that is gone (killed) is taken over."""
+    lock = out / LOCK_NAME
+    me = f"{os.getpid()} {socket.gethostname()} {_process_start(os.getpid())}\n"
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                text, age_s = lock.read_text(errors="replace"), time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if not _lock_is_stale(text, age_s):
+                holder = " ".join(text.split()[:2]) or "a starting process"
+                raise ValueError(f"{out} is in use by another training (process {holder}, {lock}); wait for it, "
+                                 f"choose another --out, or delete {lock} if no training runs there")
+            if lock.read_text(errors="replace") == text:  # still the stale one, not a fresh lock of another run
+                lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(me)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return lock
+    raise ValueError(f"{out}: could not take the run folder's lock {lock} (other trainings keep starting there)")
+
+
+def release_run_lock(lock: Path) -> None:
+    """Remove a lock taken by ``acquire_run_lock`` (only if it is still this process's)."""
+    try:
+        if lock.read_text(errors="replace").split()[:1] == [str(os.getpid())]:
+            lock.unlink()
+    except (FileNotFoundError, IndexError):
+        pass

@@ -1,6 +1,7 @@
 """A training run's scalar log: RUN_DIR/log.jsonl, mirrored to TensorBoard with ``--logger tensorboard``.
 
-Every record goes to log.jsonl as it is (one JSON line, fsynced). With TensorBoard its numeric fields
+Every record goes to log.jsonl as it is (one strict JSON line, fsynced; a number that is not finite is written as
+``null``). With TensorBoard its numeric fields
 become scalars ``<phase>/<field>`` at the record's ``step`` (phase ``train`` unless the record names one,
 e.g. ``head``); nested dicts are flattened (``train/head_check/fused/pixel_auroc``). ``scalars`` writes
 TensorBoard-only figures (the calibration: ``calibration/image``, ``calibration/pixel``, ...). The event files go to
@@ -9,6 +10,7 @@ RUN_DIR/tensorboard (``tensorboard --logdir RUN_DIR``). TensorBoard is optional:
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +26,17 @@ def _tensorboard_writer(log_dir: Path) -> Any:
         raise ValueError("--logger tensorboard needs the tensorboard package, which is not installed "
                          "(pip install tensorboard), or use --logger none") from err
     return SummaryWriter(log_dir=str(log_dir))
+
+
+def _strict(value: Any) -> Any:
+    """`value` with every float that is not finite replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _scalars(record: dict[str, Any], prefix: str) -> Iterator[tuple[str, float]]:
@@ -45,7 +58,7 @@ class RunLog:
 
     def __call__(self, record: dict[str, Any]) -> None:
         """Write one record (a dict of JSON values; ``step`` int and ``phase`` str optional)."""
-        append_jsonl(self.path, record)
+        append_jsonl(self.path, _strict(record))
         if self.writer is not None:
             phase, step = str(record.get("phase", "train")), int(record.get("step", 0))
             fields = {k: v for k, v in record.items() if k != "phase"}

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from anoddpm.platform.atomic import atomic_torch_save, atomic_write_text, out_folder
 from anoddpm.bundle import save_bundle
-from anoddpm.training.checkpointing import CHECKPOINT_FORMAT, StopFlag, load_checkpoint, rng_state, weights_digest
+from anoddpm.training.checkpointing import (CHECKPOINT_FORMAT, StopFlag, acquire_run_lock, load_checkpoint,
+                                            release_run_lock, rng_state, weights_digest)
 from anoddpm.config import Config
 from anoddpm.training.denoiser_step import DenoiserOptimiser
 from anoddpm.platform.device import resolve_device
@@ -47,6 +48,7 @@ from anoddpm.data.datasets import load_training_data
 from anoddpm.data.imageio import save_png
 from anoddpm.model.intensity import model_inputs
 from anoddpm.training.run_log import RunLog
+from anoddpm.detection.backbone import check_backbone
 from anoddpm.detection.calibration import calibrate_bundle
 from anoddpm.detection.tiling import as_tiles
 from anoddpm.training.crops import random_crops, random_tiles
@@ -135,12 +137,18 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
     DDP the global batch is batch_size * WORLD_SIZE. max_steps counts the run's total optimizer steps
     (including resumed ones). `logger` 'tensorboard' mirrors log.jsonl and the calibration to
     RUN_DIR/tensorboard (``anoddpm.training.run_log``).
+
+    One training at a time per RUN_DIR (RUN_DIR/train.lock, removed at the end; the lock of a killed run is taken
+    over). A loss that is not a finite number stops the run with a ValueError (checked every ``train.log_every``
+    steps and before every checkpoint): no bundle is written and checkpoint.pt keeps the last good step.
     """
-    cfg.validate()
+    check_backbone(cfg.validate())  # the whole config, backbone weights included, before any work
     out = Path(out_dir)
     dist = _Dist(device)
     run_log: RunLog | None = None
+    lock: Path | None = None
     try:
+        lock = _lock_run_folder(out, dist)
         tc = cfg.train
         max_steps, max_minutes = tc.max_steps, tc.max_minutes
         if head_is_trained(cfg):  # the denoiser's share of the budget; the head gets the rest
@@ -203,7 +211,24 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
     finally:
         if run_log is not None:
             run_log.close()
+        if lock is not None:
+            release_run_lock(lock)
         dist.close()
+
+
+def _lock_run_folder(out: Path, dist: _Dist) -> Path | None:
+    """The main rank creates RUN_DIR and takes its lock (-> its path; None on the other ranks); every rank raises
+    the same one-line ValueError when another training holds it."""
+    lock, refused = None, None
+    if dist.main:
+        try:
+            out_folder(out).mkdir(parents=True, exist_ok=True)
+            lock = acquire_run_lock(out)
+        except ValueError as err:
+            refused = err
+    if dist.any(refused is not None):
+        raise refused or ValueError(f"{out} is in use by another training (see {out / 'train.lock'})")
+    return lock
 
 
 def _prepare_run_folder(out: Path, resume: bool, main: bool) -> None:
@@ -221,7 +246,12 @@ def _prepare_run_folder(out: Path, resume: bool, main: bool) -> None:
 def _resume(ckpt_path: Path, cfg: Config, fingerprint: dict, state: DenoiserOptimiser, dist: _Dist) -> int:
     """Load a checkpoint the run may continue into `state` -> its step."""
     ckpt = load_checkpoint(ckpt_path, cfg, fingerprint, dist.world)
-    state.load_state_dict(ckpt, ckpt["rng"][dist.rank])
+    try:
+        state.load_state_dict(ckpt, ckpt["rng"][dist.rank])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"--resume: {ckpt_path} holds weights or states that do not fit this run ({first}); start "
+                         "a new run with another --out") from err
     step = ckpt["step"]
     if ckpt["sampler"]["position"] != step * cfg.train.batch_size * dist.world:
         raise ValueError(f"{ckpt_path}: sampler position does not match step {step}")
@@ -258,6 +288,28 @@ def _batches(cfg: Config, train_ds: Any, dist: _Dist, step: int) -> Iterator[Ten
         step += 1
 
 
+class _FiniteLoss:
+    """Stops the run at the first check that finds a loss that is not a finite number (NaN, inf: the weights are
+    lost from that step on), before it reaches a checkpoint, a log line or the bundle."""
+
+    def __init__(self, ckpt: Path, step: int, lr: float, resumed: bool) -> None:
+        self.ckpt, self.checked, self.lr = ckpt, step, lr
+        self.saved: int | None = step if resumed else None  # step of the last checkpoint written
+
+    def check(self, loss_sum: Tensor, dist: _Dist, step: int, *weights: nn.Module) -> None:
+        """ValueError when the losses summed since the last check, or any of `weights` (before a checkpoint),
+        are not finite (every rank agrees)."""
+        finite = bool(torch.isfinite(loss_sum)) and all(bool(torch.isfinite(p).all()) for m in weights
+                                                         for p in m.parameters())
+        if dist.any(not finite):
+            when = f"at step {step}" if self.checked + 1 >= step else f"between steps {self.checked + 1} and {step}"
+            kept = f"{self.ckpt} keeps step {self.saved}" if self.saved is not None else "no checkpoint was written"
+            raise ValueError(f"training stopped: the loss or the weights stopped being finite numbers ({when}); no "
+                             f"bundle was written and {kept}; lower train.lr (--lr, now {self.lr:g}) and train into "
+                             "another --out")
+        self.checked = step
+
+
 def _denoiser_loop(cfg: Config, state: DenoiserOptimiser, dist: _Dist, train_ds: Any, val_ds: Any,
                    fingerprint: dict, out: Path, step: int, max_steps: int, max_minutes: float | None,
                    run_log: RunLog | None) -> tuple[int, bool]:
@@ -268,6 +320,8 @@ def _denoiser_loop(cfg: Config, state: DenoiserOptimiser, dist: _Dist, train_ds:
     preview = torch.stack([torch.as_tensor(preview_set[i]) for i in range(min(4, len(preview_set)))]).to(dist.device)
     start_time, start_step, loss_sum, loss_count = time.perf_counter(), step, torch.zeros((), device=dist.device), 0
     interrupted = False
+    ckpt = out / "checkpoint.pt"
+    guard = _FiniteLoss(ckpt, step, cfg.train.lr, resumed=step > 0)
     bar = tqdm(total=max_steps, initial=step, unit="step", mininterval=1.0, dynamic_ncols=True,
                disable=not (dist.main and sys.stderr.isatty()))
     with StopFlag() as flag:
@@ -284,6 +338,7 @@ def _denoiser_loop(cfg: Config, state: DenoiserOptimiser, dist: _Dist, train_ds:
             loss_count += 1
             bar.update(1)
             if step % tc.log_every == 0 or step == max_steps:
+                guard.check(loss_sum, dist, step)
                 elapsed = time.perf_counter() - start_time
                 record = {"step": step, "loss": loss_sum.item() / loss_count, "lr": state.sched.get_last_lr()[0],
                           "images_per_s": (step - start_step) * tc.batch_size * dist.world / max(elapsed, 1e-9),
@@ -294,10 +349,13 @@ def _denoiser_loop(cfg: Config, state: DenoiserOptimiser, dist: _Dist, train_ds:
                     run_log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
             if step % tc.checkpoint_every == 0:
-                _save_checkpoint(out / "checkpoint.pt", cfg, state, dist, step, len(train_ds), fingerprint)
+                guard.check(loss_sum, dist, step, state.model, state.ema)
+                _save_checkpoint(ckpt, cfg, state, dist, step, len(train_ds), fingerprint)
+                guard.saved = step
             if dist.main and step % tc.sample_every == 0:
                 _sample_grid(out / "samples" / f"step_{step:07d}.png", cfg, state.ema, state.diffusion, preview)
         bar.close()
         if step % tc.checkpoint_every != 0 or interrupted:
-            _save_checkpoint(out / "checkpoint.pt", cfg, state, dist, step, len(train_ds), fingerprint)
+            guard.check(loss_sum, dist, step, state.model, state.ema)
+            _save_checkpoint(ckpt, cfg, state, dist, step, len(train_ds), fingerprint)
     return step, interrupted
