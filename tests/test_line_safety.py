@@ -441,3 +441,11 @@ def test_a_crafted_log_line_never_moves_a_file(toy: Path, tmp_path: Path) -> Non
     assert secret.is_file() and not target.exists() and not target.parent.exists()
     record = read_log(out / "inspections.jsonl")[-1]
     assert record["path"] == str(inside) and record["moved_to"] == str(out / "ng" / "part.png")
+
+
+def test_training_log_lines_are_strict_json(tmp_path: Path) -> None:
+    from anoddpm.training.run_log import RunLog
+
+    RunLog(tmp_path)({"step": 3, "loss": math.nan, "head_check": {"fused": [math.inf, 0.5]}})
+    assert _strict_json((tmp_path / "log.jsonl").read_text()) == {"step": 3, "loss": None,
+                                                                  "head_check": {"fused": [None, 0.5]}}
