@@ -14,8 +14,9 @@ decodes gets its result with ``supersedes_error`` (once per path).
 ``--sort`` moves inspected files to OUT/ok or OUT/ng (a clashing name gets a ``_1``, ``_2`` ... suffix; nothing is
 overwritten). The file is placed there completely (``deploy.watch.place``) and its map written before its line,
 so a line's ``moved_to`` and ``map`` always name complete files; if the line cannot be written (a full disk),
-both are removed again and the file keeps its place in the input. ``--save-maps`` writes OUT/maps/<name>.png
-with the anomaly map scaled so that the pixel threshold is mid-grey. The log is data: a restart skips the files
+both are removed again and the file keeps its place in the input. ``--save-maps`` writes OUT/maps/<stem>.png
+(a free ``_N`` name on a clash; the line's ``map`` names it) with the anomaly map scaled so that the pixel
+threshold is mid-grey. The log is data: a restart skips the files
 it records and never moves anything because of it. A torn last line (a crash mid-write) is cut off at start,
 lines that are not UTF-8 JSON are skipped. No torch: numpy, onnxruntime and anoddpm.data.imageio only.
 """

@@ -189,7 +189,7 @@ def test_tiled_score_maps_and_runtime_match_pytorch(tiled_run: tuple[Path, Path]
         scores = {Path(r["path"]).resolve(): float(r["pred_score"]) for r in csv.DictReader(handle)}
     assert len(scores) == len(files)
     for path in files:
-        saved = Image.open(tmp_path / "s" / "maps" / path.parent.name / path.name)
+        saved = Image.open(tmp_path / "s" / "maps" / path.parent.name / f"{path.name}.png")
         assert saved.size[::-1] == image_hw(path)  # maps of each file's own size
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", "--model", str(model), "--out", str(onnx_path)]) == 0
