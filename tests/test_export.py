@@ -86,6 +86,9 @@ def test_metadata_and_checker(exported):
     meta = {p.key: p.value for p in model.metadata_props}
     bundle = load_bundle(bundle_path)
     assert meta["anoddpm_format_version"] == "1" and meta["steps"] == str(STEPS)
+    from deploy.integrity import graph_bytes, integrity_hash
+
+    assert meta["integrity_sha256"] == integrity_hash(graph_bytes(onnx_path.read_bytes()), meta)
     assert json.loads(meta["threshold"]) == bundle.threshold
     assert json.loads(meta["fingerprint"]) == bundle.fingerprint
     assert json.loads(meta["preprocessing"]) == {"image_size": SIZE, "channels": 1, "resize_policy": "resize"}

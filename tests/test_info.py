@@ -32,6 +32,7 @@ def test_info_bundle_and_onnx(bundle, tmp_path, capsys):
     assert out["parameters"] == sum(p.numel() for p in build_unet(cfg).parameters())
     assert out["map_reference"] is None
     assert out["head_parameters"] is None
+    assert out["calibration_problem"] is None and len(out["threshold"]["calibration_sha256"]) == 64
 
     update_threshold(path, {"image": 0.25, "pixel": 0.5, "detect": {"scorer": "residual", "fusion": "max"}}, torch.full((1, 1, 32, 32), 2.0))  # default settings
     assert cli(["info", str(path)]) == 0
