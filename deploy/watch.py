@@ -80,7 +80,7 @@ def watch_folder(folder: str | Path, handle: Callable[[list[Snapshot]], Iterable
     if not folder.is_dir():
         raise FileNotFoundError(f"watch folder not found: {folder}")
     if not (isinstance(poll_interval, (int, float)) and math.isfinite(poll_interval) and poll_interval > 0):
-        raise ValueError(f"--poll-interval={poll_interval} must be positive")
+        raise ValueError(f"--poll-interval={poll_interval} must be a positive finite number of seconds")
     done = set(seen)
     previous: dict[str, Snapshot] = {}
     unreadable: set[str] = set()
