@@ -87,3 +87,27 @@ def test_onnx_graph_holds_backbone_and_memory_and_matches_pytorch(calibrated, tm
     assert np.abs(o_map - amap[:, 0].numpy()).max() < 1e-4 and np.abs(o_score - score.numpy()).max() < 1e-4
     one = Inspector(onnx_path, batch_size=1).run(images.numpy()[:1])[1]
     assert abs(float(one[0]) - float(o_score[0])) < 1e-5
+
+
+def test_a_detection_flag_keeps_the_memory_it_does_not_touch(calibrated, tmp_path, monkeypatch):
+    """Recalibrating for --depth reuses the bundle's feature memory (same data, memory size, seed); --memory-size refits."""
+    import anoddpm.detection.components.feature_memory as fm
+
+    data, model = calibrated
+    fitted = []
+    real_fit = fm.fit_feature_memory
+    monkeypatch.setattr(fm, "fit_feature_memory", lambda *a, **k: fitted.append(1) or real_fit(*a, **k))
+    argv = ["evaluate", "--model", str(model), "--data", str(data), "--category", "cat", "--batch-size", "4"]
+    assert main([*argv, "--out", str(tmp_path / "depth"), "--depth", "20"]) == 0
+    assert fitted == []
+    kept = json.loads((tmp_path / "depth" / "metrics.json").read_text())
+    assert main([*argv, "--out", str(tmp_path / "size"), "--depth", "20", "--memory-size", "199"]) == 0
+    assert fitted == [1]
+    refit = json.loads((tmp_path / "size" / "metrics.json").read_text())
+    assert kept["image_auroc"] is not None and refit["image_auroc"] is not None
+    import anoddpm.detection.calibration as calibration
+
+    monkeypatch.setattr(calibration, "reusable_states", lambda *a: {})  # the same evaluate, memory fitted again
+    assert main([*argv, "--out", str(tmp_path / "again"), "--depth", "20"]) == 0
+    scores = [(tmp_path / name / "per_image.csv").read_text() for name in ("depth", "again")]
+    assert scores[0] == scores[1]  # keeping the memory changes no score

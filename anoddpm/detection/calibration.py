@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -94,20 +94,25 @@ def data_record(root: str | Path, category: str | None, kind: str | None) -> dic
 
 
 def fit_and_score_good(view: Any, good_images: Any, device: torch.device, batch_size: int,
-                       bank_images: Any = None) -> ScoredSet:
+                       bank_images: Any = None, keep: Mapping[str, Any] | None = None) -> ScoredSet:
     """Fit every state of ``view.detector`` and score the held-back good images [C, S, S] (or [C, H_i, W_i] tiled).
 
     In order: each component's state on `bank_images` (the training split, [C, S, S] in [0, 1]; augmentation is not
     applied; at most BANK_MAX_IMAGES of them, evenly spaced); the nearest_good bank on them too (when at least
     MIN_REFERENCE_IMAGES); good_mean (see the module docstring); the component scales of fusion max on the good
-    images' referenced maps. Fewer images than a reference needs leave it unfitted, with a warning.
+    images' referenced maps. Fewer images than a reference needs leave it unfitted, with a warning. A component
+    whose state is in `keep` (bundle key -> state, ``reusable_states``) uses it instead of fitting it again.
     """
+    keep = keep or {}
     detector, det = view.detector, view.detector.cfg.detect
     detector.reset_fitted_state()
     bank = [] if bank_images is None else view.model_inputs(bank_images)
     chosen = _Chosen(bank, evenly_spaced(len(bank)))
     for part in detector.parts:
-        if part.state_key is not None:
+        if part.state_key in keep:
+            part.load_fitted_state(keep[part.state_key])
+            log.info("calibration: the %s state is kept (its settings and training images are unchanged)", part.name)
+        elif part.state_key is not None:
             part.fit(chosen, detector.backbone, device)
     if det.map_reference == "nearest_good":
         _fit_nearest_good(detector, chosen, device, batch_size)
@@ -120,6 +125,25 @@ def fit_and_score_good(view: Any, good_images: Any, device: torch.device, batch_
                                          desc="component scale", reduce=lambda c: c.amax(dim=(2, 3)), referenced=True)
         detector.fusion.fit(maxima)
     return view.score_set(good_images, device, desc="validation")
+
+
+def reusable_states(bundle: Any, detector: Detector, root: Path, category: str | None) -> dict[str, Any]:
+    """The bundle's fitted component states that recalibrating `detector` on `root`/`category` would fit again
+    unchanged: the bundle's calibration used the component, on the same data (threshold["data"]), with the same
+    values of the component's ``fit_settings``. Bundle key -> state."""
+    threshold = bundle.threshold if isinstance(bundle.threshold, dict) else {}
+    record, stored = threshold.get("data") or {}, threshold.get("detect") or {}
+    same_data = record.get("root") == data_record(root, category, None)["root"] and record.get("category") == category
+    if not same_data:
+        return {}
+    current = asdict(detector.cfg.detect)
+    kept = {}
+    for part in detector.parts:
+        state = getattr(bundle, part.state_key, None) if part.state_key else None
+        if (state is not None and part.name in (threshold.get("components") or ())
+                and all(stored.get(k) == current[k] for k in part.fit_settings)):
+            kept[part.state_key] = state
+    return kept
 
 
 def evenly_spaced(n: int) -> np.ndarray:
@@ -203,7 +227,8 @@ def _validation(bundle: Any, view: Any, root: Path, category: str | None, device
     train_ds, val_ds, fingerprint = load_training_data(bundle.cfg, root, category, bundle.cfg.train.seed)
     if len(val_ds) == 0:
         raise ValueError(f"no held-back validation images under {root} (category {category}) to calibrate on")
-    return fit_and_score_good(view, val_ds, device, batch_size, bank_images=train_ds), fingerprint
+    keep = reusable_states(bundle, view.detector, root, category)
+    return fit_and_score_good(view, val_ds, device, batch_size, bank_images=train_ds, keep=keep), fingerprint
 
 
 def calibrate_threshold(bundle: Any, view: Any, device: torch.device, batch_size: int, root: Path,

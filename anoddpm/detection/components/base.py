@@ -36,6 +36,7 @@ class Component(nn.Module):
     needs_rebuilt_features: bool = False  # uses work.rebuilt_features
     referenced: bool = True  # map references (detect.map_reference) divide its map
     state_key: str | None = None  # bundle key of its fitted state; None = nothing fitted
+    fit_settings: tuple[str, ...] = ()  # detect fields the fitted state depends on (besides the training images)
 
     def forward(self, work: SharedWork) -> Tensor:  # pragma: no cover - every component defines it
         raise NotImplementedError

@@ -107,6 +107,7 @@ class FeatureMemory(Component):
     needs_features = True
     referenced = False
     state_key = "feature_memory"
+    fit_settings = ("memory_size", "seed")
     memory_bank: Tensor
 
     def __init__(self, pool: int, sigma: float, memory_size: int, seed: int) -> None:
