@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="train_batch_size", type=int, metavar="N", help="images per step (default 8)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps of the run (default 10000)")
-    p.add_argument("--max-minutes", type=float, help="wall-clock budget; stops cleanly and saves")
+    p.add_argument("--max-minutes", type=float,
+                   help="wall-clock budget of the training steps; stops cleanly and saves (the calibration after it "
+                        "is extra: its time is logged and the final line gives the whole command's time)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
     p.add_argument("--seed", type=int, help="seed for weights, data order and noise (default 0)")
     p.add_argument("--config", metavar="FILE", help="YAML or JSON config; flags override it")

@@ -44,11 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from anoddpm.bundle import load_bundle
 from anoddpm.platform.atomic import atomic_write_bytes, atomic_write_text, out_folder
 from anoddpm.platform.device import resolve_device
+from anoddpm.platform.progress import progress
 from anoddpm.cli.parser import detect_overrides
 from anoddpm.config import Config
 from anoddpm.data.imageio import image_hw, list_images, load_model_image, read_image, resize_map, restore_map, save_png
@@ -306,7 +306,7 @@ def _score_shard(view: WholeImages, cfg: Config, paths: list[Path], device: torc
                  overlay_threshold: float | None = None) -> int:
     """Score `paths` in batches, appending rows and error rows -> the number of files that failed."""
     failed = 0
-    with tqdm(total=len(paths), unit="img", desc="score", disable=not show_progress) as bar:
+    with progress(total=len(paths), unit="img", desc="score", disable=not show_progress) as bar:
         for chunk in batched(paths, args.batch_size):
             good, arrays, errors = [], [], []
             for path in chunk:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
+from anoddpm.bundle import load_bundle
 from anoddpm.cli.parser import resolve_train_config
 from anoddpm.data.datasets import infer_channels
 from anoddpm.training.train import train
@@ -12,12 +14,18 @@ log = logging.getLogger(__name__)
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """CLI handler of `anoddpm train`."""
+    """CLI handler of `anoddpm train`; the bundle path and its threshold go to stdout (kept by -q)."""
+    start = time.perf_counter()
     cfg = resolve_train_config(args)
     if args.channels is None and args.config is None:
         channels = infer_channels(args.data, args.category, cfg)
         log.info("channels: %d (from the training images; set --channels to override)", channels)
         cfg = cfg.override("data", channels=channels).validate()
-    train(cfg, args.data, args.category, args.out, resume=args.resume, device=args.device,
-          logger=getattr(args, "logger", "none"))
+    bundle = train(cfg, args.data, args.category, args.out, resume=args.resume, device=args.device,
+                   logger=getattr(args, "logger", "none"))
+    threshold = load_bundle(bundle).threshold or {}
+    image = threshold.get("image")
+    print(f"trained {bundle}: image threshold {'n/a' if image is None else f'{image:.6g}'} "
+          f"({threshold.get('n_good', 0)} held-back good images), {(time.perf_counter() - start) / 60:.1f} min in all "
+          "(training and calibration)")
     return 0

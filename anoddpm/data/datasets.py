@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
+from anoddpm.platform.progress import progress
 
 from anoddpm.config import Config
 from anoddpm.data.imageio import (IMAGE_SUFFIXES, image_hw, load_model_image, model_image, model_mask, read_image, read_mask,
@@ -348,7 +348,7 @@ def labelled_test_arrays(cfg: Config, root: Path, category: str | None) -> dict[
         raise ValueError(f"no test images under {root} (category {category})")
     items = [samples[i] for i in range(len(samples))]
     loaded = [(np.asarray(s.image, dtype=np.float32), np.asarray(s.mask, dtype=bool))
-              for s in tqdm(items, desc="load test set", unit="img")]
+              for s in progress(items, desc="load test set", unit="img")]
     return {
         "images": stack_if_same([image for image, _ in loaded]),
         "masks": stack_if_same([mask for _, mask in loaded]),

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,7 +31,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from anoddpm.platform.atomic import atomic_torch_save, atomic_write_text, out_folder
 from anoddpm.bundle import save_bundle
@@ -41,6 +39,7 @@ from anoddpm.training.checkpointing import (CHECKPOINT_FORMAT, StopFlag, acquire
 from anoddpm.config import Config
 from anoddpm.training.denoiser_step import DenoiserOptimiser
 from anoddpm.platform.device import resolve_device
+from anoddpm.platform.progress import progress
 from anoddpm.model.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
 from anoddpm.training.head_phase import (checked_head, denoiser_steps_before_head, head_is_trained,
                                 train_head_phase)
@@ -203,7 +202,10 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                 log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
             raise KeyboardInterrupt
         if dist.main:
+            calibration_start = time.perf_counter()
             threshold = calibrate_bundle(bundle, val_ds, dist.device, train_ds)
+            log.info("calibrated in %.1f s (after the training budget: --max-minutes covers the training steps)",
+                     time.perf_counter() - calibration_start)
             run_log.scalars("calibration", step, {k: threshold[k] for k in ("image", "pixel", "n_good")
                                                   if threshold.get(k) is not None})
         # no barrier here: the other ranks would wait through the head phase, longer than NCCL's timeout
@@ -322,8 +324,8 @@ def _denoiser_loop(cfg: Config, state: DenoiserOptimiser, dist: _Dist, train_ds:
     interrupted = False
     ckpt = out / "checkpoint.pt"
     guard = _FiniteLoss(ckpt, step, cfg.train.lr, resumed=step > 0)
-    bar = tqdm(total=max_steps, initial=step, unit="step", mininterval=1.0, dynamic_ncols=True,
-               disable=not (dist.main and sys.stderr.isatty()))
+    bar = progress(total=max_steps, initial=step, desc="train", unit="step", mininterval=1.0, dynamic_ncols=True,
+                   disable=not dist.main)
     with StopFlag() as flag:
         data = _batches(cfg, train_ds, dist, step)
         while step < max_steps:
