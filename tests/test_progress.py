@@ -32,10 +32,11 @@ def test_off_a_terminal_a_long_loop_logs_a_line_every_interval_and_at_the_end(mo
     assert isinstance(bar, P.LogProgress)
     for i in bar:
         clock.now += 1.0  # one step a second: a line at steps 30, 60, 90, then the last one
+        bar.set_postfix(loss=0.5)
     lines = [r.getMessage() for r in info_logging.records]
     assert len(lines) == 4
-    assert lines[0] == "train: 30/100 step (30 %), 1 step/s, 1:10 left"
-    assert lines[-1] == "train: 100/100 step (100 %), 1 step/s, 1:40 elapsed"
+    assert lines[0] == "train: 30/100 step (30 %), 1 step/s, 1:10 left, loss 0.5"
+    assert lines[-1] == "train: 100/100 step (100 %), 1 step/s, 1:40 elapsed, loss 0.5"
 
 
 def test_a_short_loop_off_a_terminal_logs_nothing(monkeypatch, info_logging):

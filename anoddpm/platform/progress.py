@@ -51,6 +51,7 @@ class LogProgress:
         self.n = self.start_n = initial
         self.start = self.last = time.monotonic()
         self.logged = self.closed = False
+        self.postfix = ""
 
     def __iter__(self) -> Iterator:
         try:
@@ -75,6 +76,10 @@ class LogProgress:
             self.logged = True
             log.info("%s", self.line(now))
 
+    def set_postfix(self, **values: Any) -> None:
+        """Values shown after the counts in the next lines (as tqdm's postfix), e.g. loss."""
+        self.postfix = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+
     def line(self, now: float | None = None) -> str:
         """The progress line as of `now` (monotonic seconds)."""
         elapsed = max((now if now is not None else time.monotonic()) - self.start, 1e-9)
@@ -88,6 +93,8 @@ class LogProgress:
             parts.append(f"{_clock((self.total - self.n) / rate)} left")
         else:
             parts.append(f"{_clock(elapsed)} elapsed")
+        if self.postfix:
+            parts.append(self.postfix)
         return ", ".join(parts)
 
     def close(self) -> None:
