@@ -110,3 +110,11 @@ def test_score_save_overlays_writes_one_per_scored_file(tmp_path):
                      for p in (tmp_path / "out" / "overlays").rglob("*.png"))
     # one overlay per input, named by its path under the inputs' common folder + ".png" (score's map names)
     assert written == sorted(p.relative_to(cat / "test").as_posix() + ".png" for p in (cat / "test").rglob("*.png"))
+
+
+def test_score_overlays_use_the_calibrations_clear_level():
+    from anoddpm.cli.score import _overlay_clear
+
+    assert _overlay_clear({"good_cache": {"pixel_quantiles": {"0.99": 0.3}}}) == 0.3
+    assert _overlay_clear({"good_cache": {"pixel_quantiles": {"0.99": float("nan")}}}) is None
+    assert _overlay_clear({"image": 1.0}) is None and _overlay_clear(None) is None  # older calibrations: default cut

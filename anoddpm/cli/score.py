@@ -36,6 +36,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -231,6 +232,7 @@ def score_command(args: argparse.Namespace) -> int:
         record = results_record(args.model, view.detector, threshold)
         check_results_record(out, record)
         overlay_threshold = _overlay_threshold(calibration, bundle, args)
+        overlay_clear = _overlay_clear(calibration)
 
         absolute = [Path(os.path.abspath(p)) for p in images]
         root = Path(os.path.commonpath([p.parent for p in absolute]))
@@ -248,7 +250,8 @@ def score_command(args: argparse.Namespace) -> int:
                                if os.path.abspath(p) not in done])
             failed = sum(why == "not found" for _, why in skipped)
         failed += _score_shard(view, bundle.cfg, todo[rank::world], device, args, threshold, scale, root, out,
-                     scores_file, errors_file, show_progress=rank == 0, overlay_threshold=overlay_threshold)
+                     scores_file, errors_file, show_progress=rank == 0, overlay_threshold=overlay_threshold,
+                              overlay_clear=overlay_clear)
         failed = _total(failed, world)
         if rank == 0:
             rows = _merge(out, "scores", SCORE_FIELDS)
@@ -288,6 +291,14 @@ def _overlay_threshold(calibration: dict[str, Any] | None, bundle: Any, args: ar
     return pixel
 
 
+def _overlay_clear(calibration: dict[str, Any] | None) -> float | None:
+    """The map level below which overlays are transparent: the calibration's 0.99 quantile of held-back good map
+    pixels (``good_cache``), as in `evaluate`'s overlays; None (the overlay's default cut) for older calibrations."""
+    quantiles = ((calibration or {}).get("good_cache") or {}).get("pixel_quantiles") or {}
+    clear = quantiles.get("0.99")
+    return float(clear) if isinstance(clear, (int, float)) and math.isfinite(clear) and clear > 0 else None
+
+
 def _load(path: Path, cfg: Config) -> np.ndarray:
     d = cfg.data
     return load_model_image(path, d.channels, d.image_size, d.resize_policy, d.tile_size, d.tile_scale)
@@ -303,7 +314,7 @@ def _file_sized(amap: np.ndarray, path: Path, cfg: Config) -> np.ndarray:
 def _score_shard(view: WholeImages, cfg: Config, paths: list[Path], device: torch.device,
                  args: argparse.Namespace, threshold: float | None, scale: float, root: Path, out: Path,
                  scores_file: _CsvAppender, errors_file: _CsvAppender, show_progress: bool,
-                 overlay_threshold: float | None = None) -> int:
+                 overlay_threshold: float | None = None, overlay_clear: float | None = None) -> int:
     """Score `paths` in batches, appending rows and error rows -> the number of files that failed."""
     failed = 0
     with progress(total=len(paths), unit="img", desc="score", disable=not show_progress) as bar:
@@ -335,7 +346,7 @@ def _score_shard(view: WholeImages, cfg: Config, paths: list[Path], device: torc
                         save_png(out / "maps" / _map_name(path, root), np.clip(full / scale, 0.0, 1.0))
                     if overlay_threshold is not None:
                         save_overlay(out / "overlays" / _map_name(path, root), read_image(path, cfg.data.channels),
-                                     full, overlay_threshold, title=f"{path.name}  score {score:.4g}  "
+                                     full, overlay_threshold, clear=overlay_clear, title=f"{path.name}  score {score:.4g}  "
                                      f"{'' if threshold is None else 'NG' if score > threshold else 'OK'}")
                 scores_file.write(rows)
             errors_file.write(errors)
