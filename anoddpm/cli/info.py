@@ -33,7 +33,7 @@ def describe_bundle(path: Path) -> dict[str, Any]:
     head_params = None if head is None else sum(int(t.numel()) for t in head.values() if t.is_floating_point())
     return {"file": str(path), "kind": "bundle", "versions": bundle.versions, "parameters": n_params,
             "head_parameters": head_params,
-            "threshold": bundle.threshold, "calibration_problem": bundle.calibration_problem,
+            "threshold": _readable(bundle.threshold), "calibration_problem": bundle.calibration_problem,
             "map_reference": reference, "backbone": backbone,
             "component_scale": None if bundle.component_scale is None else bundle.component_scale.tolist(),
             "fingerprint": bundle.fingerprint,
@@ -58,7 +58,19 @@ def describe_onnx(path: Path) -> dict[str, Any]:
         "inputs": {i.name: list(map(str, i.shape)) for i in session.get_inputs()},
         "outputs": {o.name: list(map(str, o.shape)) for o in session.get_outputs()},
     }
+    if isinstance(meta.get("threshold"), dict):
+        meta = {**meta, "threshold": _readable(meta["threshold"])}
     return {"file": str(path), "kind": "onnx", **io, **meta}
+
+
+def _readable(threshold: Any) -> Any:
+    """The threshold dict with its cached good scores (``good_cache.scores``, up to 1001 numbers) shown as a count."""
+    if not isinstance(threshold, dict) or not isinstance(threshold.get("good_cache"), dict):
+        return threshold
+    cache = dict(threshold["good_cache"])
+    if isinstance(cache.get("scores"), list):
+        cache["scores"] = f"{len(cache['scores'])} cached good scores"
+    return {**threshold, "good_cache": cache}
 
 
 def describe(path: str | Path) -> dict[str, Any]:
