@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 from anoddpm.bundle import load_bundle
@@ -23,6 +24,8 @@ def train_command(args: argparse.Namespace) -> int:
         cfg = cfg.override("data", channels=channels).validate()
     bundle = train(cfg, args.data, args.category, args.out, resume=args.resume, device=args.device,
                    logger=getattr(args, "logger", "none"))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone writes and calibrates the bundle
+        return 0
     threshold = load_bundle(bundle).threshold or {}
     image = threshold.get("image")
     print(f"trained {bundle}: image threshold {'n/a' if image is None else f'{image:.6g}'} "
