@@ -12,6 +12,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt
 	$(PY) -m pip install --no-deps -e .
+	$(PY) -m pip install -e '.[ray]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-overlays", action="store_true",
                    help="also write DIR/overlays/<file name>.png: the map over the image, colour scale tied to the "
                         "pixel threshold, predicted region outlined (needs a calibrated bundle)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: Ray Data model actors (needs `pip install .[ray]`)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with --engine ray: cluster to join (e.g. ray://head:10001 or auto; default: a local Ray)")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="with --engine ray: model actors, each loads the bundle once (default 2)")
     _add_detect_args(p)
     _add_device_arg(p)
     p.set_defaults(handler="anoddpm.cli.score:score_command")

@@ -311,45 +311,67 @@ def _file_sized(amap: np.ndarray, path: Path, cfg: Config) -> np.ndarray:
     return resize_map(amap, *hw) if cfg.data.tile_size else restore_map(amap, hw, cfg.data.resize_policy)
 
 
+def score_chunk(view: WholeImages, cfg: Config, chunk: list[Path], device: torch.device
+                ) -> tuple[list[tuple[Path, float, np.ndarray, float]], list[dict[str, str]]]:
+    """Read and score one batch of files -> ([(path, score, map [h, w], seconds per image)], error rows)."""
+    good, arrays, errors = [], [], []
+    for path in chunk:
+        try:
+            arrays.append(_load(path, cfg))
+            good.append(path)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal
+            errors.append(_report_error(str(path), str(err) or type(err).__name__))
+    if not good:
+        return [], errors
+    result = view.forward_images(arrays, device)
+    per_image = result.seconds / len(good)
+    return [(p, float(s), m, per_image) for p, s, m in zip(good, result.scores, result.maps)], errors
+
+
+def write_chunk(scored: list[tuple[Path, float, np.ndarray, float]], errors: list[dict[str, str]], cfg: Config,
+                args: argparse.Namespace, threshold: float | None, scale: float, root: Path, out: Path,
+                scores_file: _CsvAppender, errors_file: _CsvAppender, overlay_threshold: float | None = None,
+                overlay_clear: float | None = None) -> int:
+    """Rows (label only for a finite score), maps and overlays of one scored batch -> the number of files failed."""
+    rows = []
+    for path, score, amap, per_image in scored:
+        try:
+            check_finite(score, amap, str(path))
+        except ValueError as err:
+            errors.append(_report_error(str(path), str(err)))
+            continue
+        rows.append({"path": str(path), "pred_score": repr(score),
+                     "pred_label": "" if threshold is None else int(score > threshold),
+                     "threshold": "" if threshold is None else repr(threshold),
+                     "seconds": f"{per_image:.6f}"})
+        if args.save_maps or overlay_threshold is not None:
+            full = _file_sized(amap, path, cfg)
+        if args.save_maps:
+            save_png(out / "maps" / _map_name(path, root), np.clip(full / scale, 0.0, 1.0))
+        if overlay_threshold is not None:
+            save_overlay(out / "overlays" / _map_name(path, root), read_image(path, cfg.data.channels),
+                         full, overlay_threshold, clear=overlay_clear, title=f"{path.name}  score {score:.4g}  "
+                         f"{'' if threshold is None else 'NG' if score > threshold else 'OK'}")
+    scores_file.write(rows)
+    errors_file.write(errors)
+    return len(errors)
+
+
 def _score_shard(view: WholeImages, cfg: Config, paths: list[Path], device: torch.device,
                  args: argparse.Namespace, threshold: float | None, scale: float, root: Path, out: Path,
                  scores_file: _CsvAppender, errors_file: _CsvAppender, show_progress: bool,
                  overlay_threshold: float | None = None, overlay_clear: float | None = None) -> int:
     """Score `paths` in batches, appending rows and error rows -> the number of files that failed."""
+    if getattr(args, "engine", "local") == "ray":
+        from anoddpm.cli.score_ray import score_paths_ray
+
+        return score_paths_ray(cfg, paths, args, threshold, scale, root, out, scores_file, errors_file,
+                               show_progress, overlay_threshold, overlay_clear)
     failed = 0
     with progress(total=len(paths), unit="img", desc="score", disable=not show_progress) as bar:
         for chunk in batched(paths, args.batch_size):
-            good, arrays, errors = [], [], []
-            for path in chunk:
-                try:
-                    arrays.append(_load(path, cfg))
-                    good.append(path)
-                except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal
-                    errors.append(_report_error(str(path), str(err) or type(err).__name__))
-            if good:
-                result = view.forward_images(arrays, device)
-                per_image = result.seconds / len(good)
-                rows = []
-                for path, score, amap in zip(good, result.scores, result.maps):
-                    try:
-                        check_finite(float(score), amap, str(path))
-                    except ValueError as err:
-                        errors.append(_report_error(str(path), str(err)))
-                        continue
-                    rows.append({"path": str(path), "pred_score": repr(float(score)),
-                                 "pred_label": "" if threshold is None else int(score > threshold),
-                                 "threshold": "" if threshold is None else repr(threshold),
-                                 "seconds": f"{per_image:.6f}"})
-                    if args.save_maps or overlay_threshold is not None:
-                        full = _file_sized(amap, path, cfg)
-                    if args.save_maps:
-                        save_png(out / "maps" / _map_name(path, root), np.clip(full / scale, 0.0, 1.0))
-                    if overlay_threshold is not None:
-                        save_overlay(out / "overlays" / _map_name(path, root), read_image(path, cfg.data.channels),
-                                     full, overlay_threshold, clear=overlay_clear, title=f"{path.name}  score {score:.4g}  "
-                                     f"{'' if threshold is None else 'NG' if score > threshold else 'OK'}")
-                scores_file.write(rows)
-            errors_file.write(errors)
-            failed += len(errors)
+            scored, errors = score_chunk(view, cfg, chunk, device)
+            failed += write_chunk(scored, errors, cfg, args, threshold, scale, root, out, scores_file, errors_file,
+                                  overlay_threshold, overlay_clear)
             bar.update(len(chunk))
     return failed
