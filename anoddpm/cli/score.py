@@ -365,8 +365,9 @@ def _score_shard(view: WholeImages, cfg: Config, paths: list[Path], device: torc
     if getattr(args, "engine", "local") == "ray":
         from anoddpm.cli.score_ray import score_paths_ray
 
-        return score_paths_ray(cfg, paths, args, threshold, scale, root, out, scores_file, errors_file,
-                               show_progress, overlay_threshold, overlay_clear)
+        return score_paths_ray(paths, args, score_chunk, lambda scored, errors: write_chunk(
+            scored, errors, cfg, args, threshold, scale, root, out, scores_file, errors_file, overlay_threshold,
+            overlay_clear), show_progress)
     failed = 0
     with progress(total=len(paths), unit="img", desc="score", disable=not show_progress) as bar:
         for chunk in batched(paths, args.batch_size):

@@ -11,7 +11,7 @@ import argparse
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,7 +33,7 @@ def import_ray() -> Any:
 class ScoreActor:
     """A Ray Data callable class: loads the bundle once, scores batches of paths (bytes) -> scores, maps, errors."""
 
-    def __init__(self, model: str, device: str, batch_size: int, overrides: dict[str, Any]):
+    def __init__(self, model: str, device: str, batch_size: int, overrides: dict[str, Any], chunk_fn: Callable):
         from anoddpm.bundle import load_bundle
         from anoddpm.detection.guard import calibrated_detector
         from anoddpm.platform.device import resolve_device
@@ -42,13 +42,12 @@ class ScoreActor:
         bundle = load_bundle(model, map_location=self.device)
         self.cfg = bundle.cfg
         self.view = calibrated_detector(bundle, self.device, batch_size, overrides, "score")[0]
+        self.chunk_fn = chunk_fn
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         """{"path": [bytes]} -> {"path", "score", "map" (np.save bytes), "seconds", "error"} per file."""
-        from anoddpm.cli.score import score_chunk
-
         paths = [Path(os.fsdecode(bytes(p))) for p in batch["path"]]
-        scored, errors = score_chunk(self.view, self.cfg, paths, self.device)
+        scored, errors = self.chunk_fn(self.view, self.cfg, paths, self.device)
         out: dict[str, list] = {"path": [], "score": [], "map": [], "seconds": [], "error": []}
         for path, score, amap, seconds in scored:
             buf = io.BytesIO()
@@ -65,12 +64,11 @@ def _append(out: dict[str, list], path: Path, score: float, amap: bytes, seconds
         out[key].append(value)
 
 
-def score_paths_ray(cfg: Any, paths: list[Path], args: argparse.Namespace, threshold: float | None, scale: float,
-                    root: Path, out: Path, scores_file: Any, errors_file: Any, show_progress: bool,
-                    overlay_threshold: float | None, overlay_clear: float | None) -> int:
-    """Score `paths` in Ray model actors, writing each batch as it completes -> the number of files that failed."""
+def score_paths_ray(paths: list[Path], args: argparse.Namespace, chunk_fn: Callable, write: Callable,
+                    show_progress: bool) -> int:
+    """Score `paths` in Ray model actors (each runs `chunk_fn`, i.e. ``score.score_chunk``), handing each batch to
+    `write(scored, error rows)` (``score.write_chunk``) as it completes -> the number of files that failed."""
     from anoddpm.cli.parser import detect_overrides
-    from anoddpm.cli.score import write_chunk
 
     ray = import_ray()
     if args.workers < 1:
@@ -84,7 +82,7 @@ def score_paths_ray(cfg: Any, paths: list[Path], args: argparse.Namespace, thres
     scored_ds = ds.map_batches(ScoreActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(
         size=args.workers), num_gpus=gpus, fn_constructor_kwargs={
         "model": str(Path(args.model).resolve()), "device": args.device, "batch_size": args.batch_size,
-        "overrides": detect_overrides(args)})
+        "overrides": detect_overrides(args), "chunk_fn": chunk_fn})
     failed = 0
     with progress(total=len(paths), unit="img", desc="score (ray)", disable=not show_progress) as bar:
         for batch in scored_ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -96,7 +94,6 @@ def score_paths_ray(cfg: Any, paths: list[Path], args: argparse.Namespace, thres
                     errors.append({"path": path, "error": str(error)})
                 else:
                     scored.append((Path(path), float(score), np.load(io.BytesIO(bytes(amap))), float(seconds)))
-            failed += write_chunk(scored, errors, cfg, args, threshold, scale, root, out, scores_file, errors_file,
-                                  overlay_threshold, overlay_clear)
+            failed += write(scored, errors)
             bar.update(len(batch["path"]))
     return failed
