@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="ONNX", help="ONNX file to write (e.g. model.onnx)")
     p.add_argument("--steps", type=int, help="K fast-path steps baked into the graph (default: bundle's)")
     p.add_argument("--with-reconstruction", action="store_true", help="also output the reconstruction")
+    p.add_argument("--triton", metavar="DIR", help="also write a Triton model repository DIR/anoddpm/")
     p.set_defaults(handler="anoddpm.cli.export:export_command")
 
     p = sub.add_parser("inspect", help="production-line inspection with an ONNX model (no torch needed)",
