@@ -78,7 +78,7 @@ def score_paths_ray(paths: list[Path], args: argparse.Namespace, chunk_fn: Calla
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)
     ds = ray.data.from_items([{"path": os.fsencode(p)} for p in paths])
-    gpus = 1 if args.device == "cuda" else 0
+    gpus = 1 if str(args.device).startswith("cuda") else 0  # one GPU per actor when scoring on CUDA
     scored_ds = ds.map_batches(ScoreActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(
         size=args.workers), num_gpus=gpus, fn_constructor_kwargs={
         "model": str(Path(args.model).resolve()), "device": args.device, "batch_size": args.batch_size,
