@@ -75,7 +75,7 @@ def test_two_nodes_train_in_lockstep_and_write_one_bundle(tmp_path):
 
 @pytest.mark.slow  # three two-node launches: ~2-3 min on the shared box
 def test_killed_node_fails_cleanly_and_resume_matches_uninterrupted(tmp_path):
-    _setup(tmp_path, max_steps=40)
+    _setup(tmp_path, max_steps=16)
     ref_hashes, hashes = tmp_path / "ref_hashes", tmp_path / "hashes"
     outs = _wait(_launch(tmp_path, tmp_path / "ref", _free_port(), ref_hashes))
     assert all(rc == 0 for rc, _ in outs), "\n".join(o[-3000:] for _, o in outs)
@@ -91,7 +91,7 @@ def test_killed_node_fails_cleanly_and_resume_matches_uninterrupted(tmp_path):
     assert outs[0][0] != 0, outs[0][1][-3000:]  # node 0 fails instead of hanging or finishing alone
     assert not (run / "model.pt").exists()
     step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
-    assert 2 <= step < 40
+    assert 2 <= step < 16
 
     outs = _wait(_launch(tmp_path, run, _free_port(), hashes, "--resume"))
     assert all(rc == 0 for rc, _ in outs), "\n".join(o[-3000:] for _, o in outs)
