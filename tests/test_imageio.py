@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anoddpm.data.imageio import (image_hw, list_images, load_image, preprocess, preprocess_mask, read_image,
-                             read_mask, save_png, to_uint8)
+from anoddpm.data.imageio import image_hw, load_image, preprocess, preprocess_mask, read_image, read_mask, save_png, to_uint8
+from anoddpm.data.listing import list_images
 
 
 def test_16bit_png_scaled_to_unit_range(tmp_path):

@@ -6,7 +6,7 @@ import argparse
 import sys
 import threading
 
-from anoddpm.data.imageio import list_images
+from anoddpm.data.listing import list_images
 from anoddpm.platform.atomic import out_folder
 from deploy.inspect import Recorder, inspect_paths, stop_on_signals, watch
 from deploy.runtime import Inspector

@@ -52,7 +52,8 @@ from anoddpm.platform.device import resolve_device
 from anoddpm.platform.progress import progress
 from anoddpm.cli.parser import detect_overrides
 from anoddpm.config import Config
-from anoddpm.data.imageio import image_hw, list_images, load_model_image, read_image, resize_map, restore_map, save_png
+from anoddpm.data.imageio import image_hw, load_model_image, read_image, resize_map, restore_map, save_png
+from anoddpm.data.listing import list_images
 from anoddpm.detection.scoring_loop import batched
 from anoddpm.detection.guard import calibrated_detector
 from anoddpm.detection.tiling import WholeImages

@@ -29,7 +29,8 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anoddpm.data.imageio import IMAGE_SUFFIXES, image_hw, list_images
+from anoddpm.data.imageio import IMAGE_SUFFIXES, image_hw
+from anoddpm.data.listing import list_images
 
 VISA_CSV = Path("split_csv") / "1cls.csv"
 VISA_DEFECT = "bad"
