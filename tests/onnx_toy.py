@@ -51,3 +51,15 @@ def write_png(path: Path, img: np.ndarray) -> Path:
     """Save a float [H, W] image as 8-bit PNG."""
     save_png(path, img)
     return path
+
+
+def with_metadata(src: Path, dst: Path, **values: str) -> Path:
+    """A copy of the ONNX file `src` at `dst` with the metadata values given replaced (the graph unchanged)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    for prop in model.metadata_props:
+        if prop.key in values:
+            prop.value = values[prop.key]
+    onnx.save(model, str(dst))
+    return dst

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import onnx
 import pytest
 import torch
 
@@ -13,7 +12,7 @@ from anoddpm.cli import main
 from anoddpm.detection.detector import Detector
 from anoddpm.model.unet import build_unet
 from deploy.runtime import Inspector
-from onnx_toy import make_toy_onnx
+from onnx_toy import make_toy_onnx, with_metadata
 from test_evaluate_cli import tiny_config
 
 
@@ -70,15 +69,6 @@ def test_mistaken_model_files_get_messages_that_say_what_to_do(bundle: Path, tmp
     assert "is a folder; give the .onnx file" in capsys.readouterr().err
 
 
-def _with_metadata(src: Path, dst: Path, **values: str) -> Path:
-    model = onnx.load(str(src))
-    for prop in model.metadata_props:
-        if prop.key in values:
-            prop.value = values[prop.key]
-    onnx.save(model, str(dst))
-    return dst
-
-
 @pytest.mark.parametrize("values, message", [
     ({"config": "[" * 100_000 + "]" * 100_000}, "metadata is not valid"),
     ({"preprocessing": "[32, 1]"}, "'preprocessing' must be a JSON object"),
@@ -91,4 +81,4 @@ def test_onnx_metadata_is_checked_when_the_model_loads(tmp_path: Path, values: d
     good = make_toy_onnx(tmp_path / "m.onnx")
     Inspector(good)
     with pytest.raises(ValueError, match=message):
-        Inspector(_with_metadata(good, tmp_path / "bad.onnx", **values))
+        Inspector(with_metadata(good, tmp_path / "bad.onnx", **values))

@@ -20,7 +20,7 @@ from anoddpm.detection.backbone import weights_file
 from anoddpm.detection.calibration import training_root
 from deploy.runtime import Inspector
 from deploy.export import export_module
-from onnx_toy import SIZE, ToyDetector, make_toy_onnx
+from onnx_toy import SIZE, ToyDetector, make_toy_onnx, with_metadata
 from test_evaluate_cli import make_bundle, tiny_config
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
@@ -274,15 +274,6 @@ def test_files_written_before_the_checks_load_and_warn_once(tmp_path: Path, capl
     assert len(warned) == 1
 
 
-def _edit_onnx(src: Path, dst: Path, **values: str) -> Path:
-    model = onnx.load(str(src))
-    for prop in model.metadata_props:
-        if prop.key in values:
-            prop.value = values[prop.key]
-    onnx.save(model, str(dst))
-    return dst
-
-
 def test_onnx_metadata_is_bound_to_its_graph(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     good = make_toy_onnx(tmp_path / "m.onnx")
     other = make_toy_onnx(tmp_path / "other.onnx", {"image": 5.0, "pixel": None, "method": "quantile"})
@@ -297,7 +288,7 @@ def test_onnx_metadata_is_bound_to_its_graph(tmp_path: Path, capsys: pytest.Capt
              "another model's metadata": {q.key: q.value for q in onnx.load(str(other)).metadata_props
                                           if q.key != "integrity_sha256"}}
     for name, values in edits.items():
-        edited = _edit_onnx(good, tmp_path / "edited.onnx", **values)
+        edited = with_metadata(good, tmp_path / "edited.onnx", **values)
         assert {p.key: p.value for p in onnx.load(str(edited)).metadata_props} != meta, name
         with pytest.raises(ValueError, match="does not belong to its graph") as err:
             Inspector(edited)
@@ -307,7 +298,7 @@ def test_onnx_metadata_is_bound_to_its_graph(tmp_path: Path, capsys: pytest.Capt
     doubled = export_module(_Doubled(), tmp_path / "doubled.onnx", channels=1, image_size=SIZE,
                             metadata={k: v for k, v in meta.items() if k != "integrity_sha256"})
     Inspector(doubled)
-    graft = _edit_onnx(doubled, tmp_path / "graft.onnx", integrity_sha256=meta["integrity_sha256"])
+    graft = with_metadata(doubled, tmp_path / "graft.onnx", integrity_sha256=meta["integrity_sha256"])
     with pytest.raises(ValueError, match="does not belong to its graph"):
         Inspector(graft)  # the whole metadata of one model (its hash too) on the graph of another
 
@@ -327,6 +318,6 @@ def test_onnx_with_a_non_finite_threshold_is_refused_at_load(tmp_path: Path, val
         threshold = {"image": 0.01, "pixel": None, "method": "quantile"}
         text = json.dumps(threshold).replace(f'"{field}": {"0.01" if field == "image" else "null"}',
                                              f'"{field}": {value}')
-        edited = _edit_onnx(good, tmp_path / "nan.onnx", threshold=text)
+        edited = with_metadata(good, tmp_path / "nan.onnx", threshold=text)
         with pytest.raises(ValueError, match=rf"threshold\.{field}=.* is not a finite number"):
             Inspector(edited)
