@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -28,6 +31,7 @@ from deploy.integrity import INTEGRITY_KEY, graph_bytes, integrity_hash
 from deploy.runtime import INPUT_NAME, ONNX_FORMAT_VERSION, OUTPUT_NAMES, parse_metadata
 
 OPSET = 17
+log = logging.getLogger(__name__)
 
 
 def onnx_metadata(cfg: Config, threshold: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> dict[str, str]:
@@ -83,12 +87,15 @@ class _InspectionGraph(nn.Module):
 
 
 def export_onnx(bundle_path: str | Path, out_path: str | Path, steps: int | None = None,
-                with_reconstruction: bool = False) -> Path:
+                with_reconstruction: bool = False, quantize: str = "none") -> Path:
     """Export the bundle's fast inspection path (K = `steps` or the bundle's) to `out_path`; returns it.
 
     The threshold and map reference embedded are those calibrated for the exported settings: the bundle's
     own, or (other --steps, or a bundle calibrated on the paper path) recalibrated now on its held-back
-    good images (``anoddpm.detection.settings``); ValueError when that is not possible."""
+    good images (``anoddpm.detection.settings``); ValueError when that is not possible. `quantize` "int8":
+    the graph's convolutions in INT8 with its own threshold (``deploy.quantize``)."""
+    if quantize not in ("none", "int8"):
+        raise ValueError(f"--quantize {quantize!r} is not allowed; choose none or int8")
     from anoddpm.bundle import load_bundle
     from anoddpm.detection.guard import calibrated_detector
 
@@ -106,6 +113,39 @@ def export_onnx(bundle_path: str | Path, out_path: str | Path, steps: int | None
     detector = view.detector  # tiled: calibrated tile by tile; the graph is one tile's, the runtime tiles
     cfg = detector.cfg
     names = (*OUTPUT_NAMES, "reconstruction") if with_reconstruction else OUTPUT_NAMES
-    return export_module(_InspectionGraph(detector, with_reconstruction), out_path, channels=cfg.data.channels,
-                         image_size=cfg.data.input_side,
-                         metadata=onnx_metadata(cfg, threshold, bundle.fingerprint), output_names=names)
+    graph = _InspectionGraph(detector, with_reconstruction)
+    metadata = onnx_metadata(cfg, threshold, bundle.fingerprint)
+    if quantize == "none":
+        return export_module(graph, out_path, channels=cfg.data.channels, image_size=cfg.data.input_side,
+                             metadata=metadata, output_names=names)
+    return _export_int8(bundle, view, graph, out_path, metadata, names)
+
+
+def _export_int8(bundle: Any, view: Any, graph: nn.Module, out_path: Path, metadata: Mapping[str, str],
+                 names: Sequence[str]) -> Path:
+    """The float graph exported to a temporary file, quantised (``deploy.quantize``) on the bundle's held-back good
+    images, written to `out_path` with the threshold of its own scores."""
+    from anoddpm.data.datasets import load_training_data
+    from anoddpm.detection.calibration import training_root
+    from deploy.quantize import quantize_export
+
+    cfg = view.detector.cfg
+    root, category = training_root(bundle, None, None)
+    _, held_back, _ = load_training_data(bundle.cfg, root, category, bundle.cfg.train.seed)
+    if len(held_back) == 0:
+        raise ValueError(f"--quantize int8: {bundle.path} has no held-back good images under {root} to calibrate the "
+                         "INT8 graph on (a K-shot model keeps none); export it without --quantize")
+    images = [np.asarray(held_back.arrays[i], np.float32) for i in range(len(held_back))]
+    inputs = view.model_inputs(held_back)
+    inputs = np.stack([np.asarray(inputs[i], np.float32) for i in range(len(inputs))])
+    threshold = json.loads(metadata["threshold"])
+    quantile = threshold.get("quantile") if threshold.get("method") == "quantile" else None
+    if quantile is None:
+        quantile = cfg.detect.threshold_quantile
+        log.warning("--quantize int8: the bundle's %s threshold is replaced by the %.4g quantile of the INT8 graph's "
+                    "good scores", threshold.get("method"), quantile)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".float-") as tmp:
+        float_path = export_module(graph, Path(tmp) / "float.onnx", channels=cfg.data.channels,
+                                   image_size=cfg.data.input_side, metadata=metadata, output_names=names)
+        data, _ = quantize_export(float_path, out_path, inputs, images, float(quantile))
+    return atomic_write_bytes(out_path, data)
