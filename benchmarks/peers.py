@@ -65,8 +65,10 @@ def evaluate_bundle(model: Path, data: str, category: str | None, out: Path, fla
     return json.loads((report / "metrics.json").read_text())
 
 
-def run_peer(data: str, category: str | None, seed: int = 0) -> tuple[dict[str, Any], float, float]:
-    """The PatchCore-style peer -> (metrics, seconds per test image, fit seconds)."""
+def run_peer(data: str, category: str | None, seed: int = 0, shots: int = 0,
+             shots_seed: int = 0) -> tuple[dict[str, Any], float, float]:
+    """The PatchCore-style peer -> (metrics, seconds per test image, fit seconds); `shots` K >= 1 fits its bank on the
+    K good images a K-shot `anoddpm train --shots K --shots-seed S` draws (data.shots)."""
     from anoddpm.detection.backbone import build_backbone
     from anoddpm.data.datasets import infer_channels, load_test_set, load_training_data
     from anoddpm.detection.components.feature_memory import memory_distance_map, patch_features
@@ -75,7 +77,8 @@ def run_peer(data: str, category: str | None, seed: int = 0) -> tuple[dict[str, 
     from anoddpm.detection.maps import gaussian_blur
 
     cfg = Config()
-    cfg = replace(cfg, data=replace(cfg.data, image_size=PEER_SIZE, channels=infer_channels(data, category)),
+    cfg = replace(cfg, data=replace(cfg.data, image_size=PEER_SIZE, channels=infer_channels(data, category),
+                                    shots=shots, shots_seed=shots_seed),
                   backbone=replace(cfg.backbone, image_size=PEER_SIZE)).validate()
     backbone = build_backbone(cfg.backbone)
 

@@ -10,7 +10,8 @@ from typing import Any
 def describe_bundle(path: Path) -> dict[str, Any]:
     """Summary of a model.pt: versions, config, threshold, map reference, backbone and feature memory, fingerprint,
     parameter counts (``head_parameters`` None = no scoring head: trained without one, or dropped by its check;
-    ``backbone`` None = no feature component was calibrated). A calibration the bundle would be refused for (not
+    ``backbone`` None = no feature component was calibrated; ``few_shot`` None = trained on all good images, else K,
+    the seed and the shot files, and whether its threshold came from leave-one-out scores). A calibration the bundle would be refused for (not
     finite, malformed, not this bundle's) is shown as none, with ``calibration_problem`` saying why (and a warning)."""
     from anoddpm.bundle import load_bundle
 
@@ -36,8 +37,18 @@ def describe_bundle(path: Path) -> dict[str, Any]:
             "threshold": _readable(bundle.threshold), "calibration_problem": bundle.calibration_problem,
             "map_reference": reference, "backbone": backbone,
             "component_scale": None if bundle.component_scale is None else bundle.component_scale.tolist(),
+            "few_shot": _few_shot(bundle),
             "fingerprint": bundle.fingerprint,
             "config": bundle.cfg.to_dict()}
+
+
+def _few_shot(bundle: Any) -> dict[str, Any] | None:
+    """{"shots", "shots_seed", "shot_files", "leave_one_out"} of a K-shot bundle (data.shots >= 1), else None."""
+    if not bundle.cfg.data.shots:
+        return None
+    threshold = bundle.threshold if isinstance(bundle.threshold, dict) else {}
+    return {"shots": bundle.cfg.data.shots, "shots_seed": bundle.cfg.data.shots_seed,
+            "shot_files": bundle.fingerprint.get("shot_files"), "leave_one_out": bool(threshold.get("leave_one_out"))}
 
 
 def describe_onnx(path: Path) -> dict[str, Any]:

@@ -110,7 +110,8 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
     cfg = load_config_file(args.config) if args.config else Config()
     cfg = cfg.override("data", image_size=args.image_size, channels=args.channels, augment=args.augment,
                        train_crop=args.train_crop, intensity=args.intensity, tile_size=args.tile_size,
-                       tile_scale=args.tile_scale, tile_stride=args.tile_stride, **layout_overrides(args))
+                       tile_scale=args.tile_scale, tile_stride=args.tile_stride, shots=getattr(args, "shots", None),
+                       shots_seed=getattr(args, "shots_seed", None), **layout_overrides(args))
     cfg = cfg.override("model", preset=args.preset)
     cfg = cfg.override("diffusion", noise=args.noise)
     cfg = cfg.override("train", batch_size=args.train_batch_size, lr=args.lr, max_steps=args.max_steps,
@@ -176,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "head.budget_fraction of the budget; scorer auto then adds its map (default: off; skipped "
                    "when its share of --max-steps is under head.min_steps, dropped when it does not beat the "
                    "residual on held-back synthetic anomalies; docs/quality.md)")
+    p.add_argument("--shots", type=int, metavar="K",
+                   help="a K-shot model: train on K good images drawn with --shots-seed (K >= 1), hold none back, and "
+                        "calibrate the threshold leave-one-out (each shot scored against states fitted on the others); "
+                        "info shows K and the files (default: all good images, held-back split; docs/fewshot.md)")
+    p.add_argument("--shots-seed", type=int, metavar="S",
+                   help="seed of the draw of the --shots images: the same seed gives the same files, and a larger K "
+                        "keeps a smaller K's shots (default 0)")
     p.add_argument("--batch-size", dest="train_batch_size", type=int, metavar="N", help="images per step (default 8)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps of the run (default 10000)")

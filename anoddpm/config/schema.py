@@ -61,6 +61,10 @@ class DataConfig:
     abnormal_dir: str = ""  # defect images for the test set (sub-folders = defect types)
     mask_dir: str = ""  # masks of abnormal_dir's images, same relative path, X.png or X_mask.png ("" = image labels only)
     normal_test_dir: str = ""  # good test images ("" = the held-back validation images)
+    # few-shot (anoddpm.data.shots, anoddpm.detection.fewshot, docs/fewshot.md): no held-back split; the threshold
+    # comes from leave-one-out scores of the shots
+    shots: int = 0  # K >= 1: a K-shot model, trained on K good images drawn with shots_seed and calibrated leave-one-out; 0 = all good images
+    shots_seed: int = 0  # seed of the draw of the shots (the shots of K are the first K of one order fixed by the seed)
 
     @property
     def input_side(self) -> int:

@@ -33,6 +33,7 @@ from anoddpm.config import Config
 from anoddpm.data.imageio import (IMAGE_SUFFIXES, image_hw, load_model_image, model_image, model_mask, read_image, read_mask,
                              scaled_hw)
 from anoddpm.data.layouts import Layout, TestItem, discover, resolve_category_root
+from anoddpm.data.shots import draw_shots
 
 MIN_SLICE_AREA = 0.3  # NFBS: keep axial slices with at least this share of the largest brain area
 NFBS_BRAIN = "_T1w_brain.nii.gz"
@@ -81,8 +82,8 @@ class ImageDataset(Dataset):
                 symmetry = A.OneOf([A.NoOp(), A.HorizontalFlip(p=1.0), A.VerticalFlip(p=1.0),
                                     A.Sequential([A.HorizontalFlip(p=1.0), A.VerticalFlip(p=1.0)])], p=1.0)
             self.transform = A.Compose([symmetry], seed=seed)
-        elif augment != "none":
-            raise ValueError(f"data.augment={augment!r} is not allowed; choose none, flips or texture")
+        elif augment not in ("none", "diffusion"):  # diffusion: variations made once (anoddpm.training.variations)
+            raise ValueError(f"data.augment={augment!r} is not allowed; choose none, flips, texture or diffusion")
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -197,23 +198,33 @@ def _split(files: list[Path], validation: list[Path], cfg: Config, seed: int) ->
     return ([f for i, f in enumerate(files) if i not in val_idx], [f for i, f in enumerate(files) if i in val_idx])
 
 
+def training_files(cfg: Config, root: str | Path, category: str | None) -> tuple[str, Path, list[Path], list[Path]]:
+    """(layout kind, category folder, good training files (NFBS: volumes), the layout's own validation files)."""
+    nfbs = _nfbs_root(cfg, root, category)
+    if nfbs is not None:
+        return "nfbs", nfbs, sorted(nfbs.glob(f"*/sub-*{NFBS_BRAIN}")), []
+    layout = image_layout(cfg, root, category, with_test=False)
+    return layout.kind, layout.root, layout.train, layout.validation
+
+
 def load_training_data(cfg: Config, root: str | Path, category: str | None,
                        seed: int) -> tuple[ImageDataset, ImageDataset, dict]:
     """-> (train_ds, val_ds without augmentation, fingerprint); items float32 [C, S, S] in [0, 1].
 
     The validation split is the layout's ``validation/good`` folder when it has one; else it holds back
     ``cfg.data.val_fraction`` of the good images (at least ``cfg.data.min_val_images`` when there are
-    twice as many; whole subjects for NFBS), chosen by ``seed``, for threshold calibration.
+    twice as many; whole subjects for NFBS), chosen by ``seed``, for threshold calibration. A K-shot config
+    (``data.shots`` K >= 1) trains on K of the good files drawn with ``data.shots_seed`` (``anoddpm.data.shots``) and
+    holds none back (val_ds is empty); its fingerprint adds ``shots``, ``shots_seed`` and ``shot_files``.
     """
-    nfbs = _nfbs_root(cfg, root, category)
-    if nfbs is not None:
-        kind, cat_root, files, validation = "nfbs", nfbs, sorted(nfbs.glob(f"*/sub-*{NFBS_BRAIN}")), []
-    else:
-        layout = image_layout(cfg, root, category, with_test=False)
-        kind, cat_root, files, validation = layout.kind, layout.root, layout.train, layout.validation
+    kind, cat_root, files, validation = training_files(cfg, root, category)
     if not files:
         raise ValueError(f"no training images found under {cat_root}")
-    train_files, val_files = _split(files, validation, cfg, seed)
+    shots = cfg.data.shots
+    if shots:
+        train_files, val_files = draw_shots(files, shots, cfg.data.shots_seed, cat_root), []
+    else:
+        train_files, val_files = _split(files, validation, cfg, seed)
     splits: dict[bool, tuple[list[np.ndarray], list[str]]] = {False: ([], []), True: ([], [])}
     d = cfg.data
     for held_back, group in ((False, train_files), (True, val_files)):
@@ -244,6 +255,9 @@ def load_training_data(cfg: Config, root: str | Path, category: str | None,
         "seed": seed,
         "sha256": _fingerprint(cat_root, hashed),
     }
+    if shots:  # only then: fingerprints of other runs (and the checkpoints that hold them) stay as they were
+        fingerprint.update(shots=shots, shots_seed=cfg.data.shots_seed,
+                           shot_files=[f.relative_to(cat_root).as_posix() for f in train_files])
     return train_ds, val_ds, fingerprint
 
 
@@ -321,7 +335,7 @@ def load_test_set(cfg: Config, root: str | Path, category: str | None) -> list[T
     """Labelled test samples (lazy: pixels load on access); [] for a plain image folder.
 
     A folder layout with defect images but no ``data.normal_test_dir`` takes its test goods from the
-    held-back validation split (seed ``cfg.train.seed``, as in training).
+    held-back validation split (seed ``cfg.train.seed``, as in training), less a K-shot model's shots.
     """
     nfbs = _nfbs_root(cfg, root, category)
     if nfbs is not None:
@@ -330,6 +344,9 @@ def load_test_set(cfg: Config, root: str | Path, category: str | None) -> list[T
     items = list(layout.test)
     if layout.kind == "folder" and items and not cfg.data.normal_test_dir:
         _, val_files = _split(layout.train, [], cfg, cfg.train.seed)
+        if cfg.data.shots:  # a K-shot model's shots are training images, never test images
+            shots = set(draw_shots(layout.train, cfg.data.shots, cfg.data.shots_seed, layout.root))
+            val_files = [p for p in val_files if p not in shots]
         items = [TestItem(p, "good", (), f"good/{p.relative_to(layout.root).with_suffix('').as_posix()}")
                  for p in val_files] + items
     return [_image_sample(item, cfg, layout.mask_rule) for item in items]

@@ -43,12 +43,13 @@ from anoddpm.platform.progress import progress
 from anoddpm.model.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
 from anoddpm.training.head_phase import (checked_head, denoiser_steps_before_head, head_is_trained,
                                 train_head_phase)
-from anoddpm.data.datasets import load_training_data
+from anoddpm.data.datasets import ImageDataset, load_training_data
 from anoddpm.data.imageio import save_png
 from anoddpm.model.intensity import model_inputs
 from anoddpm.training.run_log import RunLog
 from anoddpm.detection.backbone import check_backbone
 from anoddpm.detection.calibration import calibrate_bundle
+from anoddpm.detection.fewshot import calibrate_shots, check_folds
 from anoddpm.detection.tiling import as_tiles
 from anoddpm.training.crops import random_crops, random_tiles
 
@@ -164,7 +165,10 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
         train_ds, val_ds, fingerprint = load_training_data(cfg, data_root, category, tc.seed)
-        if len(train_ds) == 0 or len(val_ds) == 0:
+        if cfg.data.shots:  # a K-shot model: no held-back split, calibrated leave-one-out on the shots
+            check_folds(len(train_ds), 0)
+            val_ds = ImageDataset(train_ds.arrays, train_ds.names)  # the shots unaugmented: previews, head check
+        elif len(train_ds) == 0 or len(val_ds) == 0:
             raise ValueError(f"{data_root}: {fingerprint['n_files']} good image(s) leave {len(train_ds)} to train "
                              f"on and {len(val_ds)} held back to calibrate the threshold; give at least 2 good "
                              "images (and data.val_fraction > 0)")
@@ -203,7 +207,8 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             raise KeyboardInterrupt
         if dist.main:
             calibration_start = time.perf_counter()
-            threshold = calibrate_bundle(bundle, val_ds, dist.device, train_ds)
+            threshold = (calibrate_shots(bundle, train_ds.arrays, dist.device) if cfg.data.shots
+                         else calibrate_bundle(bundle, val_ds, dist.device, train_ds))
             log.info("calibrated in %.1f s (after the training budget: --max-minutes covers the training steps)",
                      time.perf_counter() - calibration_start)
             run_log.scalars("calibration", step, {k: threshold[k] for k in ("image", "pixel", "n_good")
