@@ -115,7 +115,7 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
     cfg = cfg.override("model", preset=args.preset)
     cfg = cfg.override("diffusion", noise=args.noise)
     cfg = cfg.override("train", batch_size=args.train_batch_size, lr=args.lr, max_steps=args.max_steps,
-                       max_minutes=args.max_minutes, seed=args.seed)
+                       max_minutes=args.max_minutes, seed=args.seed, init=getattr(args, "init", None))
     cfg = cfg.override("head", enabled=args.head)
     return cfg.validate()
 
@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=PRESETS, help="UNet size (default small)")
     p.add_argument("--noise", choices=NOISE_KINDS, help="training noise (default gaussian; simplex = the paper's)")
     p.add_argument("--augment", choices=AUGMENTATIONS,
-                   help="training augmentation: flips keeps the texture's orientation, texture adds quarter turns "
-                        "(default none)")
+                   help="training augmentation: flips keeps the texture's orientation, texture adds quarter turns; "
+                        "diffusion (with --shots): diffusion-made variations of each shot, plus the flips and turns "
+                        "that suit the product, for the feature memory, references and calibration (default none)")
     p.add_argument("--intensity", choices=INTENSITY_MODES,
                    help="per_image: normalise each image's brightness and contrast before the model (default none)")
     p.add_argument("--train-crop", type=int, metavar="PX",
@@ -184,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots-seed", type=int, metavar="S",
                    help="seed of the draw of the --shots images: the same seed gives the same files, and a larger K "
                         "keeps a smaller K's shots (default 0)")
+    p.add_argument("--init", metavar="BASE_MODEL_PT",
+                   help="start the denoiser from this bundle (another product's, or a base model) and fine-tune it "
+                        "with prior preservation: train.prior_fraction of the stream is the base model's own samples "
+                        "(same channels, image size, preset and backbone as this run; docs/fewshot.md)")
     p.add_argument("--batch-size", dest="train_batch_size", type=int, metavar="N", help="images per step (default 8)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps of the run (default 10000)")

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from anoddpm.config.checks import check_ranges, check_types
 
 RESIZE_POLICIES = ("resize", "crop", "pad")
-AUGMENTATIONS = ("none", "flips", "texture")
+AUGMENTATIONS = ("none", "flips", "texture", "diffusion")
 INTENSITY_MODES = ("none", "per_image")
 PRESETS = ("tiny", "small", "base", "paper")
 NOISE_KINDS = ("simplex", "gaussian")
@@ -44,7 +44,8 @@ class DataConfig:
     image_size: int = 128  # side of the square model input, pixels
     channels: int = 1  # 1 = grey, 3 = RGB
     resize_policy: str = "resize"  # resize | crop (short side, centre crop) | pad (long side, pad)
-    augment: str = "none"  # none | flips (the 4 flips, keeps the orientation) | texture (the 8 flips and quarter turns)
+    augment: str = "none"  # none | flips (the 4 flips, keeps the orientation) | texture (the 8 flips and quarter turns) | diffusion (shots only: anoddpm.training.variations)
+    variations: int = 4  # diffusion-made variations per good image (augment diffusion; the prior samples of --init)
     # the UNet is fully convolutional, so it can train on crops and still reconstruct whole images: 64 of 128 px
     # gives 3.5x more steps per minute, but on magnetic_tile (10 min) image AUROC fell 0.69 -> 0.63 (docs/quality.md)
     train_crop: int = 0  # side of the random square crop each training image is cut to, pixels; 0 = whole image
@@ -137,6 +138,9 @@ class TrainConfig:
     # the denoiser learns to remove defects instead of reproducing them. 0 = plain AnoDDPM.
     anomaly_fraction: float = 0.5  # share of samples noised from a synthetic anomaly (healing training)
     heal_snr_cap: float = 5.0  # min-SNR weight cap of the healing samples' loss (bounds small-t targets)
+    # --init (anoddpm.training.finetune): start from another bundle's denoiser and fine-tune it, DreamBooth-style
+    init: str = ""  # base bundle (model.pt) the denoiser starts from; "" = random initialisation
+    prior_fraction: float = 0.5  # share of the training stream that is the base model's own samples (with init)
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,9 @@ class Config:
             raise ValueError(f"detect.reference_neighbours={self.detect.reference_neighbours} must be at least 1")
         if not 0.0 <= self.train.anomaly_fraction <= 1.0:
             raise ValueError(f"train.anomaly_fraction={self.train.anomaly_fraction} must be in [0, 1]")
+        if self.data.augment == "diffusion" and (not self.data.shots or self.data.tile_size):
+            raise ValueError("data.augment='diffusion' enlarges the few images of a K-shot model: use it with "
+                             "data.shots (--shots K) and without tiling")
         if not 0.0 < self.head.budget_fraction < 1.0:
             raise ValueError(f"head.budget_fraction={self.head.budget_fraction} must be in (0, 1)")
         if self.head.min_steps < 1:

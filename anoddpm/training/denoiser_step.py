@@ -61,6 +61,11 @@ class DenoiserOptimiser:
         self.t_max = max(1, int(dc.t_max_fraction * dc.timesteps))
         self.t_min = min(int(dc.t_min_fraction * dc.timesteps), self.t_max - 1)  # both fractions may round to one t
 
+    def start_from(self, weights: dict[str, Tensor]) -> None:
+        """Start the weights and their EMA from another model's (`--init`); the optimizer starts afresh."""
+        self.model.load_state_dict(weights)
+        self.ema.load_state_dict(weights)
+
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint's model, ema, optimizer, scheduler and scaler entries."""
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),

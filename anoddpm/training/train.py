@@ -49,7 +49,9 @@ from anoddpm.model.intensity import model_inputs
 from anoddpm.training.run_log import RunLog
 from anoddpm.detection.backbone import check_backbone
 from anoddpm.detection.calibration import calibrate_bundle
-from anoddpm.detection.fewshot import calibrate_shots, check_folds
+from anoddpm.detection.fewshot import check_folds
+from anoddpm.training.finetune import base_weights, with_prior_samples
+from anoddpm.training.variations import calibrate_k_shot
 from anoddpm.detection.tiling import as_tiles
 from anoddpm.training.crops import random_crops, random_tiles
 
@@ -143,6 +145,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
     steps and before every checkpoint): no bundle is written and checkpoint.pt keeps the last good step.
     """
     check_backbone(cfg.validate())  # the whole config, backbone weights included, before any work
+    base = base_weights(cfg, cfg.train.init) if cfg.train.init else None  # --init: checked before any work too
     out = Path(out_dir)
     dist = _Dist(device)
     run_log: RunLog | None = None
@@ -166,13 +169,17 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         torch.manual_seed(tc.seed)
         train_ds, val_ds, fingerprint = load_training_data(cfg, data_root, category, tc.seed)
         if cfg.data.shots:  # a K-shot model: no held-back split, calibrated leave-one-out on the shots
-            check_folds(len(train_ds), 0)
+            check_folds(len(train_ds), cfg.data.variations if cfg.data.augment == "diffusion" else 0)
             val_ds = ImageDataset(train_ds.arrays, train_ds.names)  # the shots unaugmented: previews, head check
         elif len(train_ds) == 0 or len(val_ds) == 0:
             raise ValueError(f"{data_root}: {fingerprint['n_files']} good image(s) leave {len(train_ds)} to train "
                              f"on and {len(val_ds)} held back to calibrate the threshold; give at least 2 good "
                              "images (and data.val_fraction > 0)")
         state = DenoiserOptimiser(cfg, dist.device, dist.rank, dist.world)
+        stream = train_ds  # what the denoiser trains on: with --init, the good images and the base model's samples
+        if base is not None:
+            state.start_from(base)
+            stream = with_prior_samples(cfg, train_ds, state.ema, state.diffusion, dist.device)
         for name in ("train_crop", "tile_size"):
             if getattr(cfg.data, name) % state.model.size_multiple:
                 raise ValueError(f"data.{name}={getattr(cfg.data, name)} must be a multiple of "
@@ -181,7 +188,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
         if dist.main:  # only once a resume was accepted: a refused one leaves the run's config.json as it was
             atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         start_time, start_step = time.perf_counter(), step
-        step, interrupted = _denoiser_loop(cfg, state, dist, train_ds, val_ds, fingerprint, out, step,
+        step, interrupted = _denoiser_loop(cfg, state, dist, stream, val_ds, fingerprint, out, step,
                                            max_steps, max_minutes, run_log)
         if os.environ.get(HASH_ENV):
             atomic_write_text(Path(os.environ[HASH_ENV]) / f"rank{dist.rank}.txt",
@@ -207,7 +214,8 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             raise KeyboardInterrupt
         if dist.main:
             calibration_start = time.perf_counter()
-            threshold = (calibrate_shots(bundle, train_ds.arrays, dist.device) if cfg.data.shots
+            threshold = (calibrate_k_shot(bundle, cfg, state.ema, state.diffusion, train_ds.arrays, dist.device)
+                         if cfg.data.shots
                          else calibrate_bundle(bundle, val_ds, dist.device, train_ds))
             log.info("calibrated in %.1f s (after the training budget: --max-minutes covers the training steps)",
                      time.perf_counter() - calibration_start)
