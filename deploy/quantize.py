@@ -6,7 +6,9 @@ ranges from MinMax calibration), calibrated on the bundle's held-back good image
 comes from. The threshold is then recalibrated on the quantised graph's own scores of those images, run through
 the line runtime (``deploy.runtime.Inspector``, tiles stitched as on the line), never taken from the float graph:
 quantisation moves every score. The metadata says ``quantize: int8`` and the integrity hash binds it as export
-does. Nothing is written when a score of the quantised graph is not a finite number.
+does. Nothing is written when a score of the quantised graph is not a finite number, nor when the quantised graph
+separates synthetic anomalies of those good images (``data.anomalies``) worse than the float graph by more than
+QUALITY_TOLERANCE image AUROC (``threshold["int8_check"]`` keeps both figures).
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx
+from sklearn.metrics import roc_auc_score
 
 from deploy.integrity import INTEGRITY_KEY, graph_bytes, integrity_hash
 from deploy.runtime import INPUT_NAME, Inspector, parse_metadata
 from eval.threshold import calibrate
 
 QUANTIZE_KEY = "quantize"
+QUALITY_TOLERANCE = 0.005  # image AUROC the INT8 graph may lose to the float graph on the synthetic-anomaly check
+CHECK_SEED = 0
 QUANTIZED_OPS = ("Conv",)  # the networks' arithmetic; the rest (norms, softmax, the memory search) stays float
 # the networks (the UNet, the backbone); the map's smoothing and pooling convolutions stay float: in int8 they would
 # round every anomaly map, hence every score, to 256 levels
@@ -89,6 +94,29 @@ def good_scores(path: Path, images: Sequence[np.ndarray], batch_size: int = CALI
     return np.asarray(scores, np.float64), maps
 
 
+def synthetic_anomalies(good_images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """One synthetic-anomaly version ([C, S, S] float32 in [0, 1], never clean) of each good image, seeded."""
+    import torch
+
+    from anoddpm.data.anomalies import synthesize_anomalies
+
+    generator = torch.Generator().manual_seed(CHECK_SEED)
+    return [synthesize_anomalies(torch.from_numpy(np.asarray(a, np.float32))[None], generator, clean_fraction=0.0)[0][0]
+            .numpy() for a in good_images]
+
+
+def quality_check(float_path: Path, int8_path: Path, good_images: Sequence[np.ndarray],
+                  good_int8_scores: np.ndarray) -> dict[str, float]:
+    """Image AUROC of the float and the INT8 graph separating `good_images` from synthetic-anomaly versions of them
+    (``synthetic_anomalies``) -> {"float_auroc", "int8_auroc", "images"}."""
+    damaged = synthetic_anomalies(good_images)
+    labels = np.r_[np.zeros(len(good_images)), np.ones(len(damaged))]
+    float_scores = np.r_[good_scores(float_path, good_images)[0], good_scores(float_path, damaged)[0]]
+    int8_scores = np.r_[good_int8_scores, good_scores(int8_path, damaged)[0]]
+    return {"float_auroc": float(roc_auc_score(labels, float_scores)),
+            "int8_auroc": float(roc_auc_score(labels, int8_scores)), "images": int(len(labels))}
+
+
 def int8_threshold(float_threshold: dict[str, Any], scores: np.ndarray, maps: Sequence[np.ndarray],
                    quantile: float) -> dict[str, Any]:
     """The float export's threshold dict with image / pixel thresholds recalibrated on the INT8 graph's good scores
@@ -113,7 +141,13 @@ def quantize_export(float_path: Path, out_path: Path, calibration_inputs: np.nda
         provisional = workdir / "provisional.onnx"
         provisional.write_bytes(_with_metadata(model, {**metadata, QUANTIZE_KEY: "int8"}))
         scores, maps = good_scores(provisional, good_images)
+        check = quality_check(float_path, provisional, good_images, scores)
+    if check["int8_auroc"] < check["float_auroc"] - QUALITY_TOLERANCE:
+        raise ValueError(f"--quantize int8: the INT8 graph separates synthetic anomalies of the held-back good images "
+                         f"with image AUROC {check['int8_auroc']:.4f} against the float graph's {check['float_auroc']:.4f} "
+                         f"(more than {QUALITY_TOLERANCE} lost); nothing was written: export without --quantize")
     threshold = int8_threshold(json.loads(metadata["threshold"]), scores, maps, quantile)
+    threshold["int8_check"] = check
     if not math.isfinite(float(threshold["image"])):
         raise ValueError(f"{out_path}: the INT8 graph's threshold is {threshold['image']}; nothing was written")
     final = _with_metadata(model, {**metadata, "threshold": json.dumps(threshold), QUANTIZE_KEY: "int8"})

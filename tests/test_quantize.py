@@ -12,14 +12,18 @@ from anoddpm.bundle import load_bundle
 from anoddpm.cli import main as cli
 from anoddpm.data.datasets import load_test_set, load_training_data
 from deploy.export import export_onnx
+from deploy import quantize
 from deploy.quantize import QUANTIZED_SCOPES, good_scores
 from deploy.runtime import Inspector
 
 
 @pytest.fixture(scope="module")
 def exported(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """(bundle, float ONNX, INT8 ONNX) of a tiny model trained on the synthetic set (feature memory included)."""
+    """(bundle, float ONNX, INT8 ONNX) of a tiny model trained on the synthetic set (feature memory included); the
+    quality check is passed whatever the loss (a 4-step model is no measure of it; see test_quality_loss_...)."""
     tmp = tmp_path_factory.mktemp("int8")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(quantize, "QUALITY_TOLERANCE", 1.0)
     assert cli(["train", "--data", str(synth_root), "--category", "synthetic", "--out", str(tmp / "run"),
                 "--image-size", "32", "--preset", "tiny", "--max-steps", "4", "--batch-size", "4", "--no-head",
                 "--device", "cpu", "-q"]) == 0
@@ -27,6 +31,7 @@ def exported(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     assert cli(["export", "--model", str(bundle), "--out", str(tmp / "float.onnx"), "-q"]) == 0
     assert cli(["export", "--model", str(bundle), "--out", str(tmp / "int8.onnx"), "--quantize", "int8",
                 "--triton", str(tmp / "repo"), "-q"]) == 0
+    patch.undo()
     return bundle, tmp / "float.onnx", tmp / "int8.onnx"
 
 
@@ -75,6 +80,15 @@ def test_the_threshold_is_the_quantile_of_the_int8_graphs_own_good_scores(export
     assert flt.image_threshold == pytest.approx(float(np.quantile(float_scores, quantile)), rel=1e-5)
     assert int8.image_threshold != pytest.approx(flt.image_threshold, rel=1e-6)  # quantisation moved the scores
     assert "good_cache" not in int8.metadata["threshold"]  # the float graph's good scores are not kept
+    check = int8.metadata["threshold"]["int8_check"]
+    assert check["images"] == 2 * len(images) and 0 <= check["int8_auroc"] <= 1 and 0 <= check["float_auroc"] <= 1
+
+
+def test_quality_loss_beyond_the_tolerance_writes_nothing(exported, tmp_path, monkeypatch):
+    monkeypatch.setattr(quantize, "QUALITY_TOLERANCE", -1.0)  # INT8 would have to beat float by a whole AUROC
+    with pytest.raises(ValueError, match=r"--quantize int8: .*synthetic anomalies.*nothing was written"):
+        export_onnx(exported[0], tmp_path / "q.onnx", quantize="int8")
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary left behind
 
 
 def test_int8_scores_follow_the_float_graph(exported):
