@@ -173,7 +173,6 @@ def test_shots_zero_or_too_many_on_the_command_line_is_one_line_naming_the_flag(
         assert f"holds {N_TRAIN} good training image(s)" in lines[0]
 
 
-@pytest.mark.slow
 def test_benchmark_gives_a_row_per_k_draw_and_method_and_goes_on_after_a_failing_k(data_root, tmp_path, capsys):
     from benchmarks.fewshot import main as benchmark
 
