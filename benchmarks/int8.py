@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_bundle(args.model).cfg
     samples = load_test_set(cfg, args.data, args.category)
     rows = {}
-    for name, quantize in (("float", "none"), ("int8", "int8")):
+    for name, mode in (("float", "none"), ("int8", "int8")):
         start = time.perf_counter()
-        path = export_onnx(args.model, args.out / f"{name}.onnx", quantize=quantize)
+        path = export_onnx(args.model, args.out / f"{name}.onnx", quantize=mode)
         export_s = time.perf_counter() - start
         inspector = Inspector(path, providers=["CPUExecutionProvider"], batch_size=max(BATCHES), threads=args.threads)
         row = {"graph": name, "category": args.category, "export_s": round(export_s, 1),
