@@ -161,6 +161,18 @@ def test_one_shot_calibrates_on_its_derived_images_only_when_it_has_some(three_s
     assert not (tmp_path / "one" / "checkpoint.pt").exists()
 
 
+def test_no_map_reference_when_the_folds_are_too_small_for_one(three_shot, data_root, tmp_path):
+    """3 shots + 6 derived each = 21 images would fit a nearest_good bank (>= 20), each fold's 14 would not: the
+    bundle gets none, or its maps would be in other units than the threshold from the folds."""
+    shots = _shots(data_root, _cfg(3))
+    derived = [[np.clip(s + 0.01 * j, 0, 1).astype(np.float32) for j in range(1, 7)] for s in shots]
+    copy = shutil.copy(three_shot, tmp_path / "model.pt")
+    t = calibrate_shots(copy, shots, CPU, derived=derived)
+    bundle = load_bundle(copy)
+    assert bundle.cfg.detect.map_reference == "nearest_good" and t["n_good"] == 3
+    assert bundle.reference_bank is None and bundle.map_reference is None
+
+
 def test_shots_zero_or_too_many_on_the_command_line_is_one_line_naming_the_flag(data_root, tmp_path):
     for k, why in ((0, "a K-shot model needs at least one good image"), (N_TRAIN + 1, f"only {N_TRAIN} are there")):
         err = io.StringIO()

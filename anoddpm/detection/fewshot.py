@@ -31,7 +31,7 @@ from anoddpm.detection.detector import Detector
 from anoddpm.detection.requantile import good_cache
 from anoddpm.detection.scoring_loop import score_component_maps
 from anoddpm.detection.tiling import inspection_detector
-from eval.threshold import calibrate
+from eval.threshold import MIN_REFERENCE_IMAGES, calibrate
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,27 @@ def _as_array(image: Image) -> np.ndarray:
 
 
 def _fit_fold(view: Any, fitted_on: list[np.ndarray], left_out: list[np.ndarray], device: torch.device,
-              batch_size: int) -> None:
-    """Fit every state of the view's detector on `fitted_on` alone (component scales: see ``_fit_scales``)."""
+              batch_size: int, with_reference: bool) -> None:
+    """Fit every state of the view's detector on `fitted_on` alone (component scales: see ``_fit_scales``); the map
+    reference is forgotten again unless `with_reference`."""
     det = view.detector.cfg.detect
     good_mean_on_good = det.map_reference == "good_mean" and not view.fits_good_mean_on_training
     # fit_and_score_good fits good_mean (whole images) and the scales on its good images: the fold's own images for
     # good_mean, else the left-out image, whose scales _fit_scales replaces before anything is scored with them
     fit_and_score_good(view, fitted_on if good_mean_on_good else left_out, device, batch_size, bank_images=fitted_on)
+    if not with_reference:
+        view.detector.reference.reset()
+
+
+def _reference_in_every_fold(view: Any, folds: list[tuple[list[np.ndarray], list[np.ndarray]]]) -> bool:
+    """Whether every fold has the model inputs a map reference needs (MIN_REFERENCE_IMAGES): the final states get
+    one only then, or the stored threshold (from the folds' unreferenced maps) would be in other units than the maps
+    the bundle makes."""
+    smallest = min(len(view.model_inputs(fitted_on)) for fitted_on, _ in folds)
+    if smallest < MIN_REFERENCE_IMAGES and view.detector.cfg.detect.map_reference != "none":
+        log.warning("map reference: not fitted, the leave-one-out folds hold %d model inputs, fewer than %d; maps stay "
+                    "unnormalised (the threshold comes from the folds)", smallest, MIN_REFERENCE_IMAGES)
+    return smallest >= MIN_REFERENCE_IMAGES
 
 
 def _referenced_maxima(view: Any, images: list[np.ndarray], device: torch.device, batch_size: int) -> np.ndarray | None:
@@ -102,8 +116,9 @@ def calibrate_shots(bundle_path: str | Path, shots: Sequence[Image], device: tor
     cfg, batch_size = bundle.cfg, bundle.cfg.train.batch_size
     view = inspection_detector(Detector.from_bundle(bundle, device).eval(), batch_size)
     states, maxima = [], []
+    with_reference = _reference_in_every_fold(view, folds)
     for fitted_on, left_out in folds:
-        _fit_fold(view, fitted_on, left_out, device, batch_size)
+        _fit_fold(view, fitted_on, left_out, device, batch_size, with_reference)
         states.append(view.detector.fitted_state())
         maxima.append(_referenced_maxima(view, left_out, device, batch_size))
     scores: list[float] = []
@@ -121,7 +136,7 @@ def calibrate_shots(bundle_path: str | Path, shots: Sequence[Image], device: tor
         raise ValueError(f"{bundle_path}: leave-one-out scores or maps of fold(s) {bad or 'some'} are not finite "
                          "numbers; no threshold was stored: retrain (e.g. with a lower --lr)")
     everything = [image for i, shot in enumerate(shots) for image in (shot, *derived[i])]
-    _fit_fold(view, everything, shots[:1], device, batch_size)
+    _fit_fold(view, everything, shots[:1], device, batch_size, with_reference)
     _fit_scales(view, maxima)  # the final scales: every left-out image's maxima
     good_maps = stack_if_same(maps)
     threshold = calibrate(np.asarray(scores), good_maps, quantile=cfg.detect.threshold_quantile)
