@@ -3,6 +3,18 @@
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: on the shared 2-core CI box two threads per test fight each other
+    and run ~20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A tiny generated MVTec-layout dataset: ROOT/synthetic/{train,test,ground_truth}, 32 px."""

@@ -30,13 +30,7 @@ LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy" / "model.pt"
 N_TRAIN = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI box is shared: two intra-op threads per test fight each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

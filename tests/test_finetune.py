@@ -99,12 +99,12 @@ def _train_cfg(**data) -> Config:
             .override("head", enabled=False).override("backbone", image_size=64))
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_k_shot_model_fine_tuned_from_a_base_with_diffusion_variations(tmp_path):
     from anoddpm.bundle import load_bundle
     from anoddpm.data.synth import make_synthetic_dataset
     from anoddpm.training.train import train
 
-    torch.set_num_threads(1)
     make_synthetic_dataset(tmp_path / "data", "new", size=32, n_train=6, n_test_good=0, n_test_defect=0, seed=2)
     cfg = _train_cfg(shots=2, augment="diffusion", variations=2)
     gen = torch.Generator().manual_seed(5)  # a base far from any fresh initialisation

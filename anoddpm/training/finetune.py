@@ -64,6 +64,5 @@ def with_prior_samples(cfg: Config, train_ds: ImageDataset, model: torch.nn.Modu
                                                                    zip(train_ds.names, samples) for j in range(len(vs))]
     log.info("prior preservation: %d base-model samples mixed with %d x %d good images", len(arrays) - len(shots) *
              repeats, len(shots), repeats)
-    return ImageDataset(arrays, names, augment=cfg.data.augment if cfg.data.augment != "diffusion" else "none",
-                        seed=cfg.train.seed)
+    return ImageDataset(arrays, names, augment=cfg.data.augment, seed=cfg.train.seed)
 
