@@ -2,11 +2,14 @@
 
     python -m benchmarks.peers --data ROOT --category CAT [--max-minutes M | --max-steps N] [--model model.pt]
         [--out DIR] [--scorers residual+head,feature_memory,...] [--arms "--guidance 2;--depth 250 --steps 10"]
+        [--adapt-steps N --adapted-arms "--scorer feature_residual;--scorer residual+feature_residual"]
 
 (a) ``defaults``: ``anoddpm train`` with the default config (budget from the flags; ``--model`` evaluates an
 existing bundle instead), then ``anoddpm evaluate`` with the bundle's own scorer and, for every ``--scorers`` entry,
 the same bundle with ``--scorer`` (calibrated on the fly), and for every ``--arms`` entry (';'-separated) the same
-bundle with those `anoddpm evaluate` flags. (b) ``patchcore_peer``: no training; the recipe of
+bundle with those `anoddpm evaluate` flags; with ``--adapt-steps N`` a copy of the bundle gets the backbone adapted to
+its reconstructions as ``anoddpm train --adapt-steps N`` ends (same function, same seed), is calibrated, and every
+``--adapted-arms`` entry is evaluated on it (method ``adapted``). (b) ``patchcore_peer``: no training; the recipe of
 ``shared/FINDINGS.md``: the same pretrained backbone (EfficientNet-Lite0 stages 3 and 5, 3x3 pooled) at 256 x 256,
 a random 10 % of all training-patch descriptors as the bank, map = distance to the nearest one, blurred (sigma 4 px
 at 256), score = its max. One JSON line per method: method, category, image_auroc, pixel_auroc, aupro,
@@ -110,6 +113,33 @@ def run_peer(data: str, category: str | None, seed: int = 0, shots: int = 0,
     return metrics, seconds, fit
 
 
+def adapted_copy(model: Path, out: Path, steps: int) -> tuple[Path, float]:
+    """OUT/adapted/model.pt: `model` with a backbone adapted for `steps` steps on its training images, calibrated as
+    at the end of `anoddpm train` -> (path, seconds of adaptation and calibration)."""
+    from anoddpm.bundle import load_bundle, save_bundle
+    from anoddpm.data.datasets import load_training_data
+    from anoddpm.detection.calibration import calibrate_bundle
+    from anoddpm.model.diffusion import GaussianDiffusion
+    from anoddpm.model.unet import build_unet
+    from anoddpm.platform.device import resolve_device
+    from anoddpm.training.adaptation import adapt_backbone
+
+    start = time.perf_counter()
+    bundle = load_bundle(model)
+    cfg = bundle.cfg.override("train", adapt_steps=steps).validate()
+    fingerprint = bundle.fingerprint
+    train_ds, val_ds, _ = load_training_data(cfg, fingerprint["root"], fingerprint["category"], cfg.train.seed)
+    unet = build_unet(cfg)
+    unet.load_state_dict(bundle.state_dict)
+    device = resolve_device("auto")
+    adapted = adapt_backbone(cfg, unet.to(device).eval(), GaussianDiffusion.from_config(cfg.diffusion).to(device),
+                             train_ds, device)
+    path = save_bundle(out / "adapted" / "model.pt", cfg=cfg, state_dict=bundle.state_dict, fingerprint=fingerprint,
+                       head_state_dict=bundle.head_state_dict, adapted_backbone=adapted)
+    calibrate_bundle(path, val_ds, device, train_ds)
+    return path, time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both methods and print one JSON line each."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
@@ -122,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scorers", default="", help="comma-separated extra --scorer values to evaluate the bundle with")
     p.add_argument("--arms", default="", help="';'-separated sets of evaluate flags to evaluate the bundle with, e.g. "
                                             "\"--guidance 2;--scorer residual --depth 250 --steps 10\"")
+    p.add_argument("--adapt-steps", type=int, default=0, metavar="N",
+                   help="also evaluate a copy of the bundle with its backbone adapted for N steps (train --adapt-steps)")
+    p.add_argument("--adapted-arms", default="--scorer feature_residual",
+                   help="';'-separated sets of evaluate flags for the adapted copy (default: --scorer feature_residual)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass when evaluating (default 8)")
     p.add_argument("--out", type=Path, default=Path("runs/peers"), help="folder for the run and its reports")
     p.add_argument("--skip-peer", action="store_true", help="only the toolkit (the peer needs no bundle)")
@@ -140,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate_bundle(model, args.data, args.category, out, flags, args.batch_size)
         print(json.dumps(_row(" ".join(["defaults", *flags]), category, metrics,
                               metrics.get("seconds_per_image") or 0.0, fit, model=str(model))), flush=True)
+    if args.adapt_steps:
+        adapted, adapt_seconds = adapted_copy(model, out, args.adapt_steps)
+        for flags in (a.split() for a in filter(None, (a.strip() for a in args.adapted_arms.split(";")))):
+            metrics = evaluate_bundle(adapted, args.data, args.category, out / "adapted", flags, args.batch_size)
+            print(json.dumps(_row(" ".join(["adapted", *flags]), category, metrics,
+                                  metrics.get("seconds_per_image") or 0.0, fit + adapt_seconds, model=str(adapted),
+                                  adapt_steps=args.adapt_steps, adapt_seconds=round(adapt_seconds, 1))), flush=True)
     return 0
 
 

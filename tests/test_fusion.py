@@ -25,6 +25,7 @@ def test_max_fusion_keeps_what_one_component_finds_and_geometric_needs_both():
     maps[0, 0, 1, 1] = 9.0  # only the first component flags this pixel
     assert float(combine_component_maps(maps, "max")[0, 0, 1, 1]) == 9.0
     assert float(combine_component_maps(maps, "geometric")[0, 0, 1, 1]) == pytest.approx(3.0)
+    assert float(combine_component_maps(maps, "mean")[0, 0, 1, 1]) == pytest.approx(5.0)  # DDAD's sum, halved
     assert combine_component_maps(maps[:, :1], "max").equal(maps[:, :1])
 
 
@@ -99,3 +100,22 @@ def test_a_bundle_from_before_detect_fusion_keeps_the_geometric_mean(tmp_path):
     old_threshold = {k: v for k, v in asdict(cfg.detect).items() if k != "fusion"}
     assert detect_differences(old_threshold, asdict(cfg.override("detect", fusion="max").detect)) == ["fusion"]
     assert detect_differences(old_threshold, asdict(cfg.override("detect", fusion="geometric").detect)) == []
+
+
+def test_mean_fusion_uses_the_fitted_scales_and_onnx_matches_pytorch(calibrated, tmp_path):
+    data, model = calibrated
+    copy = tmp_path / "model.pt"
+    copy.write_bytes(model.read_bytes())
+    assert main(["calibrate", "--model", str(copy), "--fusion", "mean", "--batch-size", "4", "-q"]) == 0
+    bundle = load_bundle(copy)
+    detector = Detector.from_bundle(bundle)
+    assert bundle.cfg.detect.fusion == "mean" and detector.fusion.scales_components
+    assert torch.allclose(bundle.component_scale, load_bundle(model).component_scale)  # the same units as max
+    images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        components, _ = detector.referenced_components(images)
+        amap, score, _ = detector(images)
+    expected = (components / bundle.component_scale.view(1, -1, 1, 1)).mean(dim=1, keepdim=True)
+    assert torch.allclose(amap, expected, atol=1e-6)
+    o_map, o_score = Inspector(export_onnx(copy, tmp_path / "model.onnx")).run(images.numpy())
+    assert np.abs(o_map - amap[:, 0].numpy()).max() < 1e-4 and np.abs(o_score - score.numpy()).max() < 1e-4

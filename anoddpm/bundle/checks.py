@@ -50,9 +50,9 @@ def check_weights(path: Path, raw: Mapping[str, Any]) -> None:
     """Refuse state dicts that are not a mapping of names to tensors (a hand-edited or foreign file), weights that
     are not floating point (an integer copy truncated them) and weights that are NaN or infinite (every score
     would be NaN: a part passed as good)."""
-    for key in ("state_dict", "head_state_dict"):
+    for key in ("state_dict", "head_state_dict", "adapted_backbone"):
         weights = raw.get(key)
-        if weights is None and key == "head_state_dict":
+        if weights is None and key != "state_dict":
             continue
         if not isinstance(weights, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                        for k, v in weights.items()):
@@ -168,13 +168,14 @@ def _feed(digest: Any, value: Any) -> None:
 
 def calibration_fingerprint(raw: Mapping[str, Any]) -> str:
     """Hex SHA-256 binding a calibration to what it was computed with, over a bundle's raw dict: the UNet and head
-    weights, every fitted state (FITTED: references, feature memory, component scales, backbone identity), the
-    config sections scores depend on (SEALED_CONFIG) and the threshold dict itself (its detection settings,
+    weights (and the adapted backbone's, when there is one), every fitted state (FITTED: references, feature memory,
+    component scales, backbone identity), the config sections scores depend on (SEALED_CONFIG) and the threshold dict itself (its detection settings,
     components, values and data record) less SEAL_KEY."""
     digest = hashlib.sha256(f"anoddpm calibration v{SEAL_VERSION}".encode())
     config = raw.get("config") if isinstance(raw.get("config"), Mapping) else {}
     threshold = {k: v for k, v in (raw.get("threshold") or {}).items() if k != SEAL_KEY}
-    _feed(digest, {"state_dict": raw.get("state_dict"), "head_state_dict": raw.get("head_state_dict"),
+    adapted = {} if raw.get("adapted_backbone") is None else {"adapted_backbone": raw["adapted_backbone"]}
+    _feed(digest, {"state_dict": raw.get("state_dict"), "head_state_dict": raw.get("head_state_dict"), **adapted,
                    **{key: raw.get(key) for key in FITTED}, "config": {k: config.get(k) for k in SEALED_CONFIG},
                    "threshold": threshold})
     return digest.hexdigest()

@@ -2,7 +2,8 @@
 
 The file is a `torch.save`d dict of tensors and builtins only (format_version, versions, the
 resolved config, EMA weights, preprocessing, noise parameters, data fingerprint, threshold, and
-optionally ``head_state_dict``, the learned scoring head's weights, and the map reference fitted with
+optionally ``head_state_dict``, the learned scoring head's weights, ``adapted_backbone``, the backbone copy adapted to
+the model's reconstructions (``train.adapt_steps``), and the map reference fitted with
 the threshold: ``map_reference`` [1, K, S, S] or ``reference_bank``, thumbnails and pooled maps of the
 training images), so
 it loads with `torch.load(weights_only=True)`: a crafted pickle cannot run code on load.
@@ -42,6 +43,7 @@ class Bundle:
     versions: dict[str, Any]
     path: Path
     head_state_dict: dict[str, torch.Tensor] | None = None  # learned scoring head, if one was trained
+    adapted_backbone: dict[str, torch.Tensor] | None = None  # backbone weights adapted to the reconstructions, if any
     map_reference: torch.Tensor | None = None  # [1, K, S, S] reference map per component map (K = 2 for fused), if fitted
     # nearest_good bank, if fitted: "features" [N, F] thumbnails, "maps" [N, K, s, s] pooled component maps
     reference_bank: dict[str, torch.Tensor] | None = None
@@ -72,8 +74,10 @@ def _cpu(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def bundle_payload(cfg: Config, state_dict: Mapping[str, torch.Tensor], fingerprint: Mapping[str, Any],
                    threshold: Mapping[str, Any] | None,
-                   head_state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """The exact dict written to model.pt (tensors moved to CPU); "head_state_dict" only when given."""
+                   head_state_dict: Mapping[str, torch.Tensor] | None = None,
+                   adapted_backbone: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The exact dict written to model.pt (tensors moved to CPU); "head_state_dict", "adapted_backbone" only when
+    given."""
     d = cfg.diffusion
     payload = {
         "format_version": BUNDLE_FORMAT_VERSION,
@@ -89,6 +93,8 @@ def bundle_payload(cfg: Config, state_dict: Mapping[str, torch.Tensor], fingerpr
     }
     if head_state_dict is not None:
         payload["head_state_dict"] = _cpu(head_state_dict)
+    if adapted_backbone is not None:
+        payload["adapted_backbone"] = _cpu(adapted_backbone)
     return _sealed(payload)
 
 
@@ -103,10 +109,13 @@ def _sealed(raw: dict[str, Any]) -> dict[str, Any]:
 
 def save_bundle(path: str | Path, *, cfg: Config, state_dict: Mapping[str, torch.Tensor],
                 fingerprint: Mapping[str, Any], threshold: Mapping[str, Any] | None = None,
-                head_state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+                head_state_dict: Mapping[str, torch.Tensor] | None = None,
+                adapted_backbone: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write model.pt atomically; `state_dict` is the EMA weights of `build_unet(cfg)`, `head_state_dict`
-    those of `anoddpm.model.head.build_head(cfg)` (optional)."""
-    return atomic_torch_save(bundle_payload(cfg, state_dict, fingerprint, threshold, head_state_dict), path)
+    those of `anoddpm.model.head.build_head(cfg)`, `adapted_backbone` those of an adapted
+    `anoddpm.detection.backbone.FeatureExtractor(cfg.backbone)` (both optional)."""
+    return atomic_torch_save(bundle_payload(cfg, state_dict, fingerprint, threshold, head_state_dict,
+                                            adapted_backbone), path)
 
 
 def _read_raw(path: Path, map_location: Any) -> dict[str, Any]:
@@ -169,6 +178,7 @@ def load_bundle(path: str | Path, map_location: Any = "cpu", *, drop_bad_calibra
                 "torch": raw.get("torch_version")}
     return Bundle(cfg=cfg, state_dict=raw["state_dict"], fingerprint=raw["fingerprint"],
                   threshold=raw["threshold"], versions=versions, path=path, head_state_dict=raw.get("head_state_dict"),
+                  adapted_backbone=raw.get("adapted_backbone"),
                   map_reference=raw.get("map_reference"), reference_bank=raw.get("reference_bank"),
                   feature_memory=raw.get("feature_memory"), backbone=raw.get("backbone"),
                   component_scale=raw.get("component_scale"), calibration_problem=problem)

@@ -73,7 +73,8 @@ def _add_detect_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fusion", choices=FUSIONS,
                    help="how a scorer's component maps combine: geometric = per-pixel geometric mean (every component "
                         "must agree), max = per-pixel maximum, each in units of its typical good-image maximum "
-                        "(calibrate fits them; any component may flag)")
+                        "(calibrate fits them; any component may flag), mean = per-pixel mean in those units (DDAD's "
+                        "sum of the pixel and feature maps)")
     g.add_argument("--memory-size", type=int, metavar="M",
                    help="patch features kept in the feature_memory bank (greedy coreset; calibrate fits it)")
     g.add_argument("--map-reference", choices=MAP_REFERENCES,
@@ -115,7 +116,8 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
     cfg = cfg.override("model", preset=args.preset)
     cfg = cfg.override("diffusion", noise=args.noise)
     cfg = cfg.override("train", batch_size=args.train_batch_size, lr=args.lr, max_steps=args.max_steps,
-                       max_minutes=args.max_minutes, seed=args.seed, init=getattr(args, "init", None))
+                       max_minutes=args.max_minutes, seed=args.seed, init=getattr(args, "init", None),
+                       adapt_steps=getattr(args, "adapt_steps", None))
     cfg = cfg.override("head", enabled=args.head)
     return cfg.validate()
 
@@ -189,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the denoiser from this bundle (another product's, or a base model) and fine-tune it "
                         "with prior preservation: train.prior_fraction of the stream is the base model's own samples "
                         "(same channels, image size, preset and backbone as this run; docs/fewshot.md)")
+    p.add_argument("--adapt-steps", type=int, metavar="N",
+                   help="after the denoiser, fine-tune a copy of the backbone for N steps so that good images and "
+                        "their reconstructions have the same features (DDAD's domain adaptation); the "
+                        "feature_residual scorer then compares in it (default 0 = none; docs/reconstruction.md)")
     p.add_argument("--batch-size", dest="train_batch_size", type=int, metavar="N", help="images per step (default 8)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps of the run (default 10000)")

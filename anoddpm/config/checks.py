@@ -29,6 +29,7 @@ RANGES: dict[str, tuple[float, float | None, str]] = {
     "train.max_minutes": (0.0, None, "()"),
     "train.ema_decay": (0.0, 1.0, "[]"),
     "train.prior_fraction": (0.0, 1.0, "[)"),
+    "train.adapt_lambda": (0.0, 100.0, "[]"),
     "train.log_every": (1, None, "[)"),
     "train.checkpoint_every": (1, None, "[)"),
     "train.sample_every": (1, None, "[)"),

@@ -29,7 +29,7 @@ SCORE_REDUCTIONS = ("max", "topk")
 COMPONENTS = ("residual", "head", "feature_residual", "feature_memory")
 SCORERS = ("auto", "fused") + COMPONENTS
 MAP_REFERENCES = ("nearest_good", "good_mean", "none")
-FUSIONS = ("geometric", "max")
+FUSIONS = ("geometric", "max", "mean")
 # detection fields added after bundles existed, with the behaviour a bundle (or threshold) without the field had
 LEGACY_DETECT = {"fusion": "geometric"}
 DEFAULT_COMPONENTS = ("residual", "head", "feature_memory")
@@ -141,6 +141,10 @@ class TrainConfig:
     # --init (anoddpm.training.finetune): start from another bundle's denoiser and fine-tune it, DreamBooth-style
     init: str = ""  # base bundle (model.pt) the denoiser starts from; "" = random initialisation
     prior_fraction: float = 0.5  # share of the training stream that is the base model's own samples (with init)
+    # DDAD's domain adaptation (anoddpm.training.adaptation): after the denoiser, a copy of the backbone is fine-tuned
+    # so that good images and their reconstructions have the same features; feature_residual then compares in it
+    adapt_steps: int = 0  # optimisation steps of the adapted backbone (batch train.batch_size); 0 = none
+    adapt_lambda: float = 0.1  # weight of the loss that keeps the adapted features near the frozen backbone's
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ class DetectConfig:
     # 0.84 / 0.62 -> 0.84 / 0.79 and juice_bottle 0.80 / 0.78 -> 0.99 / 0.92 against residual+head fused by the
     # geometric mean; the reconstruction finds what the features miss on magnetic_tile and the reverse on juice_bottle
     scorer: str = "auto"  # auto = DEFAULT_COMPONENTS (less the head when the bundle has none) | fused (residual+head) | components joined by '+', e.g. residual+feature_memory; maps combine by detect.fusion, each over its reference
-    fusion: str = "max"  # how component maps combine: geometric (per-pixel geometric mean: every component must agree) | max (per-pixel maximum, each in units of its median good-image maximum, fitted by calibration: any component may flag)
+    fusion: str = "max"  # how component maps combine: geometric (per-pixel geometric mean: every component must agree) | max (per-pixel maximum, each in units of its median good-image maximum, fitted by calibration: any component may flag) | mean (DDAD's sum: per-pixel mean in those units)
     memory_size: int = 8192  # patch features kept in the feature_memory bank (greedy coreset of the training split's)
 
 

@@ -32,11 +32,11 @@ FITTED_KEYS = ("map_reference", "reference_bank", "feature_memory", "component_s
 
 
 class Detector(nn.Module):
-    """UNet + diffusion (+ scoring head) (+ backbone) + cfg.detect as one module:
+    """UNet + diffusion (+ scoring head) (+ backbone) (+ adapted backbone) + cfg.detect as one module:
     forward(images) -> (anomaly_map, pred_score, reconstruction)."""
 
     def __init__(self, unet: UNet, diffusion: GaussianDiffusion, cfg: Config, head: ScoringHead | None = None,
-                 backbone: FeatureExtractor | None = None) -> None:
+                 backbone: FeatureExtractor | None = None, adapted: FeatureExtractor | None = None) -> None:
         super().__init__()
         self.cfg = cfg.validate()
         scorer = cfg.detect.scorer
@@ -44,7 +44,8 @@ class Detector(nn.Module):
         if "head" in self.components and head is None:
             raise ValueError(f"detect.scorer={scorer!r} needs a learned scoring head; this model has none "
                              "(train with head.enabled, or use detect.scorer 'residual' or 'auto')")
-        self.parts = nn.ModuleList(build_components(self.components, cfg, head))  # one Component per name
+        # one Component per name; `adapted` (the backbone adapted to the reconstructions) serves feature_residual
+        self.parts = nn.ModuleList(build_components(self.components, cfg, head, adapted))
         if any(part.needs_features for part in self.parts) and backbone is None:
             raise ValueError(f"detect.scorer={scorer!r} needs a pretrained backbone (anoddpm.detection.backbone)")
         self.reconstructor = Reconstructor(unet, diffusion, cfg)
@@ -138,10 +139,12 @@ class Detector(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Config, state_dict: dict[str, Tensor] | None = None,
-                    head_state_dict: dict[str, Tensor] | None = None, backbone_sha256: str | None = None) -> "Detector":
+                    head_state_dict: dict[str, Tensor] | None = None, backbone_sha256: str | None = None,
+                    adapted_backbone: dict[str, Tensor] | None = None) -> "Detector":
         """Detector with a fresh UNet built from cfg, loading `state_dict` (UNet weights) when given, a scoring
-        head loaded from `head_state_dict` when given and cfg.detect.scorer uses it, and the frozen backbone of
-        cfg.backbone when a component needs it (refused when its weights' SHA-256 is not `backbone_sha256`)."""
+        head loaded from `head_state_dict` when given and cfg.detect.scorer uses it, the frozen backbone of
+        cfg.backbone when a component needs it (refused when its weights' SHA-256 is not `backbone_sha256`), and
+        a copy of it with the weights `adapted_backbone` when given and the scorer has feature_residual."""
         unet = build_unet(cfg)
         if state_dict is not None:
             unet.load_state_dict(state_dict)
@@ -153,12 +156,16 @@ class Detector(nn.Module):
         backbone = None
         if any(name.startswith("feature_") for name in components):
             backbone = build_backbone(cfg.backbone, backbone_sha256)
-        return cls(unet, GaussianDiffusion.from_config(cfg.diffusion), cfg, head, backbone)
+        adapted = None
+        if adapted_backbone is not None and "feature_residual" in components:
+            adapted = FeatureExtractor(cfg.backbone)
+            adapted.load_parameters(adapted_backbone)
+        return cls(unet, GaussianDiffusion.from_config(cfg.diffusion), cfg, head, backbone, adapted)
 
     @classmethod
     def from_bundle(cls, bundle: Any, device: torch.device | str = "cpu", **detect_overrides: Any) -> "Detector":
         """Detector in eval mode on `device` from a loaded bundle (.cfg, .state_dict = EMA UNet weights, optional
-        .head_state_dict, and the fitted states of ``FITTED_KEYS``, used only when .threshold was calibrated with
+        .head_state_dict and .adapted_backbone, and the fitted states of ``FITTED_KEYS``, used only when .threshold was calibrated with
         the detection settings and components now in use; .backbone {"name", "sha256"}: the backbone weights it was
         calibrated with, refused when the installed ones differ).
 
@@ -168,7 +175,8 @@ class Detector(nn.Module):
         head_state = getattr(bundle, "head_state_dict", None)
         identity = getattr(bundle, "backbone", None) or {}
         try:
-            detector = cls.from_config(cfg, bundle.state_dict, head_state, identity.get("sha256"))
+            detector = cls.from_config(cfg, bundle.state_dict, head_state, identity.get("sha256"),
+                                       getattr(bundle, "adapted_backbone", None))
         except RuntimeError as err:  # load_state_dict: missing or unexpected keys, wrong shapes
             first = str(err).strip().splitlines()
             raise ValueError(f"{getattr(bundle, 'path', 'the bundle')}: its weights do not fit its config "

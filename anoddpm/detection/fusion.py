@@ -4,6 +4,8 @@
 one component rescales the result without changing any ranking. 'max': the per-pixel maximum; a pixel scores high
 where any component finds it, so the components must be in comparable units: each is divided by its fitted
 ``component_scale``, its median maximum over held-back good images (stored in the bundle as ``component_scale``).
+'mean': the per-pixel mean in those same units, DDAD's map (Mousakhan et al. 2023 add the feature and pixel maps, the
+pixel map rescaled to the feature map's maximum per batch; a scale fitted on good images keeps scores batch-invariant).
 """
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ from torch import Tensor, nn
 
 
 def combine_component_maps(components: Tensor, fusion: str = "geometric") -> Tensor:
-    """Component maps [B, K, S, S] (>= 0) -> one map [B, 1, S, S] (K = 1: unchanged), by 'geometric' or 'max'."""
+    """Component maps [B, K, S, S] (>= 0) -> one map [B, 1, S, S] (K = 1: unchanged), by 'geometric', 'max' or
+    'mean'."""
     if components.shape[1] == 1:
         return components
     if fusion == "max":
         return components.amax(dim=1, keepdim=True)
+    if fusion == "mean":
+        return components.mean(dim=1, keepdim=True)
     return components.clamp_min(0).prod(dim=1, keepdim=True).pow(1.0 / components.shape[1])
 
 
@@ -40,8 +45,8 @@ class Fusion(nn.Module):
 
     @property
     def scales_components(self) -> bool:
-        """True when the maps are fused by 'max' and so need each component in comparable units."""
-        return self.mode == "max" and len(self.names) > 1
+        """True when the maps are fused by 'max' or 'mean' and so need each component in comparable units."""
+        return self.mode in ("max", "mean") and len(self.names) > 1
 
     def fit(self, maxima: np.ndarray) -> None:
         """The scale of each component from per-image maxima [N, K] of good images' referenced maps."""

@@ -16,7 +16,9 @@ covers the denoiser phase: a resumed run re-trains the head from its fixed seed 
 denoiser step (identical to an uninterrupted run when the head budget is bounded by steps).
 Runs whose head share of ``max_steps`` is under ``head.min_steps`` give the denoiser the whole
 budget instead, and a head whose fused map does not beat the residual on held-back synthetic
-anomalies (`anoddpm.training.head_check`) is left out of the bundle.
+anomalies (`anoddpm.training.head_check`) is left out of the bundle. With ``train.adapt_steps`` a copy of the
+backbone is then adapted to the denoiser's reconstructions (`anoddpm.training.adaptation`, after the head, from its
+own seed: a resumed run adapts it again) and stored in the bundle.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from anoddpm.training.denoiser_step import DenoiserOptimiser
 from anoddpm.platform.device import resolve_device
 from anoddpm.platform.progress import progress
 from anoddpm.model.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
+from anoddpm.training.adaptation import adapt_backbone
 from anoddpm.training.head_phase import (checked_head, denoiser_steps_before_head, head_is_trained,
                                 train_head_phase)
 from anoddpm.data.datasets import ImageDataset, load_training_data
@@ -205,8 +208,10 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                                         tc.max_steps - max_steps, head_minutes, run_log)
                 head_state = checked_head(cfg, state.ema, state.diffusion, head, as_tiles(val_ds, cfg), dist.device,
                                           run_log)
+            adapted = (adapt_backbone(cfg, state.ema, state.diffusion, train_ds, dist.device, run_log)
+                       if tc.adapt_steps and not interrupted else None)
             save_bundle(bundle, cfg=cfg, state_dict=state.ema.state_dict(), fingerprint=fingerprint,
-                        head_state_dict=head_state)
+                        head_state_dict=head_state, adapted_backbone=adapted)
             log.info("bundle: %s", bundle)
         if interrupted:
             if dist.main:
