@@ -55,7 +55,7 @@ def test_adaptation_brings_good_images_and_their_reconstructions_together(synth_
                               torch.device("cpu"))
     frozen = build_backbone(cfg.backbone)
     copy = build_backbone(cfg.backbone)
-    copy.load_parameters(bundle.adapted_backbone)
+    copy.load_adapted(bundle.adapted_backbone)
     with torch.no_grad():
         before = float(location_distance(frozen(images), frozen(rebuilt)))
         after = float(location_distance(copy(images), copy(rebuilt)))
@@ -77,6 +77,16 @@ def test_feature_residual_uses_the_adapted_backbone_and_onnx_agrees(adapted, tmp
     onnx_path = export_onnx(adapted[0], tmp_path / "model.onnx")
     o_map, o_score = Inspector(onnx_path).run(images.numpy())
     assert np.abs(o_map - amap[:, 0].numpy()).max() < 1e-4 and np.abs(o_score - score.numpy()).max() < 1e-4
+
+
+def test_info_counts_the_adapted_parameters(adapted, capsys):
+    capsys.readouterr()
+    assert main(["info", str(adapted[0])]) == 0
+    with_copy = json.loads(capsys.readouterr().out)["adapted_backbone_parameters"]
+    assert main(["info", str(adapted[1])]) == 0
+    assert json.loads(capsys.readouterr().out)["adapted_backbone_parameters"] is None
+    frozen = build_backbone(_cfg().backbone)
+    assert with_copy == sum(v.numel() for v in frozen.state_dict().values() if v.is_floating_point()) > 100_000
 
 
 def test_a_calibration_is_sealed_to_the_adapted_weights(adapted, tmp_path):

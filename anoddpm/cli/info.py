@@ -34,6 +34,8 @@ def describe_bundle(path: Path) -> dict[str, Any]:
     head_params = None if head is None else sum(int(t.numel()) for t in head.values() if t.is_floating_point())
     return {"file": str(path), "kind": "bundle", "versions": bundle.versions, "parameters": n_params,
             "head_parameters": head_params,
+            "adapted_backbone_parameters": None if bundle.adapted_backbone is None
+            else sum(int(t.numel()) for t in bundle.adapted_backbone.values()),
             "threshold": _readable(bundle.threshold), "calibration_problem": bundle.calibration_problem,
             "map_reference": reference, "backbone": backbone,
             "component_scale": None if bundle.component_scale is None else bundle.component_scale.tolist(),

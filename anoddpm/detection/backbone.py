@@ -111,20 +111,23 @@ class FeatureExtractor(nn.Module):
         assert total == len(net._blocks)
         return ends
 
-    def load_parameters(self, parameters: dict[str, Tensor]) -> None:
-        """Replace every parameter by `parameters` (name -> tensor, exactly this network's parameter names; batch-norm
-        statistics stay the pretrained ones): an adapted copy's weights; ValueError naming what does not fit."""
-        own = dict(self.named_parameters())
-        if set(parameters) != set(own):
-            odd = sorted(set(parameters) ^ set(own))[:3]
+    def adapted_state(self) -> dict[str, Tensor]:
+        """Its floating-point weights and batch-norm statistics (CPU), what a bundle stores of an adapted copy."""
+        return {name: value.detach().cpu() for name, value in self.state_dict().items() if value.is_floating_point()}
+
+    def load_adapted(self, state: dict[str, Tensor]) -> None:
+        """Use an adapted copy's ``adapted_state`` (exactly this network's names and shapes); ValueError naming
+        what does not fit."""
+        own = self.adapted_state()
+        if set(state) != set(own):
+            odd = sorted(set(state) ^ set(own))[:3]
             raise ValueError(f"adapted backbone weights do not fit {self.cfg.name} up to stage {max(self.cfg.layers)} "
                              f"(names {', '.join(odd)} ...); the file was altered or mixes two models")
-        with torch.no_grad():
-            for name, value in parameters.items():
-                if value.shape != own[name].shape:
-                    raise ValueError(f"adapted backbone weight {name} has shape {list(value.shape)}, "
-                                     f"expected {list(own[name].shape)}; the file was altered or mixes two models")
-                own[name].copy_(value)
+        for name, value in state.items():
+            if value.shape != own[name].shape:
+                raise ValueError(f"adapted backbone weight {name} has shape {list(value.shape)}, "
+                                 f"expected {list(own[name].shape)}; the file was altered or mixes two models")
+        self.load_state_dict(state, strict=False)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         """Stays in eval mode: batch-norm statistics are the pretrained ones."""

@@ -159,7 +159,7 @@ class Detector(nn.Module):
         adapted = None
         if adapted_backbone is not None and "feature_residual" in components:
             adapted = FeatureExtractor(cfg.backbone)
-            adapted.load_parameters(adapted_backbone)
+            adapted.load_adapted(adapted_backbone)
         return cls(unet, GaussianDiffusion.from_config(cfg.diffusion), cfg, head, backbone, adapted)
 
     @classmethod

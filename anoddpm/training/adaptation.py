@@ -66,8 +66,8 @@ def training_images(cfg: Config, train_ds: Any) -> Tensor:
 def adapt_backbone(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, train_ds: Any, device: torch.device,
                    log_fn: Callable[[dict], None] | None = None) -> dict[str, Tensor]:
     """Fine-tune a copy of cfg.backbone for cfg.train.adapt_steps steps on `train_ds` and its reconstructions by
-    the frozen EMA denoiser `ema`; returns the copy's parameters (CPU; its batch-norm statistics are the frozen
-    ones) for the bundle's ``adapted_backbone``."""
+    the frozen EMA denoiser `ema`; returns the copy's weights and (unchanged, pretrained) batch-norm statistics
+    (CPU) for the bundle's ``adapted_backbone``: the bundle needs no weights file for it."""
     start = time.perf_counter()
     images = training_images(cfg, train_ds)
     rebuilt = reconstruct_all(cfg, ema, diffusion, images, device)
@@ -98,4 +98,4 @@ def adapt_backbone(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, tr
     log.info("adapted backbone: %d steps on %d images in %.1f min, loss %.4f", len(losses), len(images), minutes, last)
     if log_fn is not None:
         log_fn({"adapt_steps": len(losses), "adapt_minutes": round(minutes, 2), "adapt_loss": last})
-    return {name: value.detach().cpu() for name, value in adapted.named_parameters()}
+    return adapted.adapted_state()
