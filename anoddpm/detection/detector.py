@@ -143,8 +143,9 @@ class Detector(nn.Module):
                     adapted_backbone: dict[str, Tensor] | None = None) -> "Detector":
         """Detector with a fresh UNet built from cfg, loading `state_dict` (UNet weights) when given, a scoring
         head loaded from `head_state_dict` when given and cfg.detect.scorer uses it, the frozen backbone of
-        cfg.backbone when a component needs it (refused when its weights' SHA-256 is not `backbone_sha256`), and
-        a copy of it with the weights `adapted_backbone` when given and the scorer has feature_residual."""
+        cfg.backbone when a component other than an adapted feature_residual needs it (refused when its weights'
+        SHA-256 is not `backbone_sha256`), and a copy of it with the weights `adapted_backbone` when given and the
+        scorer has feature_residual."""
         unet = build_unet(cfg)
         if state_dict is not None:
             unet.load_state_dict(state_dict)
@@ -153,20 +154,20 @@ class Detector(nn.Module):
         if head_state_dict is not None and "head" in components:
             head = build_head(cfg)
             head.load_state_dict(head_state_dict)
-        backbone = None
-        if any(name.startswith("feature_") for name in components):
-            backbone = build_backbone(cfg.backbone, backbone_sha256)
         adapted = None
         if adapted_backbone is not None and "feature_residual" in components:
             adapted = FeatureExtractor(cfg.backbone)
             adapted.load_adapted(adapted_backbone)
+        frozen_users = [name for name in components if name.startswith("feature_")
+                        and not (name == "feature_residual" and adapted is not None)]
+        backbone = build_backbone(cfg.backbone, backbone_sha256) if frozen_users else None
         return cls(unet, GaussianDiffusion.from_config(cfg.diffusion), cfg, head, backbone, adapted)
 
     @classmethod
     def from_bundle(cls, bundle: Any, device: torch.device | str = "cpu", **detect_overrides: Any) -> "Detector":
         """Detector in eval mode on `device` from a loaded bundle (.cfg, .state_dict = EMA UNet weights, optional
-        .head_state_dict and .adapted_backbone, and the fitted states of ``FITTED_KEYS``, used only when .threshold was calibrated with
-        the detection settings and components now in use; .backbone {"name", "sha256"}: the backbone weights it was
+        .head_state_dict and .adapted_backbone, and the fitted states of ``FITTED_KEYS``, used only when .threshold
+        was calibrated with the detection settings and components now in use; .backbone {"name", "sha256"}: the backbone weights it was
         calibrated with, refused when the installed ones differ).
 
         detect_overrides replace cfg.detect fields (None values keep the bundle's).

@@ -19,13 +19,12 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from anoddpm.config import Config
 from anoddpm.data.datasets import ImageDataset
 from anoddpm.detection.backbone import build_backbone
+from anoddpm.detection.components.feature_residual import feature_distance
 from anoddpm.detection.detector import Detector
-from anoddpm.detection.scoring_loop import batched
 from anoddpm.detection.tiling import as_tiles
 from anoddpm.model.diffusion import GaussianDiffusion
 from anoddpm.platform.progress import progress
@@ -35,8 +34,9 @@ ADAPT_LR = 1e-4  # Adam learning rate of the adapted copy (DDAD's)
 
 
 def location_distance(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """Stage features [B, C_i, h_i, w_i] of two batches -> mean over locations and stages of (1 - cosine), scalar."""
-    return sum(1.0 - F.cosine_similarity(x, y, dim=1, eps=1e-6).mean() for x, y in zip(a, b)) / len(a)
+    """Stage features [B, C_i, h_i, w_i] of two batches -> mean over locations and stages of feature_residual's
+    distance (1 - cosine), scalar."""
+    return sum(feature_distance(x, y).mean() for x, y in zip(a, b)) / len(a)
 
 
 def adaptation_loss(adapted_seen: list[Tensor], adapted_rebuilt: list[Tensor], frozen_seen: list[Tensor],
@@ -51,9 +51,8 @@ def reconstruct_all(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, i
                     device: torch.device) -> Tensor:
     """Reconstructions [N, C, S, S] in [0, 1] (CPU) of images [N, C, S, S] in [0, 1] with cfg.detect's settings."""
     detector = Detector(ema, diffusion, cfg.override("detect", scorer="residual")).to(device).eval()
-    rebuilt = [detector.reconstruct(torch.stack(chunk).to(device)).cpu()
-               for chunk in batched(list(images), cfg.train.batch_size)]
-    return torch.cat(rebuilt)
+    size = cfg.train.batch_size
+    return torch.cat([detector.reconstruct(images[i:i + size].to(device)).cpu() for i in range(0, len(images), size)])
 
 
 def training_images(cfg: Config, train_ds: Any) -> Tensor:
@@ -86,13 +85,13 @@ def adapt_backbone(cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, tr
         loss = adaptation_loss([f[:batch] for f in adapted_both], [f[batch:] for f in adapted_both],
                                [f[:batch] for f in frozen_both], [f[batch:] for f in frozen_both],
                                cfg.train.adapt_lambda)
+        losses.append(float(loss.detach()))
+        if not torch.isfinite(loss):
+            raise ValueError(f"backbone adaptation diverged at step {step + 1} (loss {losses[-1]}); lower "
+                             "train.adapt_steps or train.adapt_lambda, or train without --adapt-steps")
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        losses.append(float(loss.detach()))
-        if not torch.isfinite(loss):
-            raise ValueError(f"backbone adaptation diverged at step {step + 1} (loss {float(loss)}); lower "
-                             "train.adapt_steps or train.adapt_lambda, or train without --adapt-steps")
     minutes = (time.perf_counter() - start) / 60
     last = sum(losses[-20:]) / max(1, len(losses[-20:]))
     log.info("adapted backbone: %d steps on %d images in %.1f min, loss %.4f", len(losses), len(images), minutes, last)

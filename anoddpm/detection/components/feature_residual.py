@@ -14,12 +14,16 @@ from anoddpm.detection.components.base import Component, SharedWork
 from anoddpm.detection.maps import gaussian_blur
 
 
+def feature_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Feature maps [B, C, h, w] of two batches -> per-location 1 - cosine similarity [B, 1, h, w], in [0, 2]."""
+    return 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-6).unsqueeze(1)
+
+
 def feature_residual_map(seen: list[Tensor], rebuilt: list[Tensor], size: int) -> Tensor:
     """Stage features of inputs and of their reconstructions -> sum over stages of (1 - cosine) [B, 1, size, size]."""
     total = None
     for a, b in zip(seen, rebuilt):
-        distance = 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-6).unsqueeze(1)
-        distance = F.interpolate(distance, size=(size, size), mode="bilinear", align_corners=False)
+        distance = F.interpolate(feature_distance(a, b), size=(size, size), mode="bilinear", align_corners=False)
         total = distance if total is None else total + distance
     return total
 
