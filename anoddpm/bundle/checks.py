@@ -21,6 +21,8 @@ SEAL_VERSION = 1  # the bundle key "calibration_seal": every threshold this file
 SEALED_CONFIG = ("data", "model", "diffusion", "head", "backbone")  # config sections a score depends on (detect:
 # the threshold's own "detect"; train: how the weights were made, not how a score is)
 FITTED = ("map_reference", "reference_bank", "feature_memory", "component_scale", "backbone")  # bundle keys
+# fitted states added later: sealed only when present, so older calibrations keep their fingerprint
+LATER_FITTED = ("retrieval",)
 
 
 def check_bundle_file(path: Path) -> None:
@@ -135,13 +137,37 @@ def fitted_problem(raw: Mapping[str, Any], cfg: Config) -> str | None:
     if scale is not None:
         problems["component_scale"] = _tensor_problem(scale, 1) or (
             None if bool((scale > 0).all()) else "holds values that are not positive")
+    problems["retrieval"] = _retrieval_problem(raw.get("retrieval"), cfg)
     identity = raw.get("backbone")
     if identity is not None and not (isinstance(identity, Mapping) and all(
             isinstance(identity.get(k), str) for k in ("name", "sha256"))):
         problems["backbone"] = "must be {name, sha256} of the backbone weights"
-    elif identity is None and memory is not None:
-        problems["backbone"] = "identity is missing: nothing says which backbone weights made the feature memory"
+    elif identity is None and (memory is not None or raw.get("retrieval") is not None):
+        problems["backbone"] = "identity is missing: nothing says which backbone weights made the fitted states"
     return next((f"{key} {problem}" for key, problem in problems.items() if problem is not None), None)
+
+
+def _retrieval_problem(database: Any, cfg: Config) -> str | None:
+    """What is wrong with a stored retrieval database: {"embeddings" [N, D] float, "images" [N, C, S, S] uint8} with
+    D the backbone's feature width, C and S the model input's, N > model.retrieval_neighbours; None when right or
+    absent."""
+    if database is None:
+        return None
+    if not isinstance(database, Mapping) or set(database) != {"embeddings", "images"}:
+        return f"must be a mapping of embeddings and images, got {type(database).__name__}"
+    embeddings, images = database["embeddings"], database["images"]
+    problem = _tensor_problem(embeddings, 2)
+    if problem is not None:
+        return f"embeddings {problem}"
+    d = cfg.data
+    expected = [len(embeddings), d.channels, d.input_side, d.input_side]
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or list(images.shape) != expected:
+        return f"images must be a uint8 tensor of shape {expected}"
+    if embeddings.shape[1] != cfg.backbone.feature_channels:
+        return f"embeddings have width {embeddings.shape[1]}, not the {cfg.backbone.feature_channels} of the backbone"
+    if len(embeddings) <= cfg.model.retrieval_neighbours:
+        return f"holds {len(embeddings)} images, not more than model.retrieval_neighbours"
+    return None
 
 
 def _feed(digest: Any, value: Any) -> None:
@@ -169,13 +195,13 @@ def _feed(digest: Any, value: Any) -> None:
 def calibration_fingerprint(raw: Mapping[str, Any]) -> str:
     """Hex SHA-256 binding a calibration to what it was computed with, over a bundle's raw dict: the UNet and head
     weights (and the adapted backbone's, when there is one), every fitted state (FITTED: references, feature memory,
-    component scales, backbone identity), the config sections scores depend on (SEALED_CONFIG) and the threshold
+    component scales, backbone identity; LATER_FITTED when present: the retrieval database), the config sections scores depend on (SEALED_CONFIG) and the threshold
     dict itself (its detection settings, components, values and data record) less SEAL_KEY."""
     digest = hashlib.sha256(f"anoddpm calibration v{SEAL_VERSION}".encode())
     config = raw.get("config") if isinstance(raw.get("config"), Mapping) else {}
     threshold = {k: v for k, v in (raw.get("threshold") or {}).items() if k != SEAL_KEY}
-    adapted = {} if raw.get("adapted_backbone") is None else {"adapted_backbone": raw["adapted_backbone"]}
-    _feed(digest, {"state_dict": raw.get("state_dict"), "head_state_dict": raw.get("head_state_dict"), **adapted,
+    later = {key: raw[key] for key in ("adapted_backbone", *LATER_FITTED) if raw.get(key) is not None}
+    _feed(digest, {"state_dict": raw.get("state_dict"), "head_state_dict": raw.get("head_state_dict"), **later,
                    **{key: raw.get(key) for key in FITTED}, "config": {k: config.get(k) for k in SEALED_CONFIG},
                    "threshold": threshold})
     return digest.hexdigest()

@@ -25,7 +25,7 @@ import torch
 
 from anoddpm.version import BUNDLE_FORMAT_VERSION, __version__
 from anoddpm.platform.atomic import atomic_torch_save
-from anoddpm.bundle.checks import (FITTED, SEAL_KEY, SEAL_VERSION, calibration_fingerprint, check_bundle_file,
+from anoddpm.bundle.checks import (FITTED, LATER_FITTED, SEAL_KEY, SEAL_VERSION, calibration_fingerprint, check_bundle_file,
                                    check_calibration, check_weights, fitted_problem, threshold_problem)
 from anoddpm.config import LEGACY_DETECT, Config
 
@@ -50,6 +50,8 @@ class Bundle:
     feature_memory: torch.Tensor | None = None  # [M, D] good patch features of the feature_memory component, if fitted
     component_scale: torch.Tensor | None = None  # [K] per-component unit of detect.fusion max, if fitted
     backbone: dict[str, str] | None = None  # {"name", "sha256"} of the backbone weights the calibration used, if any
+    # model.condition 'retrieval': "embeddings" [N, D] and "images" [N, C, S, S] uint8 of the good images it retrieves
+    retrieval: dict[str, torch.Tensor] | None = None
     calibration_problem: str | None = None  # why the stored calibration was dropped (load_bundle drop_bad_calibration)
 
 
@@ -173,7 +175,7 @@ def load_bundle(path: str | Path, map_location: Any = "cpu", *, drop_bad_calibra
             raise
         problem = str(err)
         log.warning("%s; its calibration is not used", problem)
-        raw = {**raw, "threshold": None, **dict.fromkeys(FITTED)}
+        raw = {**raw, "threshold": None, **dict.fromkeys(FITTED + LATER_FITTED)}
     versions = {"format_version": raw["format_version"], "anoddpm": raw.get("anoddpm_version"),
                 "torch": raw.get("torch_version")}
     return Bundle(cfg=cfg, state_dict=raw["state_dict"], fingerprint=raw["fingerprint"],
@@ -181,18 +183,20 @@ def load_bundle(path: str | Path, map_location: Any = "cpu", *, drop_bad_calibra
                   adapted_backbone=raw.get("adapted_backbone"),
                   map_reference=raw.get("map_reference"), reference_bank=raw.get("reference_bank"),
                   feature_memory=raw.get("feature_memory"), backbone=raw.get("backbone"),
-                  component_scale=raw.get("component_scale"), calibration_problem=problem)
+                  component_scale=raw.get("component_scale"), retrieval=raw.get("retrieval"),
+                  calibration_problem=problem)
 
 
 def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
                      map_reference: torch.Tensor | None = None,
                      reference_bank: Mapping[str, torch.Tensor] | None = None,
                      feature_memory: torch.Tensor | None = None, backbone: Mapping[str, str] | None = None,
-                     component_scale: torch.Tensor | None = None) -> Path:
+                     component_scale: torch.Tensor | None = None,
+                     retrieval: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Replace the calibration stored in model.pt: the threshold and the references fitted with it, the
-    reference maps [1, K, S, S], the nearest_good bank {"features", "maps"}, the feature_memory bank [M, D] and
-    the backbone identity {"name", "sha256"} they were computed with (None removes each); atomic rewrite,
-    everything else kept.
+    reference maps [1, K, S, S], the nearest_good bank {"features", "maps"}, the feature_memory bank [M, D], the
+    retrieval database {"embeddings" [N, D], "images" [N, C, S, S] uint8} and the backbone identity
+    {"name", "sha256"} they were computed with (None removes each); atomic rewrite, everything else kept.
 
     A threshold carrying the detection settings it was calibrated with ("detect") makes them the
     bundle's config.detect, so every later command (score, evaluate, export) uses what was calibrated. The stored
@@ -222,6 +226,10 @@ def update_threshold(path: str | Path, threshold: Mapping[str, Any] | None,
     raw.pop("component_scale", None)
     if component_scale is not None:
         raw["component_scale"] = component_scale.detach().to("cpu", torch.float32, copy=True)
+    raw.pop("retrieval", None)
+    if retrieval is not None:
+        raw["retrieval"] = {"embeddings": retrieval["embeddings"].detach().to("cpu", torch.float32, copy=True),
+                            "images": retrieval["images"].detach().to("cpu", torch.uint8, copy=True)}
     raw.pop("backbone", None)
     if backbone is not None:
         raw["backbone"] = _plain(dict(backbone))

@@ -39,9 +39,21 @@ def describe_bundle(path: Path) -> dict[str, Any]:
             "threshold": _readable(bundle.threshold), "calibration_problem": bundle.calibration_problem,
             "map_reference": reference, "backbone": backbone,
             "component_scale": None if bundle.component_scale is None else bundle.component_scale.tolist(),
-            "few_shot": _few_shot(bundle),
+            "few_shot": _few_shot(bundle), "retrieval": _retrieval(bundle),
             "fingerprint": bundle.fingerprint,
             "config": bundle.cfg.to_dict()}
+
+
+def _retrieval(bundle: Any) -> dict[str, Any] | None:
+    """{"neighbours", "images", "megabytes"} of a retrieval-conditioned bundle's database (images None when not
+    fitted), else None."""
+    if bundle.cfg.model.condition != "retrieval":
+        return None
+    database = bundle.retrieval
+    size = None if database is None else sum(t.numel() * t.element_size() for t in database.values()) / 2**20
+    return {"neighbours": bundle.cfg.model.retrieval_neighbours,
+            "images": None if database is None else int(database["images"].shape[0]),
+            "megabytes": None if size is None else round(size, 2)}
 
 
 def _few_shot(bundle: Any) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ import argparse
 import math
 
 from anoddpm.version import __version__
-from anoddpm.config import (AUGMENTATIONS, FUSIONS, INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS,
+from anoddpm.config import (AUGMENTATIONS, CONDITIONS, FUSIONS, INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS,
                             RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, COMPONENTS, Config, load_config_file)
 from anoddpm.training.run_log import LOGGERS
 
@@ -113,7 +113,8 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
                        train_crop=args.train_crop, intensity=args.intensity, tile_size=args.tile_size,
                        tile_scale=args.tile_scale, tile_stride=args.tile_stride, shots=getattr(args, "shots", None),
                        shots_seed=getattr(args, "shots_seed", None), **layout_overrides(args))
-    cfg = cfg.override("model", preset=args.preset)
+    cfg = cfg.override("model", preset=args.preset, condition=getattr(args, "condition", None),
+                       retrieval_neighbours=getattr(args, "retrieval_neighbours", None))
     cfg = cfg.override("diffusion", noise=args.noise)
     cfg = cfg.override("train", batch_size=args.train_batch_size, lr=args.lr, max_steps=args.max_steps,
                        max_minutes=args.max_minutes, seed=args.seed, init=getattr(args, "init", None),
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, choices=(1, 3),
                    help="1 = grey, 3 = RGB (default: 3 when the first training image has colour, else 1)")
     p.add_argument("--preset", choices=PRESETS, help="UNet size (default small)")
+    p.add_argument("--condition", choices=CONDITIONS,
+                   help="retrieval: the denoiser also sees the good training images nearest its input (frozen "
+                        "backbone's global embedding; RDM), which `calibrate --data` can swap without training "
+                        "(default none; docs/retrieval.md)")
+    p.add_argument("--retrieval-neighbours", type=int, metavar="K",
+                   help="good images a --condition retrieval denoiser sees, nearest first (default 2)")
     p.add_argument("--noise", choices=NOISE_KINDS, help="training noise (default gaussian; simplex = the paper's)")
     p.add_argument("--augment", choices=AUGMENTATIONS,
                    help="training augmentation: flips keeps the texture's orientation, texture adds quarter turns; "

@@ -20,6 +20,8 @@ RANGES: dict[str, tuple[float, float | None, str]] = {
     "model.num_res_blocks": (1, None, "[)"),
     "model.num_heads": (1, None, "[)"),
     "model.dropout": (0.0, 1.0, "[)"),
+    "model.retrieval_neighbours": (1, 16, "[]"),
+    "model.retrieval_images": (2, None, "[)"),
     "diffusion.timesteps": (1, None, "[)"),
     "diffusion.octaves": (1, None, "[)"),
     "diffusion.frequency": (0.0, None, "()"),

@@ -18,6 +18,7 @@ RESIZE_POLICIES = ("resize", "crop", "pad")
 AUGMENTATIONS = ("none", "flips", "texture", "diffusion")
 INTENSITY_MODES = ("none", "per_image")
 PRESETS = ("tiny", "small", "base", "paper")
+CONDITIONS = ("none", "retrieval")
 NOISE_KINDS = ("simplex", "gaussian")
 BETA_SCHEDULES = ("linear", "cosine")
 LOSSES = ("l2", "l1")
@@ -93,6 +94,11 @@ class ModelConfig:
     attention_resolutions: tuple[int, ...] | None = None  # feature-map sides with attention
     num_heads: int = 4  # attention heads
     dropout: float = 0.0  # dropout in residual blocks
+    # retrieval-augmented diffusion (anoddpm.detection.retrieval, docs/retrieval.md): the denoiser also sees the
+    # retrieval_neighbours good training images nearest to its input in the frozen backbone's global embedding
+    condition: str = "none"  # none | retrieval: the nearest good images as extra input channels of the UNet
+    retrieval_neighbours: int = 2  # k good images the conditioned denoiser sees (nearest first)
+    retrieval_images: int = 512  # good images kept in the retrieval database at most (evenly spaced beyond that)
 
 
 @dataclass(frozen=True)
@@ -257,6 +263,7 @@ class Config:
             ("data.augment", self.data.augment, AUGMENTATIONS),
             ("data.intensity", self.data.intensity, INTENSITY_MODES),
             ("model.preset", self.model.preset, PRESETS),
+            ("model.condition", self.model.condition, CONDITIONS),
             ("diffusion.noise", self.diffusion.noise, NOISE_KINDS),
             ("diffusion.beta_schedule", self.diffusion.beta_schedule, BETA_SCHEDULES),
             ("diffusion.loss", self.diffusion.loss, LOSSES),
@@ -304,6 +311,7 @@ class Config:
             raise ValueError(f"detect.samples={self.detect.samples} must be at least 1")
         if self.detect.reference_neighbours < 1:
             raise ValueError(f"detect.reference_neighbours={self.detect.reference_neighbours} must be at least 1")
+        self._validate_condition()
         if not 0.0 <= self.train.anomaly_fraction <= 1.0:
             raise ValueError(f"train.anomaly_fraction={self.train.anomaly_fraction} must be in [0, 1]")
         if self.data.augment == "diffusion" and (not self.data.shots or self.data.tile_size):
@@ -319,6 +327,22 @@ class Config:
             raise ValueError(f"diffusion.t_min_fraction={self.diffusion.t_min_fraction} must be in [0, "
                              f"diffusion.t_max_fraction={self.diffusion.t_max_fraction})")
         return self
+
+    def _validate_condition(self) -> None:
+        """model.condition 'retrieval' with what it supports: whole images, no crops, no head, no adapted backbone,
+        no --init (each conditions on images the retrieval cannot pair with neighbours yet)."""
+        if self.model.condition != "retrieval":
+            return
+        unsupported = [("data.tile_size", self.data.tile_size), ("data.train_crop", self.data.train_crop),
+                       ("head.enabled", self.head.enabled), ("train.adapt_steps", self.train.adapt_steps),
+                       ("train.init", self.train.init), ("data.augment diffusion", self.data.augment == "diffusion")]
+        for name, value in unsupported:
+            if value:
+                raise ValueError(f"model.condition='retrieval' does not work with {name} yet; train it without "
+                                 f"{name.split()[0]} or with model.condition none")
+        if self.detect.scorer != "auto" and "head" in scorer_components(self.detect.scorer, True):
+            raise ValueError(f"detect.scorer={self.detect.scorer!r} needs a scoring head, which model.condition "
+                             "'retrieval' does not train yet")
 
     def _validate_backbone(self) -> None:
         """The backbone is known and ``layers`` are its stages, each once (its weights file: detection.backbone)."""

@@ -1,6 +1,7 @@
 """One calibration: everything a detector needs from good images, fitted in order, and the threshold.
 
-``fit_and_score_good`` fits, on the training split (``bank_images``), each component's state (the feature_memory
+``fit_and_score_good`` fits, on the training split (``bank_images``), the retrieval database of a conditioned model,
+each component's state (the feature_memory
 bank), then the map reference of ``detect.map_reference`` (nearest_good bank; good_mean), then the component scales
 of ``detect.fusion`` max on the held-back good images, and returns the held-back images' scores: the threshold's
 good-score distribution, unbiased because those images are in no fitted state. ``calibrate_threshold`` turns them
@@ -97,7 +98,8 @@ def fit_and_score_good(view: Any, good_images: Any, device: torch.device, batch_
                        bank_images: Any = None, keep: Mapping[str, Any] | None = None) -> ScoredSet:
     """Fit every state of ``view.detector`` and score the held-back good images [C, S, S] (or [C, H_i, W_i] tiled).
 
-    In order: each component's state on `bank_images` (the training split, [C, S, S] in [0, 1]; augmentation is not
+    In order: the retrieval database of a conditioned model (every reconstruction needs it) and each component's
+    state on `bank_images` (the training split, [C, S, S] in [0, 1]; augmentation is not
     applied; at most BANK_MAX_IMAGES of them, evenly spaced); the nearest_good bank on them too (when at least
     MIN_REFERENCE_IMAGES); good_mean (see the module docstring); the component scales of fusion max on the good
     images' referenced maps. Fewer images than a reference needs leave it unfitted, with a warning. A component
@@ -108,6 +110,8 @@ def fit_and_score_good(view: Any, good_images: Any, device: torch.device, batch_
     detector.reset_fitted_state()
     bank = [] if bank_images is None else view.model_inputs(bank_images)
     chosen = _Chosen(bank, evenly_spaced(len(bank)))
+    if detector.retrieval is not None:
+        detector.retrieval.fit(chosen, detector.backbone, device, batch_size)
     for part in detector.parts:
         if part.state_key in keep:
             part.load_fitted_state(keep[part.state_key])

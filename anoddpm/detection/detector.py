@@ -3,8 +3,10 @@
 One forward pass, top to bottom: reconstruct once (``reconstruction``, when a component needs it), extract backbone
 features once (``backbone``, when a component needs them), compute each component map (``components/``, named by
 ``cfg.detect.scorer``), divide the referenced ones by their good-image reference (``references``), combine them
-(``fusion``) and reduce the map to the image score (``maps.image_score``). Every fitted state has one owner: the
-feature_memory bank its component, the map references ``MapReference``, the component scales ``Fusion``;
+(``fusion``) and reduce the map to the image score (``maps.image_score``). A retrieval-conditioned model
+(``model.condition`` 'retrieval') extracts the backbone features first: the neighbours they retrieve
+(``retrieval``) condition the reconstruction. Every fitted state has one owner: the
+feature_memory bank its component, the retrieval database ``RetrievalDatabase``, the map references ``MapReference``, the component scales ``Fusion``;
 ``anoddpm.detection.calibration`` fits them all and ``fitted_state`` / ``load_fitted_state`` carry them to and from
 the bundle. Everything in ``forward`` traces to ONNX.
 """
@@ -22,13 +24,15 @@ from anoddpm.detection.fusion import Fusion, combine_component_maps
 from anoddpm.detection.maps import image_score
 from anoddpm.detection.reconstruction import Reconstructor
 from anoddpm.detection.references import MapReference
+from anoddpm.detection.retrieval import RetrievalDatabase
 from anoddpm.detection.settings import calibrated_for
 from anoddpm.model.diffusion import GaussianDiffusion
 from anoddpm.model.head import ScoringHead, build_head
 from anoddpm.model.unet import UNet, build_unet
 
 __all__ = ["FITTED_KEYS", "Detector", "combine_component_maps"]
-FITTED_KEYS = ("map_reference", "reference_bank", "feature_memory", "component_scale", "backbone")  # bundle keys
+FITTED_KEYS = ("map_reference", "reference_bank", "feature_memory", "component_scale", "backbone",
+               "retrieval")  # bundle keys
 
 
 class Detector(nn.Module):
@@ -46,10 +50,13 @@ class Detector(nn.Module):
                              "(train with head.enabled, or use detect.scorer 'residual' or 'auto')")
         # one Component per name; `adapted` (the backbone adapted to the reconstructions) serves feature_residual
         self.parts = nn.ModuleList(build_components(self.components, cfg, head, adapted))
-        if any(part.needs_features for part in self.parts) and backbone is None:
-            raise ValueError(f"detect.scorer={scorer!r} needs a pretrained backbone (anoddpm.detection.backbone)")
+        self.retrieval = RetrievalDatabase(cfg) if cfg.model.condition == "retrieval" else None
+        needs_features = any(part.needs_features for part in self.parts) or self.retrieval is not None
+        if needs_features and backbone is None:
+            raise ValueError(f"detect.scorer={scorer!r} with model.condition={cfg.model.condition!r} needs a "
+                             "pretrained backbone (anoddpm.detection.backbone)")
         self.reconstructor = Reconstructor(unet, diffusion, cfg)
-        self.backbone = backbone if any(part.needs_features for part in self.parts) else None
+        self.backbone = backbone if needs_features else None
         self.reference = MapReference(cfg.detect.map_reference, cfg.detect.reference_neighbours, self.components,
                                       [part.referenced for part in self.parts], cfg.data.input_side)
         self.fusion = Fusion(cfg.detect.fusion, self.components)
@@ -71,12 +78,15 @@ class Detector(nn.Module):
 
     def reconstruct(self, images: Tensor) -> Tensor:
         """Reconstruction [B, C, S, S] in [0, 1] of images [B, C, S, S] in [0, 1], averaged over detect.samples."""
-        return self.reconstructor(images, self.reconstructor.intensity_stats(images))
+        condition = None if self.retrieval is None else self.retrieval(self.backbone(images))
+        return self.reconstructor(images, self.reconstructor.intensity_stats(images), condition)
 
     def shared_work(self, images: Tensor) -> SharedWork:
         """What the components of a batch of images [B, C, S, S] in [0, 1] need, each computed once."""
         stats = self.reconstructor.intensity_stats(images)
         needs_reconstruction = any(part.needs_reconstruction for part in self.parts)
+        if self.retrieval is not None:
+            return self._conditioned_work(images, stats, needs_reconstruction)
         reconstruction = self.reconstructor(images, stats) if needs_reconstruction else images
         features, rebuilt = [], []
         if self.backbone is not None:
@@ -86,6 +96,17 @@ class Detector(nn.Module):
                 features, rebuilt = [f[:n] for f in both], [f[n:] for f in both]
             else:
                 features = self.backbone(images)
+        return SharedWork(images=images, reconstruction=reconstruction, stats=stats, features=features,
+                          rebuilt_features=rebuilt)
+
+    def _conditioned_work(self, images: Tensor, stats: tuple[Tensor, Tensor] | None,
+                          needs_reconstruction: bool) -> SharedWork:
+        """``shared_work`` of a retrieval-conditioned model: the features first, then the reconstruction conditioned
+        on the neighbours they retrieve, then (when a component needs them) the reconstruction's features."""
+        features = self.backbone(images)
+        reconstruction = (self.reconstructor(images, stats, self.retrieval(features)) if needs_reconstruction
+                          else images)
+        rebuilt = self.backbone(reconstruction) if any(part.needs_rebuilt_features for part in self.parts) else []
         return SharedWork(images=images, reconstruction=reconstruction, stats=stats, features=features,
                           rebuilt_features=rebuilt)
 
@@ -113,6 +134,8 @@ class Detector(nn.Module):
         """Forget everything fitted from good images (component states, references, scales)."""
         for part in self.parts:
             part.reset()
+        if self.retrieval is not None:
+            self.retrieval.reset()
         self.reference.reset()
         self.fusion.reset()
 
@@ -126,6 +149,7 @@ class Detector(nn.Module):
             if part.state_key is not None:
                 state[part.state_key] = part.fitted_state()
         state["backbone"] = None if self.backbone is None else backbone_identity(self.cfg.backbone)
+        state["retrieval"] = None if self.retrieval is None else self.retrieval.fitted_state()
         return state
 
     def load_fitted_state(self, state: Mapping[str, Any]) -> None:
@@ -133,6 +157,8 @@ class Detector(nn.Module):
         if state.get("component_scale") is not None:
             self.fusion.load_fitted_state(state["component_scale"])
         self.reference.load_fitted_state(state.get("map_reference"), state.get("reference_bank"))
+        if self.retrieval is not None and state.get("retrieval") is not None:
+            self.retrieval.load_fitted_state(state["retrieval"])
         for part in self.parts:
             if part.state_key is not None and state.get(part.state_key) is not None:
                 part.load_fitted_state(state[part.state_key])
@@ -143,8 +169,8 @@ class Detector(nn.Module):
                     adapted_backbone: dict[str, Tensor] | None = None) -> "Detector":
         """Detector with a fresh UNet built from cfg, loading `state_dict` (UNet weights) when given, a scoring
         head loaded from `head_state_dict` when given and cfg.detect.scorer uses it, the frozen backbone of
-        cfg.backbone when a component other than an adapted feature_residual needs it (refused when its weights'
-        SHA-256 is not `backbone_sha256`), and a copy of it with the weights `adapted_backbone` when given and the
+        cfg.backbone when the retrieval or a component other than an adapted feature_residual needs it (refused
+        when its weights' SHA-256 is not `backbone_sha256`), and a copy of it with the weights `adapted_backbone` when given and the
         scorer has feature_residual."""
         unet = build_unet(cfg)
         if state_dict is not None:
@@ -160,7 +186,8 @@ class Detector(nn.Module):
             adapted.load_adapted(adapted_backbone)
         frozen_users = [name for name in components if name.startswith("feature_")
                         and not (name == "feature_residual" and adapted is not None)]
-        backbone = build_backbone(cfg.backbone, backbone_sha256) if frozen_users else None
+        retrieves = cfg.model.condition == "retrieval"
+        backbone = build_backbone(cfg.backbone, backbone_sha256) if frozen_users or retrieves else None
         return cls(unet, GaussianDiffusion.from_config(cfg.diffusion), cfg, head, backbone, adapted)
 
     @classmethod

@@ -7,6 +7,9 @@ Python constants, so it traces to ONNX. With ``detect.samples > 1`` the reconstr
 Input guidance (``detect.guidance`` W > 0, DDAD): every step's noise estimate is pulled toward the input noised to the
 same level, so the reconstruction keeps the input's normal detail while still repairing what the model never saw.
 
+Retrieval conditioning (``model.condition`` 'retrieval'): the caller passes the retrieved neighbours, and every
+denoising step of the UNet sees them (``anoddpm.detection.retrieval``).
+
 Paper path (sampler 'ancestral'): ``depth`` DDPM steps with fresh noise per step from a generator re-seeded with
 ``cfg.detect.seed`` at every call, each draw made for one image and shared by the batch (as on the fast path).
 """
@@ -19,7 +22,7 @@ from torch import Tensor, nn
 
 from anoddpm.config import Config
 from anoddpm.model.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
-from anoddpm.model.intensity import denormalise, intensity_stats, normalise
+from anoddpm.model.intensity import condition_inputs, denormalise, intensity_stats, normalise
 from anoddpm.model.unet import UNet
 from noise import make_noise
 
@@ -50,11 +53,16 @@ class Reconstructor(nn.Module):
         mode = self.cfg.data.intensity
         return None if mode == "none" else intensity_stats(images, mode)
 
-    def forward(self, images: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forward(self, images: Tensor, stats: tuple[Tensor, Tensor] | None, condition: Tensor | None = None) -> Tensor:
         """Reconstruction [B, C, S, S] in [0, 1] of images [B, C, S, S] in [0, 1] (normalised by `stats` for the
-        model), averaged over detect.samples."""
+        model), averaged over detect.samples; `condition` [B, k * C, S, S] in [0, 1]: the retrieved neighbours of a
+        conditioned UNet."""
         det = self.cfg.detect
         x_start = (images if stats is None else normalise(images, stats)) * 2.0 - 1.0
+        model: nn.Module | functools.partial = self.unet
+        if condition is not None:
+            model = functools.partial(self.unet, condition=condition_inputs(condition, self.cfg.data.channels,
+                                                                            self.cfg.data.intensity))
         generator = None
         if det.sampler == "ancestral":
             generator = torch.Generator(device=images.device).manual_seed(det.seed)
@@ -67,7 +75,7 @@ class Reconstructor(nn.Module):
                 noise = self._step_noise(x_start, det.depth - 1, generator)
                 step_noise = functools.partial(self._step_noise, x_start, generator=generator)
             total = total + partial_diffusion_reconstruct(
-                self.unet, self.diffusion, x_start, det.depth, det.steps, det.sampler, noise, step_noise, det.guidance
+                model, self.diffusion, x_start, det.depth, det.steps, det.sampler, noise, step_noise, det.guidance
             )
         reconstruction = (total / det.samples + 1.0) / 2.0
         return (reconstruction if stats is None else denormalise(reconstruction, stats)).clamp(0.0, 1.0)

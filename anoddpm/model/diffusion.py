@@ -140,7 +140,7 @@ def timesteps(depth: int, steps: int) -> list[int]:
 
 
 def partial_diffusion_reconstruct(
-    model: nn.Module,
+    model: Callable[[Tensor, Tensor], Tensor],
     diffusion: GaussianDiffusion,
     x_start: Tensor,
     depth: int,

@@ -45,3 +45,13 @@ def model_inputs(target: Tensor, seen: Tensor, mode: str) -> tuple[Tensor, Tenso
         return target * 2 - 1, seen * 2 - 1
     stats = intensity_stats(seen, mode)
     return normalise(target, stats) * 2 - 1, normalise(seen, stats) * 2 - 1
+
+
+def condition_inputs(neighbours: Tensor, channels: int, mode: str) -> Tensor:
+    """Conditioning images [B, k * C, H, W] in [0, 1] -> the model's [-1, 1] space, each neighbour normalised with
+    its own stats (as the model sees every image)."""
+    if mode == "none":
+        return neighbours * 2 - 1
+    b, kc, h, w = neighbours.shape
+    each = neighbours.reshape(b * (kc // channels), channels, h, w)
+    return (normalise(each, intensity_stats(each, mode)) * 2 - 1).reshape(b, kc, h, w)

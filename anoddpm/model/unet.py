@@ -144,6 +144,7 @@ class UNet(nn.Module):
         image_size: int,
         num_heads: int = 4,
         dropout: float = 0.0,
+        condition_channels: int = 0,
     ) -> None:
         super().__init__()
         factor = 2 ** (len(channel_mults) - 1)
@@ -152,11 +153,12 @@ class UNet(nn.Module):
                 f"data.image_size={image_size} must be divisible by {factor} for model.channel_mults={channel_mults}"
             )
         self.in_channels = in_channels
+        self.condition_channels = condition_channels  # channels of the conditioning images concatenated to the input
         self.size_multiple = factor  # input sides must be multiples of this
         self.base_channels = base_channels
         emb_dim = 4 * base_channels
         self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.input_conv = nn.Conv2d(in_channels + condition_channels, base_channels, 3, padding=1)
 
         def attn(ch: int, side: int) -> AttentionBlock | None:
             return AttentionBlock(ch, num_heads) if side in attention_resolutions else None
@@ -192,10 +194,14 @@ class UNet(nn.Module):
         nn.init.zeros_(out_conv.bias)
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), out_conv)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x [B, C, H, W] in [-1, 1], t [B] float timesteps -> predicted eps [B, C, H, W]."""
+    def forward(self, x: Tensor, t: Tensor, condition: Tensor | None = None) -> Tensor:
+        """x [B, C, H, W] in [-1, 1], t [B] float timesteps, condition [B, condition_channels, H, W] in [-1, 1]
+        (a conditioned UNet only) -> predicted eps [B, C, H, W]."""
+        if (condition is None) != (self.condition_channels == 0):
+            raise ValueError(f"this UNet takes {self.condition_channels} conditioning channels; "
+                             f"got {'none' if condition is None else condition.shape[1]}")
         emb = self.time_embed(timestep_embedding(t, self.base_channels))
-        h = self.input_conv(x)
+        h = self.input_conv(x if condition is None else torch.cat([x, condition], dim=1))
         skips = [h]
         for block in self.down:
             h = block(h, emb)
@@ -234,4 +240,11 @@ def build_unet(cfg: Config) -> UNet:
         image_size=cfg.data.input_side,
         num_heads=cfg.model.num_heads,
         dropout=cfg.model.dropout,
+        condition_channels=condition_channels(cfg),
     )
+
+
+def condition_channels(cfg: Config) -> int:
+    """Input channels the UNet of cfg takes besides the image: k neighbour images of data.channels each when
+    model.condition is 'retrieval', else 0."""
+    return cfg.model.retrieval_neighbours * cfg.data.channels if cfg.model.condition == "retrieval" else 0

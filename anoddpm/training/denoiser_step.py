@@ -4,6 +4,7 @@ run repeats an uninterrupted one exactly."""
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import nullcontext
 from typing import Any
 
@@ -14,7 +15,7 @@ from anoddpm.data.anomalies import synthesize_anomalies
 from anoddpm.training.checkpointing import set_rng_state
 from anoddpm.config import Config
 from anoddpm.model.diffusion import GaussianDiffusion
-from anoddpm.model.intensity import model_inputs
+from anoddpm.model.intensity import condition_inputs, model_inputs
 from anoddpm.model.unet import build_unet
 
 
@@ -80,12 +81,17 @@ class DenoiserOptimiser:
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(rng, self.noise_gen, self.device)
 
-    def step(self, images: Tensor, step: int) -> Tensor:
-        """One optimizer step on a batch [B, C, H, W] in [0, 1], then the EMA update for the run's `step`
-        (counted after this one); returns the detached loss (a scalar on the device)."""
+    def step(self, images: Tensor, step: int, condition: Tensor | None = None) -> Tensor:
+        """One optimizer step on a batch [B, C, H, W] in [0, 1] (`condition` [B, k * C, H, W] in [0, 1]: the
+        retrieved neighbours of a conditioned UNet), then the EMA update for the run's `step` (counted after this
+        one); returns the detached loss (a scalar on the device)."""
         from noise import make_noise
 
         tc, dc = self.cfg.train, self.cfg.diffusion
+        net = self.net
+        if condition is not None:
+            net = functools.partial(self.net, condition=condition_inputs(condition, self.cfg.data.channels,
+                                                                         self.cfg.data.intensity))
         t = torch.randint(self.t_min, self.t_max, (images.shape[0],), generator=self.noise_gen, device=self.device)
         noise = make_noise(dc.noise, tuple(images.shape), t=t, generator=self.noise_gen, device=self.device,
                            octaves=dc.octaves, persistence=dc.persistence, frequency=dc.frequency,
@@ -94,10 +100,10 @@ class DenoiserOptimiser:
             if tc.anomaly_fraction > 0:
                 damaged = synthesize_anomalies(images, self.noise_gen, clean_fraction=1 - tc.anomaly_fraction)[0]
                 x_start, x_input = model_inputs(images, damaged, self.cfg.data.intensity)
-                loss = healing_loss(self.net, self.diffusion, x_start, x_input, t, noise, dc.loss, tc.heal_snr_cap)
+                loss = healing_loss(net, self.diffusion, x_start, x_input, t, noise, dc.loss, tc.heal_snr_cap)
             else:
                 x_start = model_inputs(images, images, self.cfg.data.intensity)[0]
-                loss = self.diffusion.training_loss(self.net, x_start, t, noise, dc.loss)
+                loss = self.diffusion.training_loss(net, x_start, t, noise, dc.loss)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)

@@ -18,10 +18,13 @@ Runs whose head share of ``max_steps`` is under ``head.min_steps`` give the deno
 budget instead, and a head whose fused map does not beat the residual on held-back synthetic
 anomalies (`anoddpm.training.head_check`) is left out of the bundle. With ``train.adapt_steps`` a copy of the
 backbone is then adapted to the denoiser's reconstructions (`anoddpm.training.adaptation`, after the head, from its
-own seed: a resumed run adapts it again) and stored in the bundle.
+own seed: a resumed run adapts it again) and stored in the bundle. A retrieval-conditioned denoiser
+(``model.condition`` 'retrieval') sees, at every step, the good training images nearest each image (never itself;
+``anoddpm.training.retrieval_conditions``).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -48,7 +51,7 @@ from anoddpm.training.head_phase import (checked_head, denoiser_steps_before_hea
                                 train_head_phase)
 from anoddpm.data.datasets import ImageDataset, load_training_data
 from anoddpm.data.imageio import save_png
-from anoddpm.model.intensity import model_inputs
+from anoddpm.model.intensity import condition_inputs, model_inputs
 from anoddpm.training.run_log import RunLog
 from anoddpm.detection.backbone import check_backbone
 from anoddpm.detection.calibration import calibrate_bundle
@@ -57,6 +60,7 @@ from anoddpm.training.finetune import base_weights, with_prior_samples
 from anoddpm.training.variations import calibrate_k_shot
 from anoddpm.detection.tiling import as_tiles
 from anoddpm.training.crops import random_crops, random_tiles
+from anoddpm.training.retrieval_conditions import TrainingRetrieval
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +119,10 @@ class _Dist:
             torch.distributed.destroy_process_group()
 
 
-def _sample_grid(path: Path, cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor) -> None:
-    """PNG rows of input as the model sees it | noised (t=depth-1) | EMA reconstruction with a few DDIM steps."""
+def _sample_grid(path: Path, cfg: Config, ema: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor,
+                 condition: torch.Tensor | None) -> None:
+    """PNG rows of input as the model sees it | noised (t=depth-1) | EMA reconstruction with a few DDIM steps
+    (conditioned on `condition` [B, k * C, S, S] in [0, 1], the retrieved neighbours, when given)."""
     from noise import make_noise
 
     d, depth = cfg.diffusion, cfg.detect.depth
@@ -125,9 +131,11 @@ def _sample_grid(path: Path, cfg: Config, ema: nn.Module, diffusion: GaussianDif
     t = torch.full((x_start.shape[0],), depth - 1, device=images.device)
     noise = make_noise(cfg.detect.noise, tuple(x_start.shape), t=t, generator=gen, device=images.device,
                        octaves=d.octaves, persistence=d.persistence, frequency=d.frequency, standardise=d.standardise)
+    model = ema if condition is None else functools.partial(
+        ema, condition=condition_inputs(condition, cfg.data.channels, cfg.data.intensity))
     with torch.no_grad():
         noised = diffusion.q_sample(x_start, depth - 1, noise)
-        recon = partial_diffusion_reconstruct(ema, diffusion, x_start, depth, min(5, depth), "ddim", noise)
+        recon = partial_diffusion_reconstruct(model, diffusion, x_start, depth, min(5, depth), "ddim", noise)
     cols = [(v.clamp(-1, 1) + 1) / 2 for v in (x_start, noised, recon)]
     grid = torch.cat([torch.cat(list(c), dim=-1) for c in zip(*cols)], dim=-2)  # [C, rows*S, 3*S]
     save_png(path, grid.float().cpu().numpy())
@@ -179,6 +187,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
                              f"on and {len(val_ds)} held back to calibrate the threshold; give at least 2 good "
                              "images (and data.val_fraction > 0)")
         state = DenoiserOptimiser(cfg, dist.device, dist.rank, dist.world)
+        retrieval = TrainingRetrieval(cfg, train_ds.arrays, dist.device) if cfg.model.condition == "retrieval" else None
         stream = train_ds  # what the denoiser trains on: with --init, the good images and the base model's samples
         if base is not None:
             state.start_from(base)
@@ -192,7 +201,7 @@ def train(cfg: Config, data_root: str | Path, category: str | None, out_dir: str
             atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         start_time, start_step = time.perf_counter(), step
         step, interrupted = _denoiser_loop(cfg, state, dist, stream, val_ds, fingerprint, out, step,
-                                           max_steps, max_minutes, run_log)
+                                           max_steps, max_minutes, run_log, retrieval)
         if os.environ.get(HASH_ENV):
             atomic_write_text(Path(os.environ[HASH_ENV]) / f"rank{dist.rank}.txt",
                               weights_digest(state.model.state_dict()))
@@ -292,8 +301,10 @@ def _save_checkpoint(path: Path, cfg: Config, state: DenoiserOptimiser, dist: _D
         }, path)
 
 
-def _batches(cfg: Config, train_ds: Any, dist: _Dist, step: int) -> Iterator[Tensor]:
-    """Training batches from `step` on, each a pure function of (seed, step, rank): [B, C, S, S] on the device."""
+def _batches(cfg: Config, train_ds: Any, dist: _Dist, step: int,
+             retrieval: TrainingRetrieval | None) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Training batches from `step` on, each a pure function of (seed, step, rank): ([B, C, S, S] on the device,
+    the images' retrieved neighbours [B, k * C, S, S] when the denoiser is conditioned, else None)."""
     tc, n = cfg.train, len(train_ds)
     while True:
         idx = batch_indices(tc.seed, n, (step * dist.world + dist.rank) * tc.batch_size, tc.batch_size)
@@ -304,7 +315,8 @@ def _batches(cfg: Config, train_ds: Any, dist: _Dist, step: int) -> Iterator[Ten
             images = random_tiles(items, cfg.data.tile_size, tc.seed, step, dist.rank)
         else:
             images = random_crops(torch.stack(items), cfg.data.train_crop, tc.seed, step, dist.rank)
-        yield images.to(dist.device, non_blocking=True)
+        condition = None if retrieval is None else retrieval.of_indices(idx).to(dist.device)
+        yield images.to(dist.device, non_blocking=True), condition
         step += 1
 
 
@@ -332,12 +344,13 @@ class _FiniteLoss:
 
 def _denoiser_loop(cfg: Config, state: DenoiserOptimiser, dist: _Dist, train_ds: Any, val_ds: Any,
                    fingerprint: dict, out: Path, step: int, max_steps: int, max_minutes: float | None,
-                   run_log: RunLog | None) -> tuple[int, bool]:
+                   run_log: RunLog | None, retrieval: TrainingRetrieval | None) -> tuple[int, bool]:
     """Denoiser steps from `step` until max_steps, max_minutes or a stop signal, logging, checkpointing and
     sampling on the way -> (last step, interrupted by a signal)."""
     tc = cfg.train
     preview_set = as_tiles(val_ds, cfg)
     preview = torch.stack([torch.as_tensor(preview_set[i]) for i in range(min(4, len(preview_set)))]).to(dist.device)
+    preview_condition = None if retrieval is None else retrieval.of_images(preview)
     start_time, start_step, loss_sum, loss_count = time.perf_counter(), step, torch.zeros((), device=dist.device), 0
     interrupted = False
     ckpt = out / "checkpoint.pt"
@@ -345,7 +358,7 @@ def _denoiser_loop(cfg: Config, state: DenoiserOptimiser, dist: _Dist, train_ds:
     bar = progress(total=max_steps, initial=step, desc="train", unit="step", mininterval=1.0, dynamic_ncols=True,
                    disable=not dist.main)
     with StopFlag() as flag:
-        data = _batches(cfg, train_ds, dist, step)
+        data = _batches(cfg, train_ds, dist, step, retrieval)
         while step < max_steps:
             minutes = (time.perf_counter() - start_time) / 60
             stop = flag.signal is not None or (max_minutes is not None and minutes >= max_minutes)
@@ -353,7 +366,8 @@ def _denoiser_loop(cfg: Config, state: DenoiserOptimiser, dist: _Dist, train_ds:
             if (dist.world == 1 or step % tc.log_every == 0) and dist.any(stop):
                 interrupted = dist.any(flag.signal is not None)
                 break
-            loss_sum += state.step(next(data), step + 1)
+            images, condition = next(data)
+            loss_sum += state.step(images, step + 1, condition)
             step += 1
             loss_count += 1
             bar.update(1)
@@ -373,7 +387,8 @@ def _denoiser_loop(cfg: Config, state: DenoiserOptimiser, dist: _Dist, train_ds:
                 _save_checkpoint(ckpt, cfg, state, dist, step, len(train_ds), fingerprint)
                 guard.saved = step
             if dist.main and step % tc.sample_every == 0:
-                _sample_grid(out / "samples" / f"step_{step:07d}.png", cfg, state.ema, state.diffusion, preview)
+                _sample_grid(out / "samples" / f"step_{step:07d}.png", cfg, state.ema, state.diffusion, preview,
+                             preview_condition)
         bar.close()
         if step % tc.checkpoint_every != 0 or interrupted:
             guard.check(loss_sum, dist, step, state.model, state.ema)
