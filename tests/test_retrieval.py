@@ -161,3 +161,23 @@ def test_unsupported_retrieval_runs_are_one_line_errors(synth_root, tmp_path, ca
                  *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_calibrate_shots_makes_a_base_model_inspect_a_new_product_from_k_images(conditioned, tmp_path, capsys):
+    other = tmp_path / "other"
+    make_synthetic_dataset(other, "synthetic", size=32, n_train=16, n_test_good=4, n_test_defect=4, seed=7)
+    before = conditioned.read_bytes()
+    out = tmp_path / "fewshot.pt"
+    assert main(["calibrate", "--model", str(conditioned), "--data", str(other), "--category", "synthetic",
+                 "--shots", "4", "--shots-seed", "1", "--out", str(out), "-q"]) == 0
+    assert conditioned.read_bytes() == before  # --out: the base is left as it was
+    bundle = load_bundle(out)
+    assert bundle.retrieval["images"].shape[0] == 4 and bundle.threshold["leave_one_out"]
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    few = json.loads(capsys.readouterr().out)["few_shot"]
+    assert few["shots"] == 4 and len(few["shot_files"]) == 4 and few["trained_on_shots"] is False
+    assert main(["calibrate", "--model", str(conditioned), "--data", str(other), "--category", "synthetic",
+                 "--shots", "2", "--out", str(tmp_path / "two.pt"), "-q"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--shots 2" in err[0] and "--shots 4 or more" in err[0], err

@@ -1,18 +1,23 @@
 """`anoddpm calibrate`: fit every state and the threshold on held-back good images and store them in the bundle;
 the detection flags given become the bundle's settings (``anoddpm.detection.calibration``). Only a new --quantile
 (no detection flag, the same data) rescores the last calibration's cached good scores instead
-(``anoddpm.detection.requantile``): no model run."""
+(``anoddpm.detection.requantile``): no model run. ``--shots K`` fits everything on K good images of --data, with the
+threshold leave-one-out (``anoddpm.detection.fewshot``): a product inspected from a handful of images and a model
+trained on others, whose retrieval database (``model.condition`` 'retrieval') becomes those images."""
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from anoddpm.bundle import load_bundle
 from anoddpm.cli.parser import detect_overrides
-from anoddpm.detection.calibration import calibrate_threshold, store_calibration, training_root
+from anoddpm.data.datasets import load_training_data
+from anoddpm.detection.calibration import calibrate_threshold, data_record, store_calibration, training_root
 from anoddpm.detection.detector import Detector
+from anoddpm.detection.fewshot import calibrate_shots
 from anoddpm.detection.requantile import cache_problem, requantile
 from anoddpm.detection.settings import calibrated_for
 from anoddpm.detection.tiling import inspection_detector
@@ -28,6 +33,14 @@ def calibrate_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     bundle = load_bundle(args.model, map_location=device, drop_bad_calibration=True)  # replaced here: not refused
     overrides = {k: v for k, v in detect_overrides(args).items() if v is not None}
+    if getattr(args, "out", None):
+        shutil.copyfile(args.model, args.out)
+        args.model = args.out
+    if getattr(args, "shots", None) is not None:
+        threshold = _calibrate_on_shots(args, bundle, overrides, device)
+        print(f"calibrated {args.model} on {args.shots} shot(s) of {args.data}, leave-one-out: image threshold "
+              f"{threshold['image']:.6g}")
+        return 0
     view = inspection_detector(Detector.from_bundle(bundle, device, **overrides).eval(), args.batch_size)
     root, category = training_root(bundle, args.data, args.category)
     quantile = args.quantile if args.quantile is not None else view.cfg.detect.threshold_quantile
@@ -41,6 +54,27 @@ def calibrate_command(args: argparse.Namespace) -> int:
           f"{threshold['n_good']} good images), pixel threshold "
           f"{'n/a' if pixel is None else f'{pixel:.6g}'}")
     return 0
+
+
+def _calibrate_on_shots(args: argparse.Namespace, bundle: Any, overrides: dict, device: Any) -> dict[str, Any]:
+    """`calibrate --shots K`: every state fitted on K good images of --data drawn with --shots-seed, the threshold
+    leave-one-out; the shots are recorded in threshold["few_shot"] -> the threshold dict."""
+    if args.shots < 1:
+        raise ValueError(f"--shots {args.shots}: a few-shot calibration needs at least one good image (K >= 1)")
+    if args.data is None:
+        raise ValueError("--shots K needs --data ROOT [--category NAME]: the folder the K good images are drawn from")
+    if args.method != "quantile" or args.quantile is not None:
+        raise ValueError("--shots K takes the threshold at the bundle's detect.threshold_quantile from leave-one-out "
+                         "scores; leave out --method and --quantile")
+    k = bundle.cfg.model.retrieval_neighbours
+    if bundle.cfg.model.condition == "retrieval" and args.shots < k + 2:
+        raise ValueError(f"--shots {args.shots}: this retrieval model sees {k} neighbours, each leave-one-out fold "
+                         f"retrieves from the other K - 1 shots (itself excluded): give --shots {k + 2} or more")
+    cfg = bundle.cfg.override("data", shots=args.shots, shots_seed=args.shots_seed).validate()
+    shots_ds, _, fingerprint = load_training_data(cfg, args.data, args.category, cfg.train.seed)
+    few_shot = {"shots": args.shots, "shots_seed": args.shots_seed, "shot_files": fingerprint.get("shot_files")}
+    return calibrate_shots(args.model, shots_ds.arrays, device, overrides=overrides, few_shot=few_shot,
+                           data=data_record(args.data, args.category, fingerprint.get("kind")))
 
 
 def _from_cached_scores(args: argparse.Namespace, bundle: Any, view: Any, overrides: dict, root: Path,

@@ -57,10 +57,14 @@ def _retrieval(bundle: Any) -> dict[str, Any] | None:
 
 
 def _few_shot(bundle: Any) -> dict[str, Any] | None:
-    """{"shots", "shots_seed", "shot_files", "leave_one_out"} of a K-shot bundle (data.shots >= 1), else None."""
+    """{"shots", "shots_seed", "shot_files", "leave_one_out"} of a K-shot bundle (data.shots >= 1), or of a
+    bundle calibrated on K shots (`calibrate --shots`, with "trained_on_shots" false), else None."""
+    threshold = bundle.threshold if isinstance(bundle.threshold, dict) else {}
+    if isinstance(threshold.get("few_shot"), dict):
+        return {**threshold["few_shot"], "leave_one_out": bool(threshold.get("leave_one_out")),
+                "trained_on_shots": False}
     if not bundle.cfg.data.shots:
         return None
-    threshold = bundle.threshold if isinstance(bundle.threshold, dict) else {}
     return {"shots": bundle.cfg.data.shots, "shots_seed": bundle.cfg.data.shots_seed,
             "shot_files": bundle.fingerprint.get("shot_files"), "leave_one_out": bool(threshold.get("leave_one_out"))}
 

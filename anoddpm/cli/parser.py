@@ -227,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantile", type=float, help="quantile of good scores used as threshold (default 0.99)")
     p.add_argument("--method", choices=("quantile", "f1"), default="quantile",
                    help="quantile of good scores (default), or F1-optimal on the labelled test/ set of --data")
+    p.add_argument("--shots", type=int, metavar="K",
+                   help="no training: fit every state on K good images of --data drawn with --shots-seed and take the "
+                        "threshold leave-one-out; a --condition retrieval base model retrieves from them "
+                        "(docs/fewshot.md)")
+    p.add_argument("--shots-seed", type=int, default=0, metavar="S", help="seed of the draw of the --shots images "
+                   "(default 0; the same as train --shots-seed)")
+    p.add_argument("--out", metavar="MODEL_PT", help="write the calibrated bundle here and leave --model as it is "
+                   "(default: --model is updated in place)")
     _add_detect_args(p)
     _add_device_arg(p)
     p.set_defaults(handler="anoddpm.cli.calibrate:calibrate_command")

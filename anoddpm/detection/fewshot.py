@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -102,19 +102,24 @@ def _fit_scales(view: Any, maxima: list[np.ndarray | None]) -> None:
 
 
 def calibrate_shots(bundle_path: str | Path, shots: Sequence[Image], device: torch.device,
-                    derived: Sequence[Sequence[Image]] | None = None) -> dict[str, Any]:
-    """Calibrate the K-shot bundle at `bundle_path` leave-one-out on its `shots` (float [C, S, S] in [0, 1]) and
-    `derived` (derived[i]: extra good images made from shot i; None = none) and store the threshold and the states
-    fitted on all of them in it -> the threshold dict (calibrate_bundle's keys, plus ``shots`` K and
-    ``leave_one_out`` True). ValueError when there is nothing to leave out or a score is not a finite number."""
+                    derived: Sequence[Sequence[Image]] | None = None, overrides: Mapping[str, Any] | None = None,
+                    data: Mapping[str, Any] | None = None, few_shot: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Calibrate the bundle at `bundle_path` leave-one-out on `shots` (float [C, S, S] in [0, 1]) and `derived`
+    (derived[i]: extra good images made from shot i; None = none) and store the threshold and the states fitted on
+    all of them in it -> the threshold dict (calibrate_bundle's keys, plus ``shots`` K and ``leave_one_out`` True).
+    `overrides`: detection settings replacing the bundle's; `data`: the data record of the shots' folder
+    (``calibration.data_record``; default: the bundle's training data); `few_shot`: {"shots", "shots_seed",
+    "shot_files"} of shots drawn for a model trained on other images (`anoddpm calibrate --shots`), stored as
+    threshold["few_shot"]. ValueError when there is nothing to leave out or a score is not a finite number."""
     shots = [_as_array(s) for s in shots]
     derived = [[_as_array(d) for d in group] for group in (derived or [[] for _ in shots])]
     if len(derived) != len(shots):
         raise ValueError(f"derived images come in {len(derived)} group(s) for {len(shots)} shot(s); give one per shot")
     folds = leave_one_out_folds(shots, derived)
-    bundle = load_bundle(bundle_path, map_location=device)
-    cfg, batch_size = bundle.cfg, bundle.cfg.train.batch_size
-    view = inspection_detector(Detector.from_bundle(bundle, device).eval(), batch_size)
+    bundle = load_bundle(bundle_path, map_location=device, drop_bad_calibration=True)  # replaced here
+    batch_size = bundle.cfg.train.batch_size
+    view = inspection_detector(Detector.from_bundle(bundle, device, **(overrides or {})).eval(), batch_size)
+    cfg = view.detector.cfg
     states, maxima = [], []
     with_reference = _reference_in_every_fold(view, folds)
     for fitted_on, left_out in folds:
@@ -143,12 +148,17 @@ def calibrate_shots(bundle_path: str | Path, shots: Sequence[Image], device: tor
     threshold["detect"] = cfg.to_dict()["detect"]
     threshold["components"] = list(view.detector.components)
     trained = bundle.fingerprint
-    threshold["good_cache"] = good_cache(np.asarray(scores), good_maps, trained.get("root"), trained.get("category"))
-    if trained.get("root"):  # as calibrate_bundle: ROOT/category, or ROOT itself when it is the category
+    if data is not None:
+        threshold["data"] = dict(data)
+    elif trained.get("root"):  # as calibrate_bundle: ROOT/category, or ROOT itself when it is the category
         recorded = trained.get("category")
         category = recorded if recorded and (Path(trained["root"]) / recorded).is_dir() else None
         threshold["data"] = data_record(trained["root"], category, trained.get("kind"))
+    record = threshold.get("data") or {}
+    threshold["good_cache"] = good_cache(np.asarray(scores), good_maps, record.get("root"), record.get("category"))
     threshold.update(shots=len(shots), leave_one_out=True)
+    if few_shot is not None:
+        threshold["few_shot"] = dict(few_shot)
     store_calibration(bundle_path, threshold, view.detector)
     log.info("calibrated leave-one-out on %d shot(s) and %d derived image(s): image threshold %.6g", len(shots),
              len(everything) - len(shots), threshold["image"])
