@@ -2,13 +2,16 @@
 
     python -m benchmarks.fewshot --data ROOT --category CAT --shots 1,2,4,8 --draws 3 [--init MODEL_PT]
         [--augment diffusion] [--max-steps N] [--out DIR] [--train-args "--preset tiny"] [--skip-peer]
+    python -m benchmarks.fewshot --data ROOT --category CAT --shots 4 --draws 3 --base MODEL_PT
 
 For each K of ``--shots`` and each draw d < ``--draws``: ``anoddpm train --shots K --shots-seed d`` (``--init`` and
 ``--augment`` passed through; fit seconds = training + leave-one-out calibration, in this process), then
 ``anoddpm evaluate`` on the category's whole test set; and the peer (``benchmarks.peers.run_peer``) with its bank
 fitted on the same K files. One JSON line per (k, draw, method): method, category, k, draw, image_auroc,
 pixel_auroc, aupro, seconds_per_image, fit_seconds (or "error", one line, and the run goes on: e.g. K = 1 without
-derived images). Then one summary line per (k, method): mean and std (over the draws that did not fail) of each
+derived images). With ``--base`` nothing is trained: ``anoddpm calibrate --model BASE --shots K --shots-seed d --out``
+fits every state on the shots (a retrieval-conditioned base retrieves from them); fit seconds = that calibration.
+Then one summary line per (k, method): mean and std (over the draws that did not fail) of each
 number, with the draws and errors counted. JSON lines go to stdout; the verbs' own output goes to stderr.
 """
 from __future__ import annotations
@@ -66,14 +69,19 @@ def toolkit_row(args: argparse.Namespace, category: str, k: int, draw: int, run:
     """Train a K-shot model on draw `draw` and evaluate it -> its JSON row (with "error" when a step failed)."""
     extra = ["--category", args.category] if args.category else []
     passed = [*(["--init", args.init] if args.init else []), *(["--augment", args.augment] if args.augment else [])]
-    train = ["train", "--data", args.data, *extra, "--out", str(run / "run"), "--shots", str(k), "--shots-seed",
-             str(draw), "--max-steps", str(args.max_steps), "--device", args.device, *passed, *args.train_args.split(),
-             "-q"]
+    fit_verb = ["train", "--data", args.data, *extra, "--out", str(run / "run"), "--shots", str(k), "--shots-seed",
+                str(draw), "--max-steps", str(args.max_steps), "--device", args.device, *passed,
+                *args.train_args.split(), "-q"]
+    if args.base:
+        (run / "run").mkdir(parents=True, exist_ok=True)
+        fit_verb = ["calibrate", "--model", args.base, "--data", args.data, *extra, "--shots", str(k),
+                    "--shots-seed", str(draw), "--out", str(run / "run" / "model.pt"), "--device", args.device,
+                    "--batch-size", str(args.batch_size), "-q"]
     start = time.perf_counter()
-    error = run_verb(train)
+    error = run_verb(fit_verb)
     fit = time.perf_counter() - start
     head = {"method": "anoddpm", "category": category, "k": k, "draw": draw, "init": args.init,
-            "augment": args.augment}
+            "augment": args.augment, "base": args.base}
     if error is not None:
         return {**head, "error": error}
     report = run / "report"
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shots", default="1,2,4,8", help="comma-separated K values (default 1,2,4,8)")
     p.add_argument("--draws", type=int, default=3, help="draws of the shots per K: --shots-seed 0..draws-1 (default 3)")
     p.add_argument("--init", metavar="MODEL_PT", help="passed to `anoddpm train --init` (a base bundle to fine-tune)")
+    p.add_argument("--base", metavar="MODEL_PT", help="no training: `anoddpm calibrate --model BASE --shots K` on each "
+                   "draw (e.g. a --condition retrieval model of another product)")
     p.add_argument("--augment", metavar="KIND", help="passed to `anoddpm train --augment` (e.g. diffusion)")
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
                    help=f"training steps of each K-shot model (default {DEFAULT_MAX_STEPS}: small, few images)")
