@@ -15,7 +15,7 @@ from anoddpm.cli import main
 from anoddpm.config import Config
 from anoddpm.data.synth import make_synthetic_dataset
 from anoddpm.detection.detector import Detector
-from anoddpm.detection.retrieval import global_embedding, nearest_entries
+from anoddpm.detection.retrieval import nearest_entries
 from anoddpm.model.unet import build_unet
 from anoddpm.training.retrieval_conditions import TrainingRetrieval
 from deploy.export import export_onnx

@@ -195,7 +195,8 @@ def _feed(digest: Any, value: Any) -> None:
 def calibration_fingerprint(raw: Mapping[str, Any]) -> str:
     """Hex SHA-256 binding a calibration to what it was computed with, over a bundle's raw dict: the UNet and head
     weights (and the adapted backbone's, when there is one), every fitted state (FITTED: references, feature memory,
-    component scales, backbone identity; LATER_FITTED when present: the retrieval database), the config sections scores depend on (SEALED_CONFIG) and the threshold
+    component scales, backbone identity; LATER_FITTED when present: the retrieval database), the config sections
+    scores depend on (SEALED_CONFIG) and the threshold
     dict itself (its detection settings, components, values and data record) less SEAL_KEY."""
     digest = hashlib.sha256(f"anoddpm calibration v{SEAL_VERSION}".encode())
     config = raw.get("config") if isinstance(raw.get("config"), Mapping) else {}

@@ -25,7 +25,8 @@ import torch
 
 from anoddpm.version import BUNDLE_FORMAT_VERSION, __version__
 from anoddpm.platform.atomic import atomic_torch_save
-from anoddpm.bundle.checks import (FITTED, LATER_FITTED, SEAL_KEY, SEAL_VERSION, calibration_fingerprint, check_bundle_file,
+from anoddpm.bundle.checks import (FITTED, LATER_FITTED, SEAL_KEY, SEAL_VERSION, calibration_fingerprint,
+                                   check_bundle_file,
                                    check_calibration, check_weights, fitted_problem, threshold_problem)
 from anoddpm.config import LEGACY_DETECT, Config
 

@@ -9,8 +9,8 @@ import argparse
 import math
 
 from anoddpm.version import __version__
-from anoddpm.config import (AUGMENTATIONS, CONDITIONS, FUSIONS, INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS,
-                            RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, COMPONENTS, Config, load_config_file)
+from anoddpm.config import (AUGMENTATIONS, CONDITIONS, FUSIONS, INTENSITY_MODES, MAP_REFERENCES, NOISE_KINDS, PRESETS,
+                            RESIDUAL_NORMS, RESIDUALS, SAMPLERS, SCORE_REDUCTIONS, COMPONENTS, Config, load_config_file)
 from anoddpm.training.run_log import LOGGERS
 
 DEBUG_ENV = "ANODDPM_DEBUG"  # set to 1 for tracebacks instead of one-line errors (like --debug)

@@ -1,8 +1,7 @@
 """One calibration: everything a detector needs from good images, fitted in order, and the threshold.
 
 ``fit_and_score_good`` fits, on the training split (``bank_images``), the retrieval database of a conditioned model,
-each component's state (the feature_memory
-bank), then the map reference of ``detect.map_reference`` (nearest_good bank; good_mean), then the component scales
+each component's state (the feature_memory bank), then the map reference of ``detect.map_reference`` (nearest_good bank; good_mean), then the component scales
 of ``detect.fusion`` max on the held-back good images, and returns the held-back images' scores: the threshold's
 good-score distribution, unbiased because those images are in no fitted state. ``calibrate_threshold`` turns them
 into the threshold dict; ``calibrate_bundle`` and ``anoddpm calibrate`` store both in the bundle.

@@ -5,8 +5,9 @@ features once (``backbone``, when a component needs them), compute each componen
 ``cfg.detect.scorer``), divide the referenced ones by their good-image reference (``references``), combine them
 (``fusion``) and reduce the map to the image score (``maps.image_score``). A retrieval-conditioned model
 (``model.condition`` 'retrieval') extracts the backbone features first: the neighbours they retrieve
-(``retrieval``) condition the reconstruction. Every fitted state has one owner: the
-feature_memory bank its component, the retrieval database ``RetrievalDatabase``, the map references ``MapReference``, the component scales ``Fusion``;
+(``retrieval``) condition the reconstruction. Every fitted state has one owner: the feature_memory bank its
+component, the retrieval database ``RetrievalDatabase``, the map references ``MapReference``, the component scales
+``Fusion``;
 ``anoddpm.detection.calibration`` fits them all and ``fitted_state`` / ``load_fitted_state`` carry them to and from
 the bundle. Everything in ``forward`` traces to ONNX.
 """
@@ -170,8 +171,8 @@ class Detector(nn.Module):
         """Detector with a fresh UNet built from cfg, loading `state_dict` (UNet weights) when given, a scoring
         head loaded from `head_state_dict` when given and cfg.detect.scorer uses it, the frozen backbone of
         cfg.backbone when the retrieval or a component other than an adapted feature_residual needs it (refused
-        when its weights' SHA-256 is not `backbone_sha256`), and a copy of it with the weights `adapted_backbone` when given and the
-        scorer has feature_residual."""
+        when its weights' SHA-256 is not `backbone_sha256`), and a copy of it with the weights `adapted_backbone`
+        when given and the scorer has feature_residual."""
         unet = build_unet(cfg)
         if state_dict is not None:
             unet.load_state_dict(state_dict)

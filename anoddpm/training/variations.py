@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from anoddpm.config import Config
 from anoddpm.detection.fewshot import calibrate_shots
