@@ -153,7 +153,7 @@ def test_train_condition_retrieval_end_to_end(synth_root, tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--tile-size", "16"], "does not work with data.tile_size"),
     (["--head"], "does not work with head.enabled"),
-    (["--shots", "2"], "retrieval_neighbours \\+ 1 = 3 good images"),
+    (["--shots", "3"], "--shots 3 \\(data.shots\\) .* give --shots 4 or more"),
 ])
 def test_unsupported_retrieval_runs_are_one_line_errors(synth_root, tmp_path, capsys, flags, message):
     code = main(["train", "--data", str(synth_root), "--category", "synthetic", "--out", str(tmp_path / "r"),
@@ -181,3 +181,15 @@ def test_calibrate_shots_makes_a_base_model_inspect_a_new_product_from_k_images(
                  "--shots", "2", "--out", str(tmp_path / "two.pt"), "-q"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--shots 2" in err[0] and "--shots 4 or more" in err[0], err
+
+
+def test_guidance_and_every_scorer_run_on_a_conditioned_model(conditioned):
+    images = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    bundle = load_bundle(conditioned)
+    with torch.inference_mode():
+        plain = Detector.from_bundle(bundle)(images)[2]
+        guided = Detector.from_bundle(bundle, guidance=2.0)(images)[2]
+        both = Detector.from_bundle(bundle, scorer="residual+feature_residual")
+        both.retrieval.load_fitted_state(bundle.retrieval)  # another scorer: not calibrated, the database alone
+        amap = both(images)[0]
+    assert (guided - plain).abs().max() > 1e-4 and torch.isfinite(amap).all()

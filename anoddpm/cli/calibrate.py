@@ -66,10 +66,6 @@ def _calibrate_on_shots(args: argparse.Namespace, bundle: Any, overrides: dict, 
     if args.method != "quantile" or args.quantile is not None:
         raise ValueError("--shots K takes the threshold at the bundle's detect.threshold_quantile from leave-one-out "
                          "scores; leave out --method and --quantile")
-    k = bundle.cfg.model.retrieval_neighbours
-    if bundle.cfg.model.condition == "retrieval" and args.shots < k + 2:
-        raise ValueError(f"--shots {args.shots}: this retrieval model sees {k} neighbours, each leave-one-out fold "
-                         f"retrieves from the other K - 1 shots (itself excluded): give --shots {k + 2} or more")
     cfg = bundle.cfg.override("data", shots=args.shots, shots_seed=args.shots_seed).validate()
     shots_ds, _, fingerprint = load_training_data(cfg, args.data, args.category, cfg.train.seed)
     few_shot = {"shots": args.shots, "shots_seed": args.shots_seed, "shot_files": fingerprint.get("shot_files")}

@@ -340,6 +340,11 @@ class Config:
             if value:
                 raise ValueError(f"model.condition='retrieval' does not work with {name} yet; train it without "
                                  f"{name.split()[0]} or with model.condition none")
+        need = self.model.retrieval_neighbours + 2
+        if self.data.shots and self.data.shots < need:
+            raise ValueError(f"--shots {self.data.shots} (data.shots) with model.condition 'retrieval': each "
+                             f"leave-one-out fold retrieves {self.model.retrieval_neighbours} neighbours from the "
+                             f"other shots (never itself); give --shots {need} or more")
         if self.detect.scorer != "auto" and "head" in scorer_components(self.detect.scorer, True):
             raise ValueError(f"detect.scorer={self.detect.scorer!r} needs a scoring head, which model.condition "
                              "'retrieval' does not train yet")

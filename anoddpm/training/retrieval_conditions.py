@@ -24,10 +24,7 @@ class TrainingRetrieval:
         self.backbone = build_backbone(cfg.backbone).to(device)
         self.database = RetrievalDatabase(cfg).to(device)
         tensors = [torch.from_numpy(np.asarray(image, dtype=np.float32)) for image in images]
-        try:
-            embeddings = self.database.fit(tensors, self.backbone, device, cfg.train.batch_size)
-        except ValueError as err:
-            raise ValueError(f"{err} (the training images; with --shots K give K > --retrieval-neighbours)") from err
+        embeddings = self.database.fit(tensors, self.backbone, device, cfg.train.batch_size)
         self.table = self.database.neighbour_table(embeddings)
 
     def of_indices(self, indices: Sequence[int]) -> Tensor:
