@@ -188,8 +188,10 @@ def test_guidance_and_every_scorer_run_on_a_conditioned_model(conditioned):
     bundle = load_bundle(conditioned)
     with torch.inference_mode():
         plain = Detector.from_bundle(bundle)(images)[2]
-        guided = Detector.from_bundle(bundle, guidance=2.0)(images)[2]
+        guided = Detector.from_bundle(bundle, guidance=2.0, scorer="residual")  # not calibrated: the database alone
+        guided.retrieval.load_fitted_state(bundle.retrieval)
         both = Detector.from_bundle(bundle, scorer="residual+feature_residual")
-        both.retrieval.load_fitted_state(bundle.retrieval)  # another scorer: not calibrated, the database alone
+        both.retrieval.load_fitted_state(bundle.retrieval)
         amap = both(images)[0]
+        guided = guided(images)[2]
     assert (guided - plain).abs().max() > 1e-4 and torch.isfinite(amap).all()

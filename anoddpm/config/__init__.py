@@ -5,7 +5,8 @@ from anoddpm.config.schema import (AUGMENTATIONS, BACKBONE_STAGES, BETA_SCHEDULE
                                    MAP_REFERENCES, NOISE_KINDS, PRESETS, RESIDUAL_NORMS, RESIDUALS, RESIZE_POLICIES,
                                    SAMPLERS, SCORE_REDUCTIONS, SCORERS, BackboneConfig, Config, DataConfig,
                                    DetectConfig, DiffusionConfig, HeadConfig, ModelConfig, TrainConfig,
-                                   load_config_file, scorer_components)
+                                   scorer_components)
+from anoddpm.config.files import load_config_file
 
 __all__ = ["AUGMENTATIONS", "BACKBONE_STAGES", "BETA_SCHEDULES", "COMPONENTS", "CONDITIONS", "DEFAULT_COMPONENTS",
            "FUSIONS", "INTENSITY_MODES", "LEGACY_DETECT", "LOSSES", "MAP_REFERENCES", "NOISE_KINDS", "PRESETS",
