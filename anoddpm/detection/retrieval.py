@@ -52,7 +52,9 @@ class RetrievalDatabase(nn.Module):
         self.k, self.max_images = cfg.model.retrieval_neighbours, cfg.model.retrieval_images
         self.channels, self.side = cfg.data.channels, cfg.data.input_side
         self.width = cfg.backbone.feature_channels
-        self.reset()
+        self.register_buffer("embeddings", torch.zeros(0, self.width), persistent=False)
+        self.register_buffer("images", torch.zeros(0, self.channels, self.side, self.side, dtype=torch.uint8),
+                             persistent=False)
 
     @property
     def fitted(self) -> bool:
@@ -61,10 +63,7 @@ class RetrievalDatabase(nn.Module):
 
     def reset(self) -> None:
         """Forget the database."""
-        device = getattr(self, "embeddings", torch.zeros(0)).device
-        self.register_buffer("embeddings", torch.zeros(0, self.width, device=device), persistent=False)
-        self.register_buffer("images", torch.zeros(0, self.channels, self.side, self.side, dtype=torch.uint8,
-                                                   device=device), persistent=False)
+        self.load_fitted_state({"embeddings": self.embeddings[:0], "images": self.images[:0]})
 
     def forward(self, features: list[Tensor]) -> Tensor:
         """Backbone stage features of images [B, ...] -> their k nearest database images [B, k * C, S, S] in [0, 1]."""
