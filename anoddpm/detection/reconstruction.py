@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from anoddpm.config import Config
 from anoddpm.model.diffusion import GaussianDiffusion, partial_diffusion_reconstruct
-from anoddpm.model.intensity import condition_inputs, denormalise, intensity_stats, normalise
-from anoddpm.model.unet import UNet
+from anoddpm.model.intensity import denormalise, intensity_stats, normalise
+from anoddpm.model.unet import UNet, bind_condition
 from noise import make_noise
 
 
@@ -59,10 +59,7 @@ class Reconstructor(nn.Module):
         conditioned UNet."""
         det = self.cfg.detect
         x_start = (images if stats is None else normalise(images, stats)) * 2.0 - 1.0
-        model: nn.Module | functools.partial = self.unet
-        if condition is not None:
-            model = functools.partial(self.unet, condition=condition_inputs(condition, self.cfg.data.channels,
-                                                                            self.cfg.data.intensity))
+        model = bind_condition(self.unet, condition, self.cfg)
         generator = None
         if det.sampler == "ancestral":
             generator = torch.Generator(device=images.device).manual_seed(det.seed)

@@ -70,9 +70,7 @@ class RetrievalDatabase(nn.Module):
         if not self.fitted:
             raise ValueError("model.condition 'retrieval': the retrieval database is not fitted; calibrate the model "
                              "(anoddpm calibrate --model M) before reconstructing")
-        index = nearest_entries(global_embedding(features), self.embeddings, self.k)
-        neighbours = self.images[index.reshape(-1)].to(self.embeddings.dtype) / 255.0
-        return neighbours.reshape(index.shape[0], self.k * self.channels, self.side, self.side)
+        return self._images_of(nearest_entries(global_embedding(features), self.embeddings, self.k))
 
     def fit(self, images: Sequence[Tensor], backbone: nn.Module, device: torch.device, batch_size: int) -> Tensor:
         """Fill the database from good images [C, S, S] in [0, 1] (at most max_images, evenly spaced) ->
@@ -103,9 +101,12 @@ class RetrievalDatabase(nn.Module):
     def condition_of(self, indices: Any, table: Tensor) -> Tensor:
         """Training: the neighbours [B, k * C, S, S] in [0, 1] of training images `indices` given their
         ``neighbour_table`` rows."""
-        rows = table[torch.as_tensor(indices, dtype=torch.long)]
-        neighbours = self.images[rows.reshape(-1).to(self.images.device)].float() / 255.0
-        return neighbours.reshape(rows.shape[0], self.k * self.channels, self.side, self.side)
+        return self._images_of(table[torch.as_tensor(indices, dtype=torch.long)].to(self.images.device))
+
+    def _images_of(self, index: Tensor) -> Tensor:
+        """Database indices [B, k] -> those images side by side [B, k * C, S, S] in [0, 1]."""
+        neighbours = self.images[index.reshape(-1)].to(self.embeddings.dtype) / 255.0
+        return neighbours.reshape(index.shape[0], self.k * self.channels, self.side, self.side)
 
     def neighbour_table(self, embeddings: Tensor) -> Tensor:
         """Embeddings [N, D] of the training images -> database indices [N, k] of each one's neighbours (itself

@@ -6,14 +6,17 @@ control flow, so ``torch.onnx.export`` traces it; the timestep input is a float 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from anoddpm.config import Config
+from anoddpm.model.intensity import condition_inputs
 
 
 @dataclass(frozen=True)
@@ -248,3 +251,11 @@ def condition_channels(cfg: Config) -> int:
     """Input channels the UNet of cfg takes besides the image: k neighbour images of data.channels each when
     model.condition is 'retrieval', else 0."""
     return cfg.model.retrieval_neighbours * cfg.data.channels if cfg.model.condition == "retrieval" else 0
+
+
+def bind_condition(model: Callable[..., Tensor], condition: Tensor | None, cfg: Config) -> Callable[..., Tensor]:
+    """`model` (x, t) -> eps bound to the retrieved neighbours `condition` [B, k * C, S, S] in [0, 1], mapped to the
+    model's space (``intensity.condition_inputs``); `model` itself when `condition` is None."""
+    if condition is None:
+        return model
+    return functools.partial(model, condition=condition_inputs(condition, cfg.data.channels, cfg.data.intensity))

@@ -4,7 +4,6 @@ run repeats an uninterrupted one exactly."""
 from __future__ import annotations
 
 import copy
-import functools
 from contextlib import nullcontext
 from typing import Any
 
@@ -15,8 +14,8 @@ from anoddpm.data.anomalies import synthesize_anomalies
 from anoddpm.training.checkpointing import set_rng_state
 from anoddpm.config import Config
 from anoddpm.model.diffusion import GaussianDiffusion
-from anoddpm.model.intensity import condition_inputs, model_inputs
-from anoddpm.model.unet import build_unet
+from anoddpm.model.intensity import model_inputs
+from anoddpm.model.unet import bind_condition, build_unet
 
 
 def healing_loss(model: nn.Module, diffusion: GaussianDiffusion, x_clean: Tensor, x_input: Tensor, t: Tensor,
@@ -88,10 +87,7 @@ class DenoiserOptimiser:
         from noise import make_noise
 
         tc, dc = self.cfg.train, self.cfg.diffusion
-        net = self.net
-        if condition is not None:
-            net = functools.partial(self.net, condition=condition_inputs(condition, self.cfg.data.channels,
-                                                                         self.cfg.data.intensity))
+        net = bind_condition(self.net, condition, self.cfg)
         t = torch.randint(self.t_min, self.t_max, (images.shape[0],), generator=self.noise_gen, device=self.device)
         noise = make_noise(dc.noise, tuple(images.shape), t=t, generator=self.noise_gen, device=self.device,
                            octaves=dc.octaves, persistence=dc.persistence, frequency=dc.frequency,

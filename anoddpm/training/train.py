@@ -24,7 +24,6 @@ own seed: a resumed run adapts it again) and stored in the bundle. A retrieval-c
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -51,7 +50,8 @@ from anoddpm.training.head_phase import (checked_head, denoiser_steps_before_hea
                                 train_head_phase)
 from anoddpm.data.datasets import ImageDataset, load_training_data
 from anoddpm.data.imageio import save_png
-from anoddpm.model.intensity import condition_inputs, model_inputs
+from anoddpm.model.intensity import model_inputs
+from anoddpm.model.unet import bind_condition
 from anoddpm.training.run_log import RunLog
 from anoddpm.detection.backbone import check_backbone
 from anoddpm.detection.calibration import calibrate_bundle
@@ -131,8 +131,7 @@ def _sample_grid(path: Path, cfg: Config, ema: nn.Module, diffusion: GaussianDif
     t = torch.full((x_start.shape[0],), depth - 1, device=images.device)
     noise = make_noise(cfg.detect.noise, tuple(x_start.shape), t=t, generator=gen, device=images.device,
                        octaves=d.octaves, persistence=d.persistence, frequency=d.frequency, standardise=d.standardise)
-    model = ema if condition is None else functools.partial(
-        ema, condition=condition_inputs(condition, cfg.data.channels, cfg.data.intensity))
+    model = bind_condition(ema, condition, cfg)
     with torch.no_grad():
         noised = diffusion.q_sample(x_start, depth - 1, noise)
         recon = partial_diffusion_reconstruct(model, diffusion, x_start, depth, min(5, depth), "ddim", noise)
