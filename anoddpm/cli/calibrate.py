@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,29 @@ def calibrate_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     bundle = load_bundle(args.model, map_location=device, drop_bad_calibration=True)  # replaced here: not refused
     overrides = {k: v for k, v in detect_overrides(args).items() if v is not None}
-    if getattr(args, "out", None):
-        shutil.copyfile(args.model, args.out)
-        args.model = args.out
-    if getattr(args, "shots", None) is not None:
-        threshold = _calibrate_on_shots(args, bundle, overrides, device)
-        print(f"calibrated {args.model} on {args.shots} shot(s) of {args.data}, leave-one-out: image threshold "
-              f"{threshold['image']:.6g}")
+    if not getattr(args, "out", None):
+        print(_calibrate(args, bundle, overrides, device, Path(args.model)))
         return 0
+    # --out: calibrate a copy beside it and put it in place only when done, so a failed calibration never leaves
+    # the base's threshold (fitted on other images) at --out
+    out = Path(args.out)
+    work = out.with_name(f".{out.name}.calibrating.tmp")
+    shutil.copyfile(args.model, work)
+    try:
+        message = _calibrate(args, bundle, overrides, device, work)
+        os.replace(work, out)
+    finally:
+        work.unlink(missing_ok=True)
+    print(message.replace(str(work), str(out)))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace, bundle: Any, overrides: dict, device: Any, path: Path) -> str:
+    """Calibrate `bundle` as the flags say and store the result in the bundle file at `path` -> the summary line."""
+    if getattr(args, "shots", None) is not None:
+        threshold = _calibrate_on_shots(args, bundle, overrides, device, path)
+        return (f"calibrated {path} on {args.shots} shot(s) of {args.data}, leave-one-out: image threshold "
+                f"{threshold['image']:.6g}")
     view = inspection_detector(Detector.from_bundle(bundle, device, **overrides).eval(), args.batch_size)
     root, category = training_root(bundle, args.data, args.category)
     quantile = args.quantile if args.quantile is not None else view.cfg.detect.threshold_quantile
@@ -48,15 +64,14 @@ def calibrate_command(args: argparse.Namespace) -> int:
     threshold = _from_cached_scores(args, bundle, view, overrides, root, category, method)
     if threshold is None:
         threshold = calibrate_threshold(bundle, view, device, args.batch_size, root, category, quantile, method)
-    store_calibration(args.model, threshold, view.detector)
+    store_calibration(path, threshold, view.detector)
     pixel = threshold["pixel"]
-    print(f"calibrated {args.model}: image threshold {threshold['image']:.6g} ({threshold['method']}, "
-          f"{threshold['n_good']} good images), pixel threshold "
-          f"{'n/a' if pixel is None else f'{pixel:.6g}'}")
-    return 0
+    return (f"calibrated {path}: image threshold {threshold['image']:.6g} ({threshold['method']}, "
+            f"{threshold['n_good']} good images), pixel threshold {'n/a' if pixel is None else f'{pixel:.6g}'}")
 
 
-def _calibrate_on_shots(args: argparse.Namespace, bundle: Any, overrides: dict, device: Any) -> dict[str, Any]:
+def _calibrate_on_shots(args: argparse.Namespace, bundle: Any, overrides: dict, device: Any,
+                        path: Path) -> dict[str, Any]:
     """`calibrate --shots K`: every state fitted on K good images of --data drawn with --shots-seed, the threshold
     leave-one-out; the shots are recorded in threshold["few_shot"] -> the threshold dict."""
     if args.shots < 1:
@@ -69,7 +84,7 @@ def _calibrate_on_shots(args: argparse.Namespace, bundle: Any, overrides: dict, 
     cfg = bundle.cfg.override("data", shots=args.shots, shots_seed=args.shots_seed).validate()
     shots_ds, _, fingerprint = load_training_data(cfg, args.data, args.category, cfg.train.seed)
     few_shot = {"shots": args.shots, "shots_seed": args.shots_seed, "shot_files": fingerprint.get("shot_files")}
-    return calibrate_shots(args.model, shots_ds.arrays, device, overrides=overrides, few_shot=few_shot,
+    return calibrate_shots(path, shots_ds.arrays, device, overrides=overrides, few_shot=few_shot,
                            data=data_record(args.data, args.category, fingerprint.get("kind")))
 
 
